@@ -1,0 +1,198 @@
+"""End-to-end tests of train.py: it learns, writes its files, scales to two processes, resumes exactly, and
+refuses bad input with one line."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import data
+import losses
+import models
+import train
+
+ROOT = Path(train.__file__).resolve().parent
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+SYNTHETIC = ["--dataset", "synthetic", "--synthetic-size", "256", "--model", "digits_cnn", "--batch-size", "32"]
+
+
+def read_metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def run_script(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    """One clean digits run through the real command line, shared by the tests below."""
+    out = tmp_path_factory.mktemp("digits") / "run"
+    proc = run_script("train.py", "--cpu", "--max-steps", "300", "--eval-every", "100", "--save-every", "150",
+                      "--output-dir", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc.stdout.strip().splitlines()
+
+
+def test_clean_digits_learns_and_writes_every_file(digits_run):
+    out, lines = digits_run
+    metrics = read_metrics(out)
+    assert [m["step"] for m in metrics] == [100, 200, 300]
+    assert metrics[-1]["test_acc"] > 0.9  # chance is 0.1
+    assert metrics[-1]["test_examples"] == 360  # the whole clean test split, once
+    for key in ("step", "lr", "train_loss", "test_acc", "test_loss", "epsilon"):
+        assert key in metrics[-1]
+    config = json.loads((out / "config.json").read_text())
+    for key in ("method", "max_steps", "batch_size", "lr", "milestones", "seed", "noise_seed", "exp_base",
+                "num_classes", "in_channels", "total_steps", "versions", "git_commit"):
+        assert key in config
+    assert config["milestones"] == "150,220" and config["versions"]["torch"] == torch.__version__
+    assert json.loads((out / "noise.json").read_text())
+    assert (out / "checkpoints" / "step_000150" / "trainer_state.json").exists()
+    final = lines[-1]
+    assert final.startswith(f"final test_acc={metrics[-1]['test_acc']:.4f} best_test_acc=")
+
+
+def test_saved_model_reproduces_the_reported_accuracy(digits_run):
+    out, _ = digits_run
+    config = json.loads((out / "config.json").read_text())
+    model = models.build_model(config["model"], config["num_classes"], config["in_channels"])
+    model.load_state_dict(load_file(str(out / "model.safetensors")))
+    _, test_ds, info = data.prepare_data(config)
+    test = data.to_tensors(test_ds)
+    with torch.no_grad():
+        pred = model.eval()(data.normalize(test["image"], info.mean, info.std)).argmax(1)
+    acc = (pred == test["label"]).float().mean().item()
+    assert acc == pytest.approx(read_metrics(out)[-1]["test_acc"], abs=1e-6)
+
+
+@pytest.mark.parametrize("method", losses.METHODS)
+def test_every_method_trains_on_noisy_synthetic_data(tmp_path, method):
+    out = tmp_path / method
+    rc = train.cli(["--cpu", *SYNTHETIC, "--max-steps", "6", "--eval-every", "3", "--method", method,
+                    "--noise", "symmetric", "--noise-rate", "0.4", "--gradient-accumulation-steps", "2",
+                    "--output-dir", str(out)])
+    assert rc == 0
+    last = read_metrics(out)[-1]
+    assert last["step"] == 6 and last["process_steps"] == [6]
+    for key in ("clean_fit", "noisy_fit", "noisy_correct", "entropy_clean", "entropy_noisy"):
+        assert 0.0 <= last[key] <= 1.0, key
+    assert torch.isfinite(torch.tensor(last["train_loss"]))
+    if method == "proselflc":
+        assert 0.0 < last["epsilon"] < 1.0  # eps_i = g(t) l(p_i), averaged over the steps since the last evaluation
+    elif method in ("ls", "cp", "bootsoft", "boothard"):
+        assert last["epsilon"] == pytest.approx(0.25)
+
+
+def test_streaming_run_learns_the_same_task(tmp_path):
+    out = tmp_path / "stream"
+    rc = train.cli(["--cpu", *SYNTHETIC, "--streaming", "--max-steps", "4", "--eval-every", "2",
+                    "--noise", "symmetric", "--noise-rate", "0.2", "--output-dir", str(out)])
+    assert rc == 0
+    assert [m["step"] for m in read_metrics(out)] == [2, 4]
+
+
+def test_two_cpu_processes_share_t_and_count_every_test_example_once(tmp_path):
+    out = tmp_path / "ddp"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+         "train.py", "--cpu", "--max-steps", "40", "--eval-every", "20", "--save-every", "20",
+         "--noise", "symmetric", "--noise-rate", "0.2", "--output-dir", str(out)],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = read_metrics(out)
+    assert [m["process_steps"] for m in metrics] == [[20, 20], [40, 40]]
+    assert all(m["test_examples"] == 360 for m in metrics)
+    assert json.loads((out / "config.json").read_text())["world_size"] == 2
+    assert (out / "checkpoints" / "step_000020" / "random_states_1.pkl").exists()
+
+
+def test_killed_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
+    flags = ["train.py", "--cpu", "--deterministic", "--max-steps", "600", "--eval-every", "100",
+             "--save-every", "100", "--noise", "symmetric", "--noise-rate", "0.4"]
+    whole = tmp_path / "whole"
+    assert run_script(*flags, "--output-dir", str(whole)).returncode == 0
+
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, *flags, "--output-dir", str(cut)], cwd=ROOT, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (cut / "checkpoints" / "step_000200" / "trainer_state.json").exists() and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (cut / "model.safetensors").exists(), "the run finished before it could be killed"
+
+    resumed = run_script(*flags, "--output-dir", str(cut), "--resume", "latest")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout and "at step " in resumed.stdout
+    assert read_metrics(cut) == read_metrics(whole)
+    a, b = load_file(str(whole / "model.safetensors")), load_file(str(cut / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_latest_without_a_complete_checkpoint_is_an_error(tmp_path, capsys):
+    rc = train.cli(["--cpu", "--resume", "latest", "--output-dir", str(tmp_path / "empty")])
+    assert rc == 2
+    assert "no complete checkpoint" in capsys.readouterr().err
+
+
+def test_a_corrupt_checkpoint_is_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train.cli(["--cpu", *SYNTHETIC, "--max-steps", "4", "--save-every", "2", "--eval-every", "4",
+                      "--output-dir", str(out)]) == 0
+    ckpt = out / "checkpoints" / "step_000002"
+    for f in ckpt.glob("*.safetensors"):
+        f.write_bytes(b"not a safetensors file")
+    (out / "model.safetensors").unlink()
+    capsys.readouterr()
+    rc = train.cli(["--cpu", *SYNTHETIC, "--max-steps", "4", "--save-every", "2", "--eval-every", "4",
+                    "--output-dir", str(out), "--resume", str(ckpt)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "corrupt" in err[0]
+
+
+def test_non_finite_loss_stops_the_run_naming_the_step(tmp_path, capsys):
+    rc = train.cli(["--cpu", *SYNTHETIC, "--method", "cce", "--lr", "1e30", "--max-steps", "40",
+                    "--log-every", "5", "--output-dir", str(tmp_path / "nan")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith("error: loss is not finite at step ")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--method", "focal"], "unknown method 'focal'"),
+    (["--model", "vgg"], "unknown model 'vgg'"),
+    (["--dataset", "no_such_dataset_dir/x.parquet"], "no_such_dataset_dir"),
+    (["--noise", "symmetric", "--noise-rate", "1.5"], "--noise-rate"),
+    (["--noise", "asymmetric", "--noise-rate", "0.2"], "pairs"),
+    (["--milestones", "100,5000"], "--milestones"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--max-steps", "0"], "--max-steps must be at least 1"),
+    (["--resume", "/nonexistent/ckpt"], "no such checkpoint"),
+])
+def test_bad_input_gives_one_line_and_exit_2(tmp_path, capsys, flags, message):
+    rc = train.cli(["--cpu", "--output-dir", str(tmp_path / "bad"), *flags])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+def test_a_finished_run_is_not_overwritten_without_overwrite(digits_run, capsys):
+    out, _ = digits_run
+    before = (out / "metrics.jsonl").read_text()
+    assert train.cli(["--cpu", "--output-dir", str(out)]) == 2
+    assert "already holds a finished run" in capsys.readouterr().err
+    assert (out / "metrics.jsonl").read_text() == before
+
+
+def test_the_command_line_prints_one_line_for_bad_input():
+    proc = run_script("train.py", "--method", "focal", timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: unknown method 'focal': choose one of {', '.join(losses.METHODS)}"]
