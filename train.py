@@ -46,7 +46,7 @@ PAPER_EXP_BASE = {
 # Defaults by dataset; CIFAR and everything else gets the paper's recipe.
 RECIPES = {
     "paper": dict(max_steps=30_000, batch_size=256, lr=0.1, eval_every=1_000, save_every=5_000),
-    "digits": dict(max_steps=1_500, batch_size=128, lr=0.1, eval_every=150, save_every=500),
+    "digits": dict(max_steps=300, batch_size=128, lr=0.1, eval_every=50, save_every=100),
 }
 MILESTONE_FRACTIONS = (15_000 / 30_000, 22_000 / 30_000)
 
@@ -68,7 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d.add_argument("--noise-seed", type=int, default=0, help="seed of the label noise, separate from --seed")
     d.add_argument("--noise-file", help="real noisy labels: CIFAR-N .pt, .npy, .csv or .parquet")
     d.add_argument("--noise-key", help="which labels of --noise-file, e.g. worse_label")
-    d.add_argument("--noise-pairs", help="asymmetric pairs 'a:b,b:a,...' or a preset (cifar10, cifar100)")
+    d.add_argument("--noise-pairs", help="asymmetric pairs 'a:b,b:a,...' or a preset (cifar10, cifar100, synthetic)")
     d.add_argument("--train-eval-size", type=int, default=10_000,
                    help="training examples scored at each evaluation (clean/noisy fit); 0 turns it off")
     m = p.add_argument_group("model and loss")

@@ -1,0 +1,790 @@
+"""Datasets, label noise, decoding, batching and augmentation for train.py and eval.py.
+
+Sources (cfg["dataset"]):
+- "digits": scikit-learn's 1,797 real 8x8 handwritten digits, fixed stratified split 1,437/360.
+- "synthetic": CIFAR-shaped 32x32x3 uint8 with class-dependent structure and superclasses of 5
+  classes (coarse_label), generated in-process; any size / number of classes.
+- "cifar10", "cifar100": the Hub (uoft-cs/cifar10, uoft-cs/cifar100) or a local copy in
+  cfg["data_dir"] (LOCAL_FORMATS).
+- any other Hub id, or a local folder / parquet layout, with image_column / label_column.
+
+After loading every source has the standard columns `image` (an Image feature, or raw HWC uint8
+bytes with an `image_shape` column), `label` (int), optionally `coarse_label` and the key column.
+The train split then gets label noise (noise.add_label_noise: `label` noisy, `clean_label`,
+`is_noisy`, `example_key`); the test split stays clean and map-style.
+
+Map-style training input: to_tensors decodes a split once into one uint8 [N,C,H,W] tensor (held in
+memory); train.py indexes it with a permutation per epoch and calls augment_batch + normalize on
+the device. Streaming: stream_batches shards (split_dataset_by_node after reshard, once), shuffles
+with a buffer and seed, set_epoch, and decodes in the stream (DataLoader workers).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import os
+import pickle
+import re
+import socket
+import urllib.parse
+from collections.abc import Iterator, Mapping
+from typing import Any, NamedTuple
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+
+import noise
+
+DATASETS = ("digits", "synthetic", "cifar10", "cifar100")
+HUB_IDS = {"cifar10": "uoft-cs/cifar10", "cifar100": "uoft-cs/cifar100"}
+# Published per-channel statistics of the CIFAR training sets (fractions of 255).
+CIFAR_STATS = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+CFG_DEFAULTS: dict[str, Any] = {
+    "dataset": "digits",
+    "data_dir": None,
+    "streaming": False,
+    "image_column": None,  # default: "image", else "img", else the first Image column
+    "label_column": None,  # default: "fine_label" if present, else "label"
+    "key_column": None,  # default: hash of the stored image bytes
+    "noise": "none",
+    "noise_rate": 0.0,
+    "noise_seed": 0,
+    "noise_file": None,
+    "noise_key": None,
+    "noise_pairs": None,  # default: the dataset's preset (cifar10, cifar100, synthetic)
+    "synthetic_size": 10_000,  # train examples; the test split has a fifth as many
+    "synthetic_classes": 10,
+}
+LOCAL_FORMATS = (
+    "a save_to_disk folder (DatasetDict with train and test), a folder of parquet files "
+    "(train-*.parquet and test-*.parquet), an image folder (train/ and test/ with a subfolder per "
+    "class), or the python-pickle folder cifar-10-batches-py / cifar-100-python"
+)
+STREAM_SHARDS = 64  # shards of an in-memory split turned into a stream (divisible by 1, 2, 4, 8 ...)
+STATS_EXAMPLES = 10_000  # mean/std from the first examples of the train split, in stored order
+DATA_SEED = 0  # the synthetic data and the digits split are fixed; only the noise seed varies
+TEST_SPLITS = ("test", "validation")
+
+
+class DatasetInfo(NamedTuple):
+    """What train.py/eval.py need to know about the data."""
+
+    name: str
+    num_classes: int
+    channels: int
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    pad: int  # augmentation padding: 4 for 32x32, 1 for 8x8 digits
+    flip: bool  # horizontal flips (False for digits)
+    pairs_preset: str | None  # asymmetric noise pairs preset: "cifar10", "cifar100", "synthetic" or None
+
+
+# ---------------------------------------------------------------------------------------------
+# In-memory sources: raw pixels
+
+
+def raw_image_column(images: np.ndarray) -> pa.Array:
+    """uint8 [N,H,W,C] -> arrow binary array of N raw HWC blobs (zero-copy)."""
+    flat = np.ascontiguousarray(images, dtype=np.uint8).reshape(-1)
+    n, size = len(images), int(np.prod(images.shape[1:]))
+    large = flat.size >= 2**31  # int32 offsets address at most 2 GiB
+    offsets = np.arange(n + 1, dtype=np.int64 if large else np.int32) * size
+    kind = pa.large_binary() if large else pa.binary()
+    return pa.Array.from_buffers(kind, n, [None, pa.py_buffer(offsets), pa.py_buffer(flat)])
+
+
+def pixel_dataset(
+    images: np.ndarray, labels: np.ndarray, class_names: list[str], coarse: np.ndarray | None = None
+) -> Any:
+    """In-memory Dataset from uint8 [N,H,W,C]: image (raw bytes), image_shape, label, coarse_label."""
+    import datasets
+    from datasets.table import InMemoryTable
+
+    n = len(images)
+    shape = pa.array([list(images.shape[1:])] * n, type=pa.list_(pa.int32()))
+    columns = {"image": raw_image_column(images), "image_shape": shape, "label": pa.array(labels, pa.int64())}
+    features = datasets.Features(
+        image=datasets.Value("binary"),
+        image_shape=datasets.List(datasets.Value("int32")),
+        label=datasets.ClassLabel(names=list(class_names)),
+    )
+    if coarse is not None:
+        columns["coarse_label"] = pa.array(coarse, pa.int64())
+        features["coarse_label"] = datasets.Value("int64")
+    table = pa.table(columns, schema=features.arrow_schema)
+    return datasets.Dataset(InMemoryTable(table), info=datasets.DatasetInfo(features=features))
+
+
+def digits_splits() -> tuple[Any, Any]:
+    """scikit-learn's digits as uint8 0..255 [N,8,8,1], fixed stratified split 1,437 / 360."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]  # 0..16 -> 0..255
+    labels = digits.target.astype(np.int64)
+    train, test = train_test_split(np.arange(len(labels)), test_size=360, stratify=labels, random_state=DATA_SEED)
+    train, test = np.sort(train), np.sort(test)  # keep the stored order: "dataset order" for noise files
+    names = [str(d) for d in range(10)]
+    return pixel_dataset(images[train], labels[train], names), pixel_dataset(images[test], labels[test], names)
+
+
+def synthetic_images(n: int, num_classes: int, split_seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """n CIFAR-shaped uint8 images [n,32,32,3] and balanced labels; class c = its superclass's
+    pattern + its own pattern (8x8-pixel blocks), cyclically shifted by up to 3 pixels, plus uniform
+    pixel noise."""
+    protos_rng = np.random.default_rng([DATA_SEED, num_classes])  # same prototypes for train and test
+    coarse = np.asarray(noise.synthetic_fine_to_coarse(num_classes))
+    group = protos_rng.normal(size=(coarse.max() + 1, 4, 4, 3))
+    own = protos_rng.normal(size=(num_classes, 4, 4, 3))
+    protos = (0.8 * group[coarse] + 0.8 * own).repeat(8, axis=1).repeat(8, axis=2).astype(np.float32)
+    rng = np.random.default_rng([DATA_SEED, num_classes, split_seed])
+    labels = rng.permutation(np.arange(n) % num_classes).astype(np.int64)
+    images = np.empty((n, 32, 32, 3), dtype=np.uint8)
+    for start in range(0, n, 10_000):  # chunks bound the float32 temporaries
+        lab = labels[start : start + 10_000]
+        m = len(lab)
+        rows = (np.arange(32) + rng.integers(-3, 4, size=(m, 1))) % 32  # per-example cyclic shift
+        cols = (np.arange(32) + rng.integers(-3, 4, size=(m, 1))) % 32
+        x = protos[lab[:, None, None], rows[:, :, None], cols[:, None, :]]
+        x *= 40.0
+        x += 128.0
+        x += 100.0 * (rng.random(size=x.shape, dtype=np.float32) - 0.5)  # pixel noise, sd ~29
+        images[start : start + m] = np.clip(x, 0, 255, out=x)
+    return images, labels
+
+
+def synthetic_splits(size: int, num_classes: int) -> tuple[Any, Any]:
+    """Synthetic train (size) and test (size // 5) splits with coarse_label = class // 5."""
+    if num_classes < 2 or size < num_classes:
+        raise ValueError(
+            f"synthetic data needs >= 2 classes and >= 1 example per class: got {size} examples, {num_classes} classes"
+        )
+    coarse = np.asarray(noise.synthetic_fine_to_coarse(num_classes))
+    names = [f"class{c}" for c in range(num_classes)]
+    splits = []
+    for n, split_seed in ((size, 1), (max(num_classes, size // 5), 2)):
+        images, labels = synthetic_images(n, num_classes, split_seed)
+        splits.append(pixel_dataset(images, labels, names, coarse[labels]))
+    return splits[0], splits[1]
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickler for CIFAR python batches: only numpy array reconstruction, no arbitrary code."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        """Resolve only the allowed numpy globals (numpy.core.* is numpy._core.* in numpy 2)."""
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a CIFAR python batch")
+        return super().find_class(module.replace("numpy.core", "numpy._core"), name)
+
+
+def _read_batch(path: str) -> dict[str, Any]:
+    """One CIFAR python batch file -> dict with str keys."""
+    with open(path, "rb") as f:
+        obj = _CifarUnpickler(f, encoding="bytes").load()
+    return {(k.decode() if isinstance(k, bytes) else k): v for k, v in obj.items()}
+
+
+def _find_pickle_folder(path: str, name: str) -> tuple[str, str] | None:
+    """(folder, "cifar10"|"cifar100") of a python-pickle CIFAR copy at or under path, else None."""
+    want = {"cifar10": ("cifar10",), "cifar100": ("cifar100",)}.get(name, ("cifar10", "cifar100"))
+    layouts = {
+        "cifar10": ("cifar-10-batches-py", "data_batch_1", "test_batch"),
+        "cifar100": ("cifar-100-python", "train", "test"),
+    }
+    for kind in want:
+        sub, train_file, test_file = layouts[kind]
+        for folder in (path, os.path.join(path, sub)):
+            if all(os.path.isfile(os.path.join(folder, f)) for f in (train_file, test_file)):
+                return folder, kind
+    return None
+
+
+def _pixels_chw(data: Any) -> np.ndarray:
+    """CIFAR rows of 3072 bytes (R plane, G plane, B plane) -> uint8 [N,32,32,3]."""
+    return np.asarray(data, dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+
+
+def pickle_splits(folder: str, kind: str) -> tuple[Any, Any]:
+    """Train/test Datasets from cifar-10-batches-py or cifar-100-python (torchvision's download)."""
+    if kind == "cifar10":
+        batches = [_read_batch(os.path.join(folder, f"data_batch_{i}")) for i in range(1, 6)]
+        test = _read_batch(os.path.join(folder, "test_batch"))
+        names = list(noise.CIFAR10_CLASSES)
+        out = []
+        for parts in (batches, [test]):
+            images = np.concatenate([_pixels_chw(b["data"]) for b in parts])
+            labels = np.concatenate([np.asarray(b["labels"], dtype=np.int64) for b in parts])
+            out.append(pixel_dataset(images, labels, names))
+        return out[0], out[1]
+    meta_path = os.path.join(folder, "meta")
+    if os.path.isfile(meta_path):
+        meta = _read_batch(meta_path)
+        fine = [n.decode() if isinstance(n, bytes) else n for n in meta.get("fine_label_names", [])]
+        if fine and tuple(fine) != noise.CIFAR100_FINE_NAMES:
+            raise ValueError(f"{meta_path}: fine_label_names differ from CIFAR-100's: is this CIFAR-100?")
+    out = []
+    for split in ("train", "test"):
+        b = _read_batch(os.path.join(folder, split))
+        labels = np.asarray(b["fine_labels"], dtype=np.int64)
+        coarse = np.asarray(b["coarse_labels"], dtype=np.int64)
+        out.append(pixel_dataset(_pixels_chw(b["data"]), labels, list(noise.CIFAR100_FINE_NAMES), coarse))
+    return out[0], out[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Hub and local files
+
+
+def hub_error(repo_id: str, why: str) -> str:
+    """One-line message for an unusable Hub: what happened and what to pass instead."""
+    return (
+        f"cannot load '{repo_id}' from the Hugging Face Hub ({why}): "
+        f"pass --data-dir with a local copy: {LOCAL_FORMATS}"
+    )
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """True if a TCP connection to the Hub endpoint opens within timeout (or a proxy is set)."""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True  # a proxy may reach what a direct connection cannot: let load_dataset try
+    from huggingface_hub import constants
+
+    url = urllib.parse.urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _offline_mode(enabled: bool) -> Iterator[None]:
+    """Temporarily switch datasets/huggingface_hub to offline mode (cache only, no retries)."""
+    import datasets
+    from huggingface_hub import constants
+
+    saved = (datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE)
+    if enabled:
+        datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
+
+
+def load_hub(repo_id: str, streaming: bool) -> Any:
+    """load_dataset(repo_id) (DatasetDict or IterableDatasetDict); fails fast when the Hub is unreachable.
+
+    Without a connection (probe) or with HF_HUB_OFFLINE=1 it runs in offline mode, so a cached
+    copy still loads and a missing one fails at once instead of after the client's retries.
+    """
+    import datasets
+
+    offline = bool(datasets.config.HF_HUB_OFFLINE)
+    unreachable = not offline and not hub_reachable()
+    try:
+        with _offline_mode(offline or unreachable):
+            return datasets.load_dataset(repo_id, streaming=streaming)
+    except ConnectionError as e:
+        why = "offline mode (HF_HUB_OFFLINE=1) and no cached copy" if offline else (
+            "the Hub is unreachable and there is no cached copy" if unreachable else f"connection failed: {e}"
+        )
+        raise ValueError(hub_error(repo_id, why)) from None
+    except datasets.exceptions.DatasetNotFoundError:
+        raise ValueError(hub_error(repo_id, "no such dataset, or it is private")) from None
+
+
+def load_local(path: str, name: str, streaming: bool) -> tuple[Any, Any]:
+    """(train, test) from a local pickle folder, save_to_disk folder, parquet/image folder or parquet file."""
+    import datasets
+
+    if not os.path.exists(path):
+        raise ValueError(f"data path {path!r} does not exist: pass --data-dir with {LOCAL_FORMATS}")
+    found = _find_pickle_folder(path, name) if os.path.isdir(path) else None
+    if found is not None:
+        return pickle_splits(*found)
+    if os.path.isfile(os.path.join(path, "dataset_dict.json")):
+        return _pick_splits(datasets.load_from_disk(path), path)
+    if os.path.isfile(os.path.join(path, "state.json")):
+        raise ValueError(f"{path} holds one saved split: save a DatasetDict with 'train' and 'test' splits")
+    data_files = None
+    if os.path.isfile(path):
+        if not path.endswith(".parquet"):
+            raise ValueError(f"cannot read {path}: pass {LOCAL_FORMATS}")
+        test = re.sub(r"train", "test", os.path.basename(path))
+        test_path = os.path.join(os.path.dirname(path), test)
+        if test == os.path.basename(path) or not os.path.isfile(test_path):
+            raise ValueError(f"{path} needs a test split: name the files train*.parquet and test*.parquet")
+        data_files, path = {"train": path, "test": test_path}, "parquet"
+    unreadable = (FileNotFoundError, datasets.exceptions.DataFilesNotFoundError, datasets.exceptions.DatasetGenerationError)
+    try:
+        return _pick_splits(datasets.load_dataset(path, data_files=data_files, streaming=streaming), path)
+    except unreadable as e:
+        raise ValueError(f"cannot read a dataset from {path} ({type(e).__name__}): pass {LOCAL_FORMATS}") from None
+
+
+def _pick_splits(dd: Any, where: str) -> tuple[Any, Any]:
+    """(train, test) of a DatasetDict / IterableDatasetDict ('validation' stands in for 'test')."""
+    test = next((s for s in TEST_SPLITS if s in dd), None)
+    if "train" not in dd or test is None:
+        raise ValueError(f"{where} has splits {', '.join(dd)}: it needs 'train' and 'test' (or 'validation')")
+    return dd["train"], dd[test]
+
+
+def materialise(stream: Any) -> Any:
+    """IterableDataset -> in-memory Dataset with the same features (for the streamed test split)."""
+    import datasets
+    from datasets.table import InMemoryTable
+
+    tables = list(stream.with_format("arrow").iter(batch_size=1000))
+    table = pa.concat_tables(tables) if tables else stream.features.arrow_schema.empty_table()
+    return datasets.Dataset(InMemoryTable(table), info=datasets.DatasetInfo(features=stream.features))
+
+
+# ---------------------------------------------------------------------------------------------
+# Standard columns
+
+
+def _features(ds: Any) -> Any:
+    """Features of a Dataset/IterableDataset (resolved from the data if a stream does not know them)."""
+    return ds.features if ds.features is not None else ds._resolve_features().features
+
+
+def _rename_table(table: pa.Table, mapping: dict[str, str]) -> pa.Table:
+    """Arrow batch with columns renamed by mapping."""
+    return table.rename_columns([mapping.get(c, c) for c in table.column_names])
+
+
+def _rename_columns(ds: Any, mapping: dict[str, str]) -> Any:
+    """Rename columns; for a stream as an arrow map (IterableDataset.rename_columns runs per example
+    in Python and decodes and re-encodes every image)."""
+    import datasets
+
+    mapping = {old: new for old, new in mapping.items() if old != new}
+    if not mapping:
+        return ds
+    if isinstance(ds, datasets.Dataset):
+        return ds.rename_columns(mapping)
+    features = _features(ds)
+    renamed = datasets.Features({mapping.get(c, c): f for c, f in features.items()})
+    fn = functools.partial(_rename_table, mapping=mapping)
+    return ds.with_format("arrow").map(fn, batched=True, batch_size=1000, features=renamed).with_format(None)
+
+
+def standardize(ds: Any, image_column: str | None, label_column: str | None, key_column: str | None) -> Any:
+    """Keep and rename to image, label (+ image_shape, coarse_label, key column); check their types."""
+    import datasets
+
+    features = _features(ds)
+    columns = list(features)
+    listing = ", ".join(columns)
+    if image_column is None:
+        image_column = next((c for c in ("image", "img") if c in features), None)
+        image_column = image_column or next((c for c in columns if isinstance(features[c], datasets.Image)), None)
+    if image_column not in features:
+        which = repr(image_column) if image_column else "(no 'image', 'img' or Image column)"
+        raise ValueError(f"no image column {which}: the dataset has columns {listing} (pass --image-column)")
+    if label_column is None:
+        label_column = next((c for c in ("fine_label", "label", "labels") if c in features), None)
+    if label_column not in features:
+        which = repr(label_column) if label_column else "(no 'fine_label', 'label' or 'labels')"
+        raise ValueError(f"no label column {which}: the dataset has columns {listing} (pass --label-column)")
+    if key_column is not None and key_column not in features:
+        raise ValueError(f"no key column {key_column!r}: the dataset has columns {listing}")
+    label_type = features[label_column]
+    if not isinstance(label_type, datasets.ClassLabel) and not (
+        isinstance(label_type, datasets.Value) and label_type.dtype.startswith(("int", "uint"))
+    ):
+        raise ValueError(
+            f"label column {label_column!r} holds {label_type}: it must hold integer class ids (pass --label-column)"
+        )
+    keep = [image_column, label_column]
+    keep += [c for c in ("image_shape", "coarse_label", key_column) if c and c in features and c not in keep]
+    ds = _rename_columns(ds.select_columns(keep), {image_column: "image", label_column: "label"})
+    image_type = _features(ds)["image"]
+    raw = isinstance(image_type, datasets.Value) and image_type.dtype in ("binary", "large_binary")
+    if raw and "image_shape" not in keep:
+        ds = ds.cast_column("image", datasets.Image())  # encoded bytes (PNG/JPEG) without the feature type
+    elif not raw and not isinstance(image_type, datasets.Image):
+        raise ValueError(
+            f"image column {image_column!r} holds {image_type}: it must be an Image feature (pass --image-column)"
+        )
+    return ds
+
+
+def load_splits(cfg: Mapping[str, Any]) -> tuple[Any, Any]:
+    """(train, test) with standard columns; train is an IterableDataset when cfg['streaming']."""
+    import datasets
+
+    name, streaming = cfg["dataset"], bool(cfg["streaming"])
+    if name == "digits":
+        train, test = digits_splits()
+    elif name == "synthetic":
+        train, test = synthetic_splits(int(cfg["synthetic_size"]), int(cfg["synthetic_classes"]))
+    elif cfg["data_dir"] or looks_local(name):
+        train, test = load_local(os.path.expanduser(cfg["data_dir"] or name), name, streaming)
+    else:
+        train, test = _pick_splits(load_hub(HUB_IDS.get(name, name), streaming), HUB_IDS.get(name, name))
+    if streaming and isinstance(train, datasets.Dataset):
+        train = train.to_iterable_dataset(num_shards=max(1, min(STREAM_SHARDS, len(train))))
+    if isinstance(test, datasets.IterableDataset):
+        test = materialise(test)  # evaluation is map-style: every test example counts once
+    standard = (cfg["image_column"], cfg["label_column"], cfg["key_column"])
+    return standardize(train, *standard), standardize(test, *standard)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding
+
+
+def _mode_channels(mode: str) -> int:
+    """Channels an image of PIL mode `mode` decodes to: 1 for grey modes, else 3 (RGB)."""
+    return 1 if mode in ("1", "L", "LA", "I", "I;16", "F") else 3
+
+
+def _decode_encoded(images: pa.Array, channels: int | None) -> np.ndarray:
+    """Image-feature structs (bytes or path) -> uint8 [B,H,W,C] via PIL (all in the first image's size)."""
+    from PIL import Image
+
+    blobs, paths = images.field("bytes").to_pylist(), images.field("path").to_pylist()
+    out = None
+    for i, (blob, path) in enumerate(zip(blobs, paths)):
+        im = Image.open(io.BytesIO(blob) if blob is not None else path)
+        if out is None:
+            channels = channels or _mode_channels(im.mode)
+            mode = "L" if channels == 1 else "RGB"
+            out = np.empty((len(blobs), im.size[1], im.size[0], channels), dtype=np.uint8)
+        if im.mode != mode:
+            im = im.convert(mode)
+        if im.size != (out.shape[2], out.shape[1]):
+            first, this = f"{out.shape[2]}x{out.shape[1]}", f"{im.size[0]}x{im.size[1]}"
+            raise ValueError(f"images have different sizes ({first} and {this}): resize them to one size first")
+        out[i] = np.frombuffer(im.tobytes(), dtype=np.uint8).reshape(out.shape[1:])  # leaner than np.asarray(im)
+    return out if out is not None else np.zeros((0, 1, 1, channels or 3), dtype=np.uint8)
+
+
+def _decode_raw(images: pa.Array, shapes: pa.Array) -> np.ndarray:
+    """Raw HWC blobs (binary array) + their shapes -> uint8 [B,H,W,C] without copying per image."""
+    if len(images) == 0:
+        return np.zeros((0, 1, 1, 1), dtype=np.uint8)
+    shape = tuple(shapes[0].as_py())
+    offset_type = np.int64 if pa.types.is_large_binary(images.type) else np.int32
+    offsets = np.frombuffer(images.buffers()[1], dtype=offset_type)[images.offset : images.offset + len(images) + 1]
+    if np.any(np.diff(offsets) != int(np.prod(shape))):
+        raise ValueError(f"raw images have different sizes (expected {shape}): resize them to one size first")
+    data = np.frombuffer(images.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
+    return data.reshape((len(images),) + shape)
+
+
+def decode_table(table: pa.Table, channels: int | None = None) -> np.ndarray:
+    """Arrow batch with an `image` column -> uint8 [B,H,W,C] (raw bytes reshaped, or PNG/JPEG decoded)."""
+    images = table.column("image").combine_chunks()
+    if pa.types.is_struct(images.type):
+        return _decode_encoded(images, channels)
+    return _decode_raw(images, table.column("image_shape").combine_chunks())
+
+
+def nchw(images: np.ndarray) -> torch.Tensor:
+    """uint8 [B,H,W,C] -> contiguous uint8 tensor [B,C,H,W], copied one channel plane at a time
+    (torch's permute().contiguous() on uint8 is ~30x slower on a busy CPU)."""
+    out = np.empty((images.shape[0], images.shape[3], images.shape[1], images.shape[2]), dtype=np.uint8)
+    for channel in range(images.shape[3]):
+        out[:, channel] = images[..., channel]
+    return torch.from_numpy(out)
+
+
+def _int_column(table: pa.Table, name: str) -> torch.Tensor:
+    """An integer arrow column as an int64 tensor."""
+    return torch.from_numpy(table.column(name).to_numpy().astype(np.int64))
+
+
+def table_batch(table: pa.Table) -> dict[str, torch.Tensor]:
+    """Arrow batch -> {"image": uint8 [B,C,H,W], "label", "clean_label": int64 [B], "is_noisy": bool [B]}."""
+    images = nchw(decode_table(table))
+    label = _int_column(table, "label")
+    clean = _int_column(table, "clean_label") if "clean_label" in table.column_names else label.clone()
+    if "is_noisy" in table.column_names:
+        is_noisy = torch.from_numpy(table.column("is_noisy").to_numpy(zero_copy_only=False).astype(bool))
+    else:
+        is_noisy = torch.zeros_like(label, dtype=torch.bool)  # a clean split
+    return {"image": images, "label": label, "clean_label": clean, "is_noisy": is_noisy}
+
+
+_TENSOR_CACHE: dict[str, dict[str, torch.Tensor]] = {}
+
+
+def to_tensors(ds: Any) -> dict[str, torch.Tensor]:
+    """Map-style split -> {"image": uint8 [N,C,H,W], "label", "clean_label": int64 [N], "is_noisy": bool [N]}.
+
+    Decoded once and held in memory (keyed by the dataset's fingerprint), so later calls are free.
+    """
+    if not hasattr(ds, "_fingerprint"):
+        raise ValueError("to_tensors needs a map-style split: stream with stream_batches, or use data.materialise")
+    key = ds._fingerprint
+    if key not in _TENSOR_CACHE:
+        columns = [c for c in ("image", "image_shape", "label", "clean_label", "is_noisy") if c in ds.column_names]
+        table = ds.select_columns(columns).with_format("arrow")[:]
+        if len(_TENSOR_CACHE) >= 4:
+            _TENSOR_CACHE.pop(next(iter(_TENSOR_CACHE)))
+        _TENSOR_CACHE[key] = table_batch(table)
+    return _TENSOR_CACHE[key]
+
+
+# ---------------------------------------------------------------------------------------------
+# Augmentation and normalisation (batched, on any device)
+
+
+def augment_batch(x: torch.Tensor, pad: int, flip: bool, generator: torch.Generator | None = None) -> torch.Tensor:
+    """uint8 [B,C,H,W] -> uint8 [B,C,H,W]: zero-pad by `pad`, random HxW crop per example, and a
+    horizontal flip with p = 0.5 per example when `flip`; one gather, no loop over examples.
+
+    The random offsets come from `generator` (its device) or the global RNG on x's device.
+    """
+    b, c, h, w = x.shape
+    device = generator.device if generator is not None else x.device
+    dy = torch.randint(0, 2 * pad + 1, (b, 1), generator=generator, device=device).to(x.device)
+    dx = torch.randint(0, 2 * pad + 1, (b, 1), generator=generator, device=device).to(x.device)
+    rows = dy + torch.arange(h, device=x.device)  # [B,H] rows of the padded image
+    cols = dx + torch.arange(w, device=x.device)  # [B,W]
+    if flip:
+        mirrored = (torch.rand((b, 1), generator=generator, device=device) < 0.5).to(x.device)
+        cols = torch.where(mirrored, cols.flip(1), cols)  # crop then mirror = read the crop's columns backwards
+    padded = F.pad(x, (pad, pad, pad, pad)) if pad else x
+    wp = w + 2 * pad
+    index = ((rows * wp)[:, :, None] + cols[:, None, :]).reshape(b, 1, h * w).expand(b, c, h * w)  # flat pixel
+    return torch.gather(padded.reshape(b, c, -1), 2, index).reshape(b, c, h, w)
+
+
+@functools.lru_cache(maxsize=16)
+def _scale_shift(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel scale 1/(255 std) and shift -mean/std as [1,C,1,1] tensors on device (made once)."""
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    return (1.0 / (255.0 * std_t)).to(device), (-mean_t / std_t).to(device)
+
+
+def normalize(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """uint8 [B,C,H,W] -> float32 (x/255 - mean) / std per channel, computed as x * scale + shift."""
+    scale, shift = _scale_shift(tuple(mean), tuple(std), x.device)
+    # in place on a fresh copy: ~3x faster than torch.addcmul's broadcasting path on CPU
+    return x.to(torch.float32, copy=True).mul_(scale).add_(shift)
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming
+
+
+def default_workers(num_processes: int = 1) -> int:
+    """DataLoader workers per process for decoding in the stream: the CPU cores per process, at most 4."""
+    return max(1, min(4, (os.cpu_count() or 1) // max(1, num_processes)))
+
+
+class StreamEpoch(torch.utils.data.IterableDataset):
+    """One epoch of one process's share of a stream, as batches of tensors.
+
+    Each (process, DataLoader worker) pair is one node of split_dataset_by_node, so the data is
+    sharded exactly once: no example twice in an epoch, none dropped (except a partial last batch
+    per worker when drop_last).
+    """
+
+    def __init__(
+        self,
+        ds: Any,
+        batch_size: int,
+        seed: int,
+        epoch: int,
+        process_index: int,
+        num_processes: int,
+        shuffle_buffer: int,
+        drop_last: bool,
+    ):
+        super().__init__()
+        self.ds, self.batch_size, self.seed, self.epoch = ds, batch_size, seed, epoch
+        self.process_index, self.num_processes = process_index, num_processes
+        self.shuffle_buffer, self.drop_last = shuffle_buffer, drop_last
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Shard (reshard, split by node), shuffle(buffer, seed), set_epoch, decode, batch."""
+        from datasets.distributed import split_dataset_by_node
+
+        worker = torch.utils.data.get_worker_info()
+        workers, worker_id = (worker.num_workers, worker.id) if worker is not None else (1, 0)
+        # the Hub's CIFAR splits are one parquet file: reshard by row group before splitting
+        node = split_dataset_by_node(
+            self.ds.reshard(),
+            rank=self.process_index * workers + worker_id,
+            world_size=self.num_processes * workers,
+        )
+        # one input shard at a time: interleaving shards (the default 10) reads them in threads and,
+        # for parquet, sleeps 5 s at the end of every pass (apache/arrow#45214); the shard order
+        # is still shuffled by seed and epoch
+        node = node.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer, max_buffer_input_shards=1)
+        node = node.with_format("arrow")
+        node.set_epoch(self.epoch)  # after with_format, which returns a dataset at epoch 0
+        for table in node.iter(batch_size=self.batch_size, drop_last_batch=self.drop_last):
+            yield table_batch(table)
+
+
+def stream_batches(
+    train_iterable: Any,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    process_index: int,
+    num_processes: int,
+    shuffle_buffer: int = 10_000,
+    drop_last: bool = True,
+    num_workers: int | None = None,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """One epoch of streamed training batches for this process (dict of CPU tensors as to_tensors).
+
+    Shards exactly once (do not also pass it through accelerator.prepare). Processes may get
+    different numbers of batches per epoch: loop by steps, not by epochs in lockstep.
+    drop_last: every batch has batch_size examples (each worker drops its last partial batch).
+    num_workers: decoding processes (default default_workers); 0 decodes in this process.
+    """
+    workers = default_workers(num_processes) if num_workers is None else num_workers
+    epoch_ds = StreamEpoch(
+        train_iterable, batch_size, seed, epoch, process_index, num_processes, shuffle_buffer, drop_last
+    )
+    if workers == 0:
+        yield from epoch_ds
+        return
+    loader = torch.utils.data.DataLoader(epoch_ds, batch_size=None, num_workers=workers, prefetch_factor=4)
+    yield from loader
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+
+
+def resolve_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """cfg with CFG_DEFAULTS for missing or None keys, values converted to their types."""
+    c = {k: (cfg.get(k) if cfg.get(k) is not None else v) for k, v in CFG_DEFAULTS.items()}
+    c["streaming"] = bool(c["streaming"])
+    c["noise_rate"], c["noise_seed"] = float(c["noise_rate"]), int(c["noise_seed"])
+    c["synthetic_size"], c["synthetic_classes"] = int(c["synthetic_size"]), int(c["synthetic_classes"])
+    return c
+
+
+def pairs_preset(name: str) -> str | None:
+    """Asymmetric-noise pairs preset of a dataset name or Hub id (None: needs --noise-pairs)."""
+    by_hub = {v: k for k, v in HUB_IDS.items()}
+    name = by_hub.get(name, name)
+    return name if name in noise.PAIR_PRESETS else None
+
+
+def looks_local(name: str) -> bool:
+    """True for names that can only be paths: existing, absolute/relative, or with a data file suffix."""
+    suffixes = (".parquet", ".arrow", ".csv", ".json", ".jsonl", ".zip", ".tar")
+    return os.path.exists(name) or name.startswith((".", "/", "~")) or name.endswith(suffixes)
+
+
+def _check_dataset_name(name: str, data_dir: str | None) -> None:
+    """Raise ValueError unless name is a built-in, a local path, or looks like a Hub id (owner/name)."""
+    if name in DATASETS or data_dir or looks_local(name) or re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+        return
+    raise ValueError(
+        f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}, "
+        "a Hub id (owner/name), or a local folder/parquet file"
+    )
+
+
+def _channel_stats(train: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std (fractions of 255) of the first STATS_EXAMPLES train images, in stored order."""
+    import datasets
+
+    if isinstance(train, datasets.IterableDataset):
+        tables = list(train.take(STATS_EXAMPLES).with_format("arrow").iter(batch_size=1000))
+    else:
+        head = train.select(range(min(len(train), STATS_EXAMPLES)))
+        image_columns = [c for c in ("image", "image_shape") if c in train.column_names]
+        tables = [head.select_columns(image_columns).with_format("arrow")[:]]
+    images = np.concatenate([decode_table(t) for t in tables])
+    total = np.zeros(images.shape[-1])
+    squares = np.zeros(images.shape[-1])
+    for start in range(0, len(images), 1000):  # float32 chunks bound the temporaries
+        chunk = images[start : start + 1000].astype(np.float32) / 255.0
+        total += chunk.sum(axis=(0, 1, 2), dtype=np.float64)
+        squares += (chunk * chunk).sum(axis=(0, 1, 2), dtype=np.float64)
+    count = images.shape[0] * images.shape[1] * images.shape[2]
+    mean = total / count
+    std = np.sqrt(np.maximum(squares / count - mean**2, 1e-12))
+    return tuple(round(float(m), 4) for m in mean), tuple(round(float(s), 4) for s in std)
+
+
+def _num_classes(train: Any, test: Any) -> int:
+    """Classes from the ClassLabel feature, else 1 + the largest label id (a pass over a stream)."""
+    import datasets
+
+    feature = _features(train)["label"]
+    if isinstance(feature, datasets.ClassLabel):
+        return feature.num_classes
+    largest = int(np.max(test.with_format("arrow")["label"].to_numpy(), initial=0))
+    if isinstance(train, datasets.IterableDataset):
+        for t in train.select_columns(["label"]).with_format("arrow").iter(batch_size=10_000):
+            largest = max(largest, int(np.max(t.column("label").to_numpy(), initial=0)))
+    else:
+        largest = max(largest, int(np.max(train.with_format("arrow")["label"].to_numpy(), initial=0)))
+    return largest + 1
+
+
+def prepare_data(cfg: Mapping[str, Any]) -> tuple[Any, Any, DatasetInfo]:
+    """(train with label noise, clean map-style test, DatasetInfo) from the cfg keys in CFG_DEFAULTS."""
+    c = resolve_config(cfg)
+    name = str(c["dataset"])
+    _check_dataset_name(name, c["data_dir"])
+    noise.check_noise_args(c["noise"], c["noise_rate"])
+    preset = pairs_preset(name)
+    pairs = noise.parse_pairs(c["noise_pairs"]) or preset
+    if c["noise"] == "asymmetric" and pairs is None:
+        noise.resolve_pairs(None, c["noise_seed"], 0)  # raises the one-line "needs class structure" error
+    if c["noise"] == "file" and not (c["noise_file"] and os.path.isfile(c["noise_file"])):
+        raise ValueError(
+            "--noise file needs --noise-file PATH of an existing CIFAR-N .pt, .npy, .csv or .parquet file "
+            f"(got {c['noise_file']!r})"
+        )
+    train, test = load_splits(c)
+    num_classes = _num_classes(train, test)
+    train = noise.add_label_noise(
+        train, c["noise"], c["noise_rate"], c["noise_seed"], num_classes, key_column=c["key_column"],
+        pairs=pairs, noise_file=c["noise_file"], noise_key=c["noise_key"],
+    )
+    first = decode_table(test.select(range(1)).with_format("arrow")[:])
+    known = {v: k for k, v in HUB_IDS.items()}.get(name, name)  # "uoft-cs/cifar10" is cifar10 too
+    mean, std = CIFAR_STATS[known] if known in CIFAR_STATS else _channel_stats(train)
+    size = int(first.shape[1])
+    info = DatasetInfo(
+        name=name,
+        num_classes=num_classes,
+        channels=int(first.shape[3]),
+        image_size=size,
+        mean=mean,
+        std=std,
+        pad=max(1, size // 8),
+        flip=name != "digits",
+        pairs_preset=preset,
+    )
+    return train, test, info

@@ -1,0 +1,679 @@
+"""Evaluate, plot, tabulate and audit the run folders that train.py writes.
+
+Four uses:
+
+    python eval.py RUN_DIR [--dataset D --data-dir DIR] [--json]
+        Load config.json + model.safetensors (no optimizer, no training code), evaluate in fp32 on
+        the clean test split: accuracy, loss, mean prediction entropy / log C and the expected
+        calibration error. `accelerate launch eval.py RUN_DIR` spreads it over several processes.
+    python eval.py --plot RUN_DIR... [--out dynamics.png]
+        The paper's Figure 3 panels from metrics.jsonl against the step, one line per run.
+    python eval.py --table RUN_DIR_OR_PARENT... [--out table.md] [--csv table.csv] [--best-eps]
+        The paper's Table 4 layout: rows = methods, columns = noise kind and rate, cells = final
+        test accuracy (%) as mean +- std over seeds, best cell per column in bold.
+    python eval.py --audit RUN_DIR [--out label_issues.csv]
+        Run the model over the (noisy) training split and list the examples whose given label it
+        contradicts, ranked by score = p(predicted class) - p(given label).
+
+Definitions (all on softmax outputs p, C classes):
+- entropy: mean over examples of H(p) / log C, in [0, 1].
+- ECE (Guo et al. 2017): 15 equal-width bins over the confidence max_k p_k, bin b = (b/15, (b+1)/15];
+  ECE = sum_b |B_b|/N * |accuracy(B_b) - mean confidence(B_b)|.
+- table std: the sample standard deviation (ddof=1) over the seeds of a cell; a single seed shows
+  its value alone. Bold marks every cell whose mean, rounded to the printed 0.1, is the column best.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import statistics
+import sys
+from pathlib import Path
+from typing import Any, NamedTuple, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display needed
+import datasets
+import matplotlib.pyplot as plt
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader, TensorDataset
+
+import data
+import losses
+import models
+
+# Table 4 order: the baselines reported from SL first, then the paper's own trained results.
+METHOD_ORDER = ("boothard", "gce", "sce", "cce", "ls", "cp", "bootsoft", "proselflc")
+METHOD_LABELS = {
+    "cce": "CCE", "ls": "LS", "cp": "CP", "bootsoft": "Boot-soft", "boothard": "Boot-hard",
+    "gce": "GCE", "sce": "SL (SCE)", "proselflc": "ProSelfLC",
+}
+METHOD_COLORS = {  # ProSelfLC stands out in red; the other methods keep their colour in every plot
+    "proselflc": "tab:red", "cce": "black", "ls": "tab:blue", "cp": "tab:orange", "bootsoft": "tab:green",
+    "boothard": "tab:purple", "gce": "tab:brown", "sce": "tab:pink",
+}
+EPS_METHODS = ("ls", "cp", "bootsoft", "boothard")  # methods whose fixed eps the paper tunes
+NOISE_ORDER = ("none", "asymmetric", "symmetric", "pairflip", "file")  # Table 4: asymmetric first
+PANELS = (  # (metrics.jsonl key, panel title, y label) in the order of the paper's Figure 3
+    ("test_acc", "(a) Generalisation: clean test set", "accuracy"),
+    ("noisy_fit", "(b) Memorisation: noisy subset", "fraction fit to the noisy label"),
+    ("noisy_correct", "(c) Correction: noisy subset", "fraction predicted as clean label"),
+    ("clean_fit", "(d) Fitting: clean subset", "fraction fit to the label"),
+    ("entropy_clean", "(e) Entropy: clean subset", "mean H(p) / log C"),
+    ("entropy_noisy", "(f) Entropy: noisy subset", "mean H(p) / log C"),
+    ("epsilon", "(g) Trust in predictions", "mean epsilon"),
+    ("train_loss", "(h) Training loss", "loss"),
+)
+ECE_BINS = 15
+
+
+# ----------------------------------------------------------------------------- run folders
+
+
+class Run(NamedTuple):
+    """One train.py output folder: its config.json dict and its metrics.jsonl records."""
+
+    path: Path
+    config: dict[str, Any]
+    metrics: list[dict[str, Any]]
+
+
+def find_run_dirs(paths: Sequence[str]) -> list[Path]:
+    """Run folders among `paths`: a folder holding metrics.jsonl, or every such folder below a parent."""
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if not p.is_dir():
+            raise FileNotFoundError(f"{p} is not a folder: pass train.py run folders or a folder holding them")
+        if (p / "metrics.jsonl").is_file() or (p / "config.json").is_file():
+            found.append(p)
+            continue
+        below = sorted(m.parent for m in p.rglob("metrics.jsonl"))
+        if not below:
+            raise FileNotFoundError(f"{p} has no metrics.jsonl and no run folder below it: pass train.py run folders")
+        found.extend(below)
+    if not found:
+        raise ValueError("no run folders given: pass train.py run folders or a folder holding them")
+    return list(dict.fromkeys(found))  # a run given twice counts once
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """config.json of a run folder as a dict."""
+    f = path / "config.json"
+    if not f.is_file():
+        raise FileNotFoundError(f"{path} has no config.json: not a train.py run folder")
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{f} is not valid JSON ({e}): the run folder is damaged") from None
+
+
+def load_run(path: Path) -> Run:
+    """Read config.json and metrics.jsonl (one JSON object per line; a torn last line is ignored)."""
+    config = read_config(path)
+    f = path / "metrics.jsonl"
+    if not f.is_file():
+        raise FileNotFoundError(f"{path} has no metrics.jsonl: the run has not evaluated yet (or this is not a run folder)")
+    metrics = []
+    for line in f.read_text().splitlines():
+        try:
+            metrics.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill during the write; the earlier ones are intact
+    if not metrics:
+        raise ValueError(f"{f} holds no evaluation yet: wait for the run's first evaluation")
+    return Run(path, config, metrics)
+
+
+def is_finished(run: Run) -> bool:
+    """True when the last evaluation is the final one (step == total_steps)."""
+    total = run.config.get("total_steps", run.config.get("max_steps"))
+    return total is None or run.metrics[-1].get("step", -1) >= total
+
+
+def noise_label(noise: str, rate: float) -> str:
+    """Column title of a noise setting, e.g. 'symmetric r=0.4' or 'clean'."""
+    return "clean" if noise == "none" else f"{noise} r={rate:g}"
+
+
+def method_label(method: str, eps: float | None = None) -> str:
+    """Row title: the paper's name of the method, with its eps when several eps values are tabulated."""
+    name = METHOD_LABELS.get(method, method)
+    return name if eps is None else f"{name} (ε={eps:g})"
+
+
+def setting_of(cfg: dict[str, Any]) -> tuple[str, str, float]:
+    """(dataset, noise kind, rate) of a run; a clean run has rate 0."""
+    noise = cfg.get("noise") or "none"
+    return (str(cfg.get("dataset", "?")), noise, 0.0 if noise == "none" else float(cfg.get("noise_rate") or 0.0))
+
+
+def setting_sort_key(setting: tuple[str, str, float]) -> tuple:
+    """Sort columns by dataset, then Table 4's noise order, then rate."""
+    dataset, noise, rate = setting
+    order = NOISE_ORDER.index(noise) if noise in NOISE_ORDER else len(NOISE_ORDER)
+    return (dataset, order, noise, rate)
+
+
+def method_sort_key(row: tuple[str, float | None]) -> tuple:
+    """Sort rows in Table 4's order, unknown methods last, then by eps."""
+    method, eps = row
+    order = METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
+    return (order, method, -1.0 if eps is None else eps)
+
+
+# ----------------------------------------------------------------------------- table
+
+
+class Cell(NamedTuple):
+    """One table cell: final test accuracies (%) of the seeds of a (method, setting)."""
+
+    values: list[float]
+    seeds: list[int]
+    eps: float | None  # the eps of the cell's runs (EPS_METHODS), else None
+    runs: list[str]
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.values)
+
+    @property
+    def std(self) -> float | None:
+        """Sample std (ddof=1) over seeds; None for one seed."""
+        return statistics.stdev(self.values) if len(self.values) > 1 else None
+
+
+def collect_cells(runs: Sequence[Run], best_eps: bool = False) -> dict[tuple, Cell]:
+    """Group finished runs into cells keyed by ((method, eps), setting); pool seeds.
+
+    Rows split by eps only for the methods that have runs with several eps values. With
+    `best_eps` they do not split: each cell keeps the eps with the best mean (the paper's Table 4
+    reports LS, CP and Boot-soft at their best of eps 0.125, 0.25, 0.5).
+    """
+    eps_values: dict[str, set[float]] = {}
+    for r in runs:
+        if r.config.get("method") in EPS_METHODS:
+            eps_values.setdefault(r.config["method"], set()).add(float(r.config.get("eps", 0.0)))
+    groups: dict[tuple, list[Run]] = {}
+    for r in runs:
+        method = str(r.config.get("method", "?"))
+        eps = float(r.config.get("eps", 0.0)) if method in EPS_METHODS else None
+        groups.setdefault((method, eps, setting_of(r.config)), []).append(r)
+    cells: dict[tuple, Cell] = {}
+    for (method, eps, setting), group in groups.items():
+        warn_if_mixed(group)
+        cell = Cell(
+            [100.0 * float(r.metrics[-1]["test_acc"]) for r in group],
+            [int(r.config.get("seed", 0)) for r in group], eps, [str(r.path) for r in group],
+        )
+        split = eps is not None and len(eps_values.get(method, ())) > 1
+        row = (method, eps if split and not best_eps else None)
+        if row + (setting,) in cells and cells[row + (setting,)].mean >= cell.mean:
+            continue  # best_eps: keep the better eps
+        cells[row + (setting,)] = cell
+    return {((k[0], k[1]), k[2]): v for k, v in cells.items()}
+
+
+def warn_if_mixed(group: Sequence[Run]) -> None:
+    """Warn when the runs pooled into one cell differ in more than their seeds."""
+    for key in ("model", "max_steps", "batch_size", "lr", "exp_base", "gce_q", "alpha", "beta", "temperature"):
+        values = {json.dumps(r.config.get(key)) for r in group}
+        if len(values) > 1:
+            print(f"warning: pooling runs with different {key} ({', '.join(sorted(values))}): "
+                  f"{', '.join(str(r.path) for r in group)}", file=sys.stderr)
+
+
+def format_cell(cell: Cell, show_eps: bool) -> str:
+    """'66.6 ± 0.3' for several seeds, '66.6' for one; '(ε=0.25)' appended under --best-eps."""
+    text = f"{cell.mean:.1f}" if cell.std is None else f"{cell.mean:.1f} ± {cell.std:.1f}"
+    return f"{text} (ε={cell.eps:g})" if show_eps and cell.eps is not None else text
+
+
+def markdown_table(cells: dict[tuple, Cell], best_eps: bool = False) -> str:
+    """Table 4 layout in Markdown: rows = methods, columns = settings, column best in bold."""
+    rows = sorted({k[0] for k in cells}, key=method_sort_key)
+    settings = sorted({k[1] for k in cells}, key=setting_sort_key)
+    several_datasets = len({s[0] for s in settings}) > 1
+    titles = [(f"{s[0]} " if several_datasets else "") + noise_label(s[1], s[2]) for s in settings]
+    best = {s: max(round(c.mean, 1) for k, c in cells.items() if k[1] == s) for s in settings}
+    datasets = ", ".join(sorted({s[0] for s in settings}))
+    lines = [
+        f"Final test accuracy (%) on the clean {datasets} test set: mean ± sample std over seeds "
+        f"(n per cell: {n_summary(cells)}); best per column in bold.",
+        "",
+        "| Method | " + " | ".join(titles) + " |",
+        "|---|" + "---:|" * len(settings),
+    ]
+    for row in rows:
+        texts = []
+        for s in settings:
+            cell = cells.get((row, s))
+            if cell is None:
+                texts.append("–")
+                continue
+            text = format_cell(cell, best_eps)
+            texts.append(f"**{text}**" if round(cell.mean, 1) == best[s] else text)
+        lines.append(f"| {method_label(*row)} | " + " | ".join(texts) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def n_summary(cells: dict[tuple, Cell]) -> str:
+    """The seed counts of the cells, e.g. '3' or '1-3'."""
+    counts = sorted({len(c.values) for c in cells.values()})
+    return str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+
+
+def write_table_csv(cells: dict[tuple, Cell], path: Path) -> None:
+    """One CSV row per cell: method, eps, dataset, noise, rate, n, mean, std, seeds, values, runs."""
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["method", "eps", "dataset", "noise", "noise_rate", "n_seeds", "mean_acc", "std_acc",
+                    "seeds", "accuracies", "runs"])
+        for (row, s), c in sorted(cells.items(), key=lambda kv: (method_sort_key(kv[0][0]), setting_sort_key(kv[0][1]))):
+            w.writerow([row[0], "" if c.eps is None else c.eps, *s, len(c.values), f"{c.mean:.4f}",
+                        "" if c.std is None else f"{c.std:.4f}", " ".join(map(str, c.seeds)),
+                        " ".join(f"{v:.4f}" for v in c.values), " ".join(c.runs)])
+
+
+def finished_runs(paths: Sequence[str]) -> list[Run]:
+    """Load the runs under `paths`, skipping (with a warning) those that have not finished."""
+    runs = []
+    for p in find_run_dirs(paths):
+        run = load_run(p)
+        if is_finished(run):
+            runs.append(run)
+        else:
+            total = run.config.get("total_steps", run.config.get("max_steps"))
+            print(f"warning: skipping unfinished run {p} (step {run.metrics[-1].get('step')} of {total})", file=sys.stderr)
+    if not runs:
+        raise ValueError("none of the given runs has finished: the table reports final accuracies only")
+    return runs
+
+
+def table_main(args: argparse.Namespace) -> None:
+    """--table: print the Markdown table, optionally write it (--out) and a CSV (--csv)."""
+    cells = collect_cells(finished_runs(args.runs), best_eps=args.best_eps)
+    text = markdown_table(cells, best_eps=args.best_eps)
+    print(text, end="")
+    if args.out:
+        Path(args.out).write_text(text)
+    if args.csv:
+        write_table_csv(cells, Path(args.csv))
+
+
+# ----------------------------------------------------------------------------- plot
+
+
+def run_labels(runs: Sequence[Run]) -> list[str]:
+    """Legend labels: the method, plus whatever else varies among the runs (eps, setting, seed)."""
+    def varies(fn) -> bool:
+        return len({json.dumps(fn(r)) for r in runs}) > 1
+
+    labels = []
+    for r in runs:
+        c = r.config
+        parts = [METHOD_LABELS.get(c.get("method"), str(c.get("method")))]
+        if c.get("method") in EPS_METHODS and varies(lambda r: r.config.get("eps")):
+            parts.append(f"ε={c.get('eps'):g}")
+        if varies(lambda r: setting_of(r.config)):
+            dataset, noise, rate = setting_of(c)
+            parts.append((f"{dataset} " if varies(lambda r: r.config.get("dataset")) else "") + noise_label(noise, rate))
+        if varies(lambda r: r.config.get("seed")):
+            parts.append(f"seed {c.get('seed')}")
+        labels.append(" ".join(parts))
+    return labels
+
+
+def plot_runs(runs: Sequence[Run], out: Path, title: str | None = None) -> plt.Figure:
+    """Write one PNG with the Figure 3 panels (metrics against step), one line per run; return the figure."""
+    labels = run_labels(runs)
+    spare = iter(("tab:cyan", "tab:olive", "tab:gray") * 10)  # for methods this file does not know
+    colors = {m: METHOD_COLORS.get(m) or next(spare) for m in dict.fromkeys(str(r.config.get("method")) for r in runs)}
+    styles = ("-", "--", ":", "-.")
+    seen_per_method: dict[str, int] = {}
+    looks = []  # colour by method (as in Figure 3), line style tells runs of one method apart
+    for r in runs:
+        method = str(r.config.get("method"))
+        k = seen_per_method.get(method, 0)
+        seen_per_method[method] = k + 1
+        looks.append((colors[method], styles[k % len(styles)]))
+    fig, axes = plt.subplots(2, 4, figsize=(18, 8.5), dpi=100)
+    for ax, (key, panel_title, ylabel) in zip(axes.flat, PANELS):
+        drawn = False
+        for r, label, (color, style) in zip(runs, labels, looks):
+            points = [(m["step"], m[key]) for m in r.metrics if m.get(key) is not None]
+            if points:
+                ax.plot(*zip(*points), color=color, linestyle=style, linewidth=1.6, label=label)
+                drawn = True
+        if not drawn:  # e.g. the noisy-subset panels of runs without noise
+            ax.text(0.5, 0.5, f"no '{key}' in these runs", ha="center", va="center", transform=ax.transAxes, color="gray")
+        ax.set_title(panel_title, fontsize=11)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+    handles, names = [], []
+    for ax in axes.flat:  # one shared legend: every run once
+        for h, n in zip(*ax.get_legend_handles_labels()):
+            if n not in names:
+                handles.append(h)
+                names.append(n)
+    fig.legend(handles, names, loc="lower center", ncol=min(len(names), 6), fontsize=10, frameon=False)
+    fig.suptitle(title or default_plot_title(runs), fontsize=13)
+    fig.tight_layout(rect=(0, 0.04 + 0.03 * math.ceil(len(names) / 6), 1, 0.96))
+    fig.savefig(out)
+    plt.close(fig)  # frees the canvas; the returned figure can still be inspected
+    return fig
+
+
+def default_plot_title(runs: Sequence[Run]) -> str:
+    """'Learning dynamics: digits, symmetric r=0.4' when all runs share a setting."""
+    settings = {setting_of(r.config) for r in runs}
+    if len(settings) == 1:
+        dataset, noise, rate = settings.pop()
+        return f"Learning dynamics: {dataset}, {noise_label(noise, rate)}"
+    return "Learning dynamics"
+
+
+def plot_main(args: argparse.Namespace) -> None:
+    """--plot: write the PNG to --out (default dynamics.png)."""
+    runs = [load_run(p) for p in find_run_dirs(args.runs)]
+    out = Path(args.out or "dynamics.png")
+    plot_runs(runs, out)
+    print(f"wrote {out} ({len(runs)} runs)")
+
+
+# ----------------------------------------------------------------------------- model evaluation
+
+
+def load_model(run_dir: Path, cfg: dict[str, Any], info: data.DatasetInfo) -> torch.nn.Module:
+    """Build the run's model from config.json, check it fits the dataset, load model.safetensors (fp32, eval mode)."""
+    weights = run_dir / "model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{run_dir} has no model.safetensors: the run has not finished (evaluate a finished run)")
+    if int(cfg["num_classes"]) != info.num_classes:
+        raise ValueError(f"the model has {cfg['num_classes']} classes but dataset {info.name!r} has "
+                         f"{info.num_classes}: pass the --dataset the run was trained on")
+    if int(cfg.get("in_channels", info.channels)) != info.channels:
+        raise ValueError(f"the model takes {cfg['in_channels']} input channels but dataset {info.name!r} has "
+                         f"{info.channels}: pass the --dataset the run was trained on")
+    model = models.build_model(cfg["model"], int(cfg["num_classes"]), int(cfg.get("in_channels", info.channels)))
+    try:
+        state = load_file(weights)
+        model.load_state_dict(state)
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"cannot read {weights} ({e}): the file is damaged") from None
+    except RuntimeError as e:  # shape or key mismatch: the weights are from another model
+        first = str(e).strip().splitlines()[-1].strip()
+        raise ValueError(f"{weights} does not fit model {cfg['model']!r} with {cfg['num_classes']} classes ({first})") from None
+    return model.float().eval()
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, images: torch.Tensor, info: data.DatasetInfo, accelerator: Accelerator,
+            batch_size: int) -> torch.Tensor:
+    """fp32 logits [N, C] for uint8 images [N, C, H, W], in input order, on CPU (every process gets all).
+
+    The DataLoader is prepared by Accelerate (each process its shard) and gather_for_metrics drops
+    the padding of the last batch, so every example counts once; the gathered index restores order.
+    """
+    loader = DataLoader(TensorDataset(images, torch.arange(len(images))), batch_size=batch_size, shuffle=False)
+    loader = accelerator.prepare(loader)
+    model = model.to(accelerator.device)
+    logits, index = [], []
+    for x, i in loader:
+        out = model(data.normalize(x, info.mean, info.std)).float()
+        out, i = accelerator.gather_for_metrics((out, i))
+        logits.append(out.cpu())
+        index.append(i.cpu())
+    logits_all, index_all = torch.cat(logits), torch.cat(index)
+    if len(index_all) != len(images) or not torch.equal(torch.sort(index_all).values, torch.arange(len(images))):
+        raise RuntimeError(f"gathered {len(index_all)} predictions for {len(images)} examples")  # a bug, not user input
+    return logits_all[torch.argsort(index_all)]
+
+
+def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = ECE_BINS) -> float:
+    """ECE = sum_b |B_b|/N |acc(B_b) - conf(B_b)| over equal-width confidence bins (b/n, (b+1)/n]."""
+    conf, pred = probs.max(dim=1)
+    correct = (pred == labels).double()
+    bins = (torch.ceil(conf.double() * n_bins).long() - 1).clamp(0, n_bins - 1)
+    gap = torch.zeros(n_bins, dtype=torch.float64)
+    gap.index_add_(0, bins, correct - conf.double())  # per bin: sum(correct) - sum(conf) = |B|(acc - conf)
+    return float(gap.abs().sum() / len(labels))
+
+
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """test_acc, test_loss (mean cross entropy), entropy (mean H(p)/log C) and ece from fp32 logits."""
+    logits = logits.float()
+    log_p = F.log_softmax(logits, dim=1)
+    probs = log_p.exp()
+    entropy = -(probs * log_p).sum(dim=1) / math.log(logits.shape[1])
+    return {
+        "test_acc": float((logits.argmax(dim=1) == labels).float().mean()),
+        "test_loss": float(F.cross_entropy(logits, labels)),
+        "entropy": float(entropy.mean()),
+        "ece": expected_calibration_error(probs, labels),
+        "n": int(len(labels)),
+    }
+
+
+def run_config(run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The run's config.json with the command line's data overrides applied."""
+    cfg = read_config(run_dir)
+    for key in ("model", "num_classes"):
+        if key not in cfg:
+            raise ValueError(f"{run_dir / 'config.json'} has no {key!r}: not written by train.py")
+    if args.dataset:
+        cfg["dataset"] = args.dataset
+    if args.data_dir:
+        cfg["data_dir"] = args.data_dir
+    return cfg
+
+
+def evaluate_main(args: argparse.Namespace) -> None:
+    """RUN_DIR: evaluate the saved model on the clean test split and print (or --json) the metrics."""
+    if len(args.runs) != 1:
+        raise ValueError(f"evaluation takes one run folder, got {len(args.runs)}: use --table for several")
+    run_dir = Path(args.runs[0])
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir} is not a folder: pass a train.py run folder")
+    cfg = run_config(run_dir, args)
+    if not (run_dir / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{run_dir} has no model.safetensors: the run has not finished (evaluate a finished run)")
+    # The test split never carries noise; skipping it avoids needing e.g. the run's noise file here.
+    _, test_ds, info = data.prepare_data({**cfg, "noise": "none"})
+    model = load_model(run_dir, cfg, info)
+    accelerator = Accelerator(cpu=args.cpu, mixed_precision="no")  # evaluation is always fp32
+    test = data.to_tensors(test_ds)
+    logits = predict(model, test["image"], info, accelerator, args.batch_size)
+    result = {"run": str(run_dir), "method": cfg.get("method"), "dataset": info.name,
+              **classification_metrics(logits, test["label"]), "processes": accelerator.num_processes}
+    recorded = recorded_test_acc(run_dir)
+    if recorded is not None:
+        result["recorded_test_acc"] = recorded
+    if accelerator.is_main_process:
+        if args.json:
+            print(json.dumps(result))
+        else:
+            print(f"run {run_dir}: {cfg.get('method')} on {info.name}, {result['n']} clean test examples")
+            print(f"test_acc={result['test_acc']:.4f} test_loss={result['test_loss']:.4f} "
+                  f"entropy={result['entropy']:.4f} ece={result['ece']:.4f}"
+                  + (f" (train.py recorded test_acc={recorded:.4f})" if recorded is not None else ""))
+    accelerator.end_training()
+
+
+def recorded_test_acc(run_dir: Path) -> float | None:
+    """The final test_acc in metrics.jsonl, if any, for comparison."""
+    try:
+        return float(load_run(run_dir).metrics[-1]["test_acc"])
+    except (FileNotFoundError, ValueError, KeyError):
+        return None
+
+
+# ----------------------------------------------------------------------------- label audit
+
+
+def corrected_targets(logits: torch.Tensor, labels: torch.Tensor, cfg: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """ProSelfLC at the end of training: eps_i (step = T) and argmax_k of (1 - eps_i) q + eps_i p.
+
+    With the `temperature` variant, p = softmax(logits / T0) both for eps_i and inside the target,
+    as in losses.py.
+    """
+    temperature = cfg.get("temperature")
+    probs = F.softmax(logits.float() / (float(temperature) if temperature else 1.0), dim=1)
+    total = int(cfg["total_steps"])
+    eps = losses.proselflc_epsilon(probs, total, total, float(cfg.get("exp_base", 10.0)), float(cfg.get("transit", 0.5)))
+    target = (1 - eps)[:, None] * F.one_hot(labels, probs.shape[1]).float() + eps[:, None] * probs
+    return eps, target.argmax(dim=1)
+
+
+def audit_rows(logits: torch.Tensor, labels: torch.Tensor, cfg: dict[str, Any]) -> tuple[list[int], dict[str, torch.Tensor]]:
+    """Indices of the examples whose given label the model contradicts, ranked by score, and per-example columns.
+
+    score = p(predicted class) - p(given label): > 0 exactly when the prediction differs from the
+    given label, 1 when the model is certain of another class and gives the label no mass.
+    """
+    probs = F.softmax(logits.float(), dim=1)
+    confidence, predicted = probs.max(dim=1)
+    given_prob = probs.gather(1, labels[:, None]).squeeze(1)
+    columns = {"predicted_label": predicted, "confidence": confidence, "given_label_prob": given_prob,
+               "score": confidence - given_prob}
+    if cfg.get("method") == "proselflc":
+        columns["epsilon"], columns["corrected_label"] = corrected_targets(logits, labels, cfg)
+    flagged = torch.nonzero(predicted != labels).squeeze(1)
+    order = torch.argsort(columns["score"][flagged], descending=True, stable=True)
+    return flagged[order].tolist(), columns
+
+
+def audit_summary(flagged: list[int], columns: dict[str, torch.Tensor], train: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Precision and recall of the flagged list against the real flips, and how many flips the model recovers."""
+    is_noisy = train["is_noisy"].bool()
+    hit = is_noisy[flagged].sum().item() if flagged else 0
+    n_noisy = int(is_noisy.sum())
+    summary = {
+        "flagged": len(flagged), "noisy": n_noisy, "noise_rate": n_noisy / len(is_noisy),
+        "precision": hit / len(flagged) if flagged else 0.0,
+        "recall": hit / n_noisy if n_noisy else 0.0,
+        "recovered": float((columns["predicted_label"][is_noisy] == train["clean_label"][is_noisy]).float().mean()) if n_noisy else 0.0,
+    }
+    if "corrected_label" in columns and n_noisy:
+        summary["corrected_recovered"] = float((columns["corrected_label"][is_noisy] == train["clean_label"][is_noisy]).float().mean())
+    return summary
+
+
+def write_audit_csv(path: Path, flagged: list[int], keys: list[Any], key_name: str, train: dict[str, torch.Tensor],
+                    columns: dict[str, torch.Tensor], known_noise: bool) -> None:
+    """One CSV row per flagged example, best-ranked first; `key_name` is the key column or 'index' (row in the split)."""
+    header = ["rank", key_name, "given_label", "predicted_label", "confidence", "given_label_prob", "score"]
+    header += [c for c in ("epsilon", "corrected_label") if c in columns]
+    header += ["clean_label", "is_noisy"] if known_noise else []
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        for rank, i in enumerate(flagged, 1):
+            row = [rank, keys[i], int(train["label"][i])]
+            for c in header[3:]:
+                v = train[c][i] if c in ("clean_label", "is_noisy") else columns[c][i]
+                row.append(f"{float(v):.4f}" if v.is_floating_point() else int(v))
+            w.writerow(row)
+
+
+def audit_main(args: argparse.Namespace) -> None:
+    """--audit RUN_DIR: rank the training examples whose given label the model contradicts; write a CSV."""
+    if len(args.runs) != 1:
+        raise ValueError(f"--audit takes one run folder, got {len(args.runs)}")
+    run_dir = Path(args.runs[0])
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir} is not a folder: pass a train.py run folder")
+    cfg = run_config(run_dir, args)
+    # Map-style even for a streamed run: the audit needs every training example once, in a stable order.
+    train_ds, _, info = data.prepare_data({**cfg, "streaming": False})
+    model = load_model(run_dir, cfg, info)
+    accelerator = Accelerator(cpu=args.cpu, mixed_precision="no")
+    train = data.to_tensors(train_ds)
+    logits = predict(model, train["image"], info, accelerator, args.batch_size)
+    flagged, columns = audit_rows(logits, train["label"], cfg)
+    key_column = cfg.get("key_column")
+    if key_column and key_column in train_ds.column_names:
+        key_name, keys = key_column, list(train_ds[key_column])
+    else:
+        key_name, keys = "index", list(range(len(logits)))  # the row in the training split, in stored order
+    known_noise = (cfg.get("noise") or "none") != "none"
+    if accelerator.is_main_process:
+        out = Path(args.out) if args.out else run_dir / "label_issues.csv"
+        write_audit_csv(out, flagged, keys, key_name, train, columns, known_noise)
+        print(f"{len(flagged)} of {len(logits)} training labels contradicted by the model "
+              f"(ranked by p(predicted) - p(given)); wrote {out}")
+        for rank, i in enumerate(flagged[: args.top], 1):
+            extra = f" corrected={int(columns['corrected_label'][i])} eps={float(columns['epsilon'][i]):.3f}" if "epsilon" in columns else ""
+            print(f"{rank:4d}. {key_name}={keys[i]} given={int(train['label'][i])} predicted={int(columns['predicted_label'][i])} "
+                  f"confidence={float(columns['confidence'][i]):.3f} score={float(columns['score'][i]):.3f}{extra}")
+        if known_noise:
+            s = audit_summary(flagged, columns, train)
+            line = (f"against the real flips ({s['noisy']} noisy, rate {s['noise_rate']:.3f}): precision={s['precision']:.3f} "
+                    f"recall={s['recall']:.3f}; clean label recovered by the prediction for {s['recovered']:.3f} of the flips")
+            if "corrected_recovered" in s:
+                line += f", by ProSelfLC's corrected target for {s['corrected_recovered']:.3f}"
+            print(line)
+    accelerator.end_training()
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Command line: RUN_DIR... and one of --plot / --table / --audit (none: evaluate the model)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("runs", nargs="*", metavar="RUN_DIR", help="train.py run folders (--table/--plot: or a parent folder)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--plot", action="store_true", help="plot the learning dynamics of the runs to --out (PNG)")
+    mode.add_argument("--table", action="store_true", help="print the Table 4 style Markdown table of final accuracies")
+    mode.add_argument("--audit", action="store_true", help="list training examples whose given label the model contradicts")
+    p.add_argument("--out", help="output file: the PNG (--plot, default dynamics.png), the Markdown (--table), "
+                                 "the CSV (--audit, default RUN_DIR/label_issues.csv)")
+    p.add_argument("--csv", help="--table: also write the cells as CSV to this file")
+    p.add_argument("--best-eps", action="store_true", help="--table: one row per method, each cell at its best eps (as Table 4)")
+    p.add_argument("--json", action="store_true", help="evaluation: print one JSON object")
+    p.add_argument("--dataset", help="evaluation/--audit: override the run's dataset (a Hub id or local path of the same data)")
+    p.add_argument("--data-dir", help="evaluation/--audit: a local copy of the data (see train.py --data-dir)")
+    p.add_argument("--batch-size", type=int, default=500, help="evaluation/--audit batch size per process")
+    p.add_argument("--top", type=int, default=10, help="--audit: how many ranked examples to print")
+    p.add_argument("--cpu", action="store_true", help="evaluate on the CPU even when a GPU is present")
+    args = p.parse_args(argv)
+    if not args.runs:
+        raise ValueError("no run folders given: pass train.py run folders (or, for --table/--plot, a folder holding them)")
+    if args.batch_size < 1 or args.top < 0:
+        raise ValueError(f"--batch-size must be >= 1 and --top >= 0, got {args.batch_size} and {args.top}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Dispatch to the chosen use."""
+    args = parse_args(argv)
+    datasets.disable_progress_bars()  # the splits are small or cached; keep stderr for warnings and errors
+    if args.table:
+        table_main(args)
+    elif args.plot:
+        plot_main(args)
+    elif args.audit:
+        audit_main(args)
+    else:
+        evaluate_main(args)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        if os.environ.get("PROSELFLC_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,274 @@
+"""Reproduce the paper's Table 4 grid (methods x noise settings x seeds), then tabulate and plot it.
+
+    python sweep.py --preset digits                      # small CPU grid on digits (~10 min)
+    python sweep.py --preset paper --accelerate-config accelerate_config.yaml
+                                                         # CIFAR-100, ResNet-44, the paper's recipe
+    python sweep.py --preset paper --dry-run             # print the train.py commands only
+    python sweep.py --preset digits --seeds 0 1 2 -- --max-steps 600   # after --: more train.py flags
+
+Each run is one `accelerate launch train.py ...` (the paper preset; it uses whatever Accelerate is
+configured for, one GPU or many) or `python train.py ...` (the digits preset, --launcher python).
+Runs go to OUTPUT_ROOT/<dataset>-<noise>-<rate>-<method>[-eps<eps>]-seed<seed>, their logs to
+OUTPUT_ROOT/logs/. A run already finished (model.safetensors and a final metrics line) is skipped,
+a killed one continues from its last checkpoint (--resume latest) or starts over if it has none.
+At the end: OUTPUT_ROOT/table.md and table.csv (eval.py --table) and OUTPUT_ROOT/dynamics.png
+(eval.py --plot: the preset's plot setting, one line per method, first seed, best eps).
+
+Presets:
+- paper: CIFAR-100, ResNet-44, 30,000 steps (train.py's defaults = Section 5.1), methods CCE, LS, CP,
+  Boot-soft, ProSelfLC (add gce sce with --methods), asymmetric r = 0.2/0.3/0.4 and symmetric
+  r = 0.2/0.4/0.6; LS, CP and Boot-soft at eps 0.125, 0.25 and 0.5 with the best reported per cell
+  (as the paper does); ProSelfLC's exp_base per setting as in the paper (CVPR version): clean 10;
+  symmetric 20/40/60%: 14/12/8; asymmetric 20/30/40%: 14/10/8. 66 runs for one seed.
+- digits: digits_cnn on scikit-learn's 8x8 digits on the CPU, symmetric and pairflip r = 0.2/0.4
+  (digits has no superclasses for the paper's asymmetric noise; pairflip c -> c+1 is the standard
+  class-dependent substitute), the same five methods at eps 0.25, seeds 0 and 1, 600 steps:
+  40 runs, two at a time, about 10 minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import queue
+import shlex
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, NamedTuple, Sequence
+
+import eval as ev
+from train import PAPER_EXP_BASE  # the paper's ProSelfLC exp_base on CIFAR-100, by (noise, rate)
+
+ROOT = Path(__file__).resolve().parent
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": dict(
+        dataset="cifar100", model="resnet44", methods=("cce", "ls", "cp", "bootsoft", "proselflc"),
+        settings=(("asymmetric", 0.2), ("asymmetric", 0.3), ("asymmetric", 0.4),
+                  ("symmetric", 0.2), ("symmetric", 0.4), ("symmetric", 0.6)),
+        seeds=(0,), eps=(0.125, 0.25, 0.5), exp_base=PAPER_EXP_BASE, train_args=(),
+        launcher="accelerate", cpu=False, jobs=1, plot_setting=("asymmetric", 0.4),
+    ),
+    "digits": dict(
+        dataset="digits", model=None, methods=("cce", "ls", "cp", "bootsoft", "proselflc"),
+        settings=(("symmetric", 0.2), ("symmetric", 0.4), ("pairflip", 0.2), ("pairflip", 0.4)),
+        seeds=(0, 1), eps=(0.25,), exp_base={}, train_args=("--max-steps", "600", "--eval-every", "50"),
+        launcher="python", cpu=True, jobs=2, plot_setting=("symmetric", 0.4),
+    ),
+}
+EPS_METHODS = ev.EPS_METHODS
+
+
+class Job(NamedTuple):
+    """One train.py run of the grid."""
+
+    name: str
+    method: str
+    noise: str
+    rate: float
+    seed: int
+    eps: float | None
+    output_dir: Path
+    args: list[str]  # train.py arguments
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Command line; everything after a lone '--' is passed to every train.py run."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[: argv.index("--")] if "--" in argv else argv
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="digits", help="the grid to run (default digits)")
+    p.add_argument("--methods", nargs="+", help="override the preset's methods (losses.METHODS names)")
+    p.add_argument("--settings", nargs="+", metavar="NOISE:RATE", help="override the noise settings, e.g. symmetric:0.4 none:0")
+    p.add_argument("--seeds", nargs="+", type=int, help="override the training seeds (the noise seed stays --noise-seed 0)")
+    p.add_argument("--eps", nargs="+", type=float, help="eps values of ls/cp/bootsoft/boothard (paper preset: 0.125 0.25 0.5)")
+    p.add_argument("--output-root", help="where the runs go (default runs/sweep-<preset>)")
+    p.add_argument("--launcher", choices=("accelerate", "python"), help="accelerate launch (default for paper) or plain python")
+    p.add_argument("--accelerate-config", help="accelerate launch --config_file (e.g. accelerate_config.yaml: one GPU, bf16)")
+    p.add_argument("--cpu", action=argparse.BooleanOptionalAction, help="pass --cpu to train.py (default: on for digits)")
+    p.add_argument("--jobs", type=int, help="runs at once (digits default 2: one CPU thread each); with --gpus, one GPU each")
+    p.add_argument("--gpus", help="comma-separated GPU ids to spread --jobs over (CUDA_VISIBLE_DEVICES per run)")
+    p.add_argument("--dry-run", action="store_true", help="print the commands and exit")
+    args = p.parse_args(argv)
+    preset = PRESETS[args.preset]
+    args.methods = args.methods or list(preset["methods"])
+    args.settings = parse_settings(args.settings) if args.settings else list(preset["settings"])
+    args.seeds = args.seeds if args.seeds is not None else list(preset["seeds"])
+    args.eps = args.eps or list(preset["eps"])
+    args.launcher = args.launcher or preset["launcher"]
+    args.cpu = preset["cpu"] if args.cpu is None else args.cpu
+    args.jobs = args.jobs or (len(args.gpus.split(",")) if args.gpus else preset["jobs"])
+    args.output_root = Path(args.output_root or f"runs/sweep-{args.preset}")
+    args.train_args = list(preset["train_args"]) + extra
+    if args.jobs < 1 or not args.seeds or not args.methods:
+        raise ValueError("--jobs must be >= 1 and --seeds/--methods must not be empty")
+    import losses  # only to check the names early, before launching anything
+
+    unknown = [m for m in args.methods if m not in losses.METHODS]
+    if unknown:
+        raise ValueError(f"unknown method {unknown[0]!r}: choose among {', '.join(losses.METHODS)}")
+    return args
+
+
+def parse_settings(texts: Sequence[str]) -> list[tuple[str, float]]:
+    """'symmetric:0.4' -> ('symmetric', 0.4); 'none' -> ('none', 0.0)."""
+    settings = []
+    for text in texts:
+        noise, _, rate = text.partition(":")
+        try:
+            settings.append((noise, float(rate or 0.0)))
+        except ValueError:
+            raise ValueError(f"--settings {text!r}: write NOISE:RATE, e.g. symmetric:0.4") from None
+    return settings
+
+
+def plan(args: argparse.Namespace) -> list[Job]:
+    """The grid: one Job per (setting, method, eps, seed), with its train.py arguments."""
+    preset = PRESETS[args.preset]
+    jobs = []
+    for noise, rate in args.settings:
+        for method in args.methods:
+            for eps in (args.eps if method in EPS_METHODS else [None]):
+                for seed in args.seeds:
+                    name = f"{preset['dataset']}-{noise}-{rate:g}-{method}" + (f"-eps{eps:g}" if eps is not None else "") + f"-seed{seed}"
+                    out = args.output_root / name
+                    train = ["--dataset", preset["dataset"], "--method", method, "--noise", noise,
+                             "--noise-rate", f"{rate:g}", "--seed", str(seed), "--output-dir", str(out)]
+                    if preset["model"]:
+                        train += ["--model", preset["model"]]
+                    if eps is not None:
+                        train += ["--eps", f"{eps:g}"]
+                    if method == "proselflc" and (noise, round(rate, 2)) in preset["exp_base"]:
+                        train += ["--exp-base", f"{preset['exp_base'][(noise, round(rate, 2))]:g}"]
+                    if args.cpu:
+                        train.append("--cpu")
+                    jobs.append(Job(name, method, noise, rate, seed, eps, out, train + args.train_args))
+    return jobs
+
+
+def status(output_dir: Path) -> str:
+    """'finished' (model.safetensors and the final metrics line), 'resumable' (a complete checkpoint),
+    'started' (something there, nothing to resume from) or 'new'."""
+    if not output_dir.is_dir() or not any(output_dir.iterdir()):
+        return "new"
+    if (output_dir / "model.safetensors").is_file():
+        try:
+            if ev.is_finished(ev.load_run(output_dir)):
+                return "finished"
+        except (ValueError, FileNotFoundError):
+            pass
+    if any((c / "trainer_state.json").is_file() for c in (output_dir / "checkpoints").glob("step_*")):
+        return "resumable"
+    return "started"
+
+
+def command(job: Job, args: argparse.Namespace) -> list[str]:
+    """The process to start for a job: accelerate launch or plain python, with resume/overwrite as its status needs."""
+    train = list(job.args)
+    state = status(job.output_dir)
+    if state == "resumable":
+        train += ["--resume", "latest"]
+    elif state == "started":
+        train.append("--overwrite")  # killed before its first checkpoint: nothing to keep
+    if args.launcher == "python":
+        return [sys.executable, str(ROOT / "train.py"), *train]
+    launch = [sys.executable, "-m", "accelerate.commands.launch"]
+    if args.accelerate_config:
+        launch += ["--config_file", args.accelerate_config]
+    return [*launch, str(ROOT / "train.py"), *train]
+
+
+def run_job(job: Job, args: argparse.Namespace, slots: queue.Queue, number: str) -> tuple[Job, int, float]:
+    """Run one job in a free slot (a GPU id or a CPU thread), its output into logs/<name>.log; return its exit code."""
+    slot = slots.get()
+    try:
+        env = dict(os.environ)
+        if args.gpus:
+            env["CUDA_VISIBLE_DEVICES"] = slot
+        elif args.cpu and args.jobs > 1:
+            env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = "1"  # jobs share the cores instead of fighting over them
+        log = args.output_root / "logs" / f"{job.name}.log"
+        cmd = command(job, args)
+        print(f"{number} start {job.name}", flush=True)
+        start = time.perf_counter()
+        with open(log, "w") as f:
+            f.write(shlex.join(cmd) + "\n")
+            f.flush()
+            code = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+        seconds = time.perf_counter() - start
+        last = log.read_text().strip().splitlines()[-1:] or [""]
+        print(f"{number} {'done' if code == 0 else 'FAILED'} {job.name} in {seconds:.0f} s: {last[0][-160:]}", flush=True)
+        return job, code, seconds
+    finally:
+        slots.put(slot)
+
+
+def plot_runs_of(jobs: Sequence[Job], setting: tuple[str, float], seed: int) -> list[ev.Run]:
+    """Runs for the dynamics plot: the setting, one seed, per method the eps with the best final accuracy."""
+    best: dict[str, ev.Run] = {}
+    for job in jobs:
+        if (job.noise, job.rate) != setting or job.seed != seed or status(job.output_dir) != "finished":
+            continue
+        run = ev.load_run(job.output_dir)
+        if job.method not in best or run.metrics[-1]["test_acc"] > best[job.method].metrics[-1]["test_acc"]:
+            best[job.method] = run
+    order = {m: i for i, m in enumerate(ev.METHOD_ORDER)}
+    return [best[m] for m in sorted(best, key=lambda m: order.get(m, len(order)))]
+
+
+def summarise(jobs: Sequence[Job], args: argparse.Namespace) -> None:
+    """Write table.md, table.csv and dynamics.png under the output root, and print the table."""
+    done = [str(j.output_dir) for j in jobs if status(j.output_dir) == "finished"]
+    if not done:
+        raise ValueError(f"no finished run under {args.output_root}: see the logs in {args.output_root / 'logs'}")
+    best_eps = len(args.eps) > 1
+    cells = ev.collect_cells(ev.finished_runs(done), best_eps=best_eps)
+    text = ev.markdown_table(cells, best_eps=best_eps)
+    (args.output_root / "table.md").write_text(text)
+    ev.write_table_csv(cells, args.output_root / "table.csv")
+    print(text, end="")
+    setting = PRESETS[args.preset]["plot_setting"]
+    setting = setting if setting in args.settings else args.settings[-1]
+    runs = plot_runs_of(jobs, setting, args.seeds[0])
+    if runs:
+        ev.plot_runs(runs, args.output_root / "dynamics.png")
+    print(f"wrote {args.output_root / 'table.md'}, table.csv" + (", dynamics.png" if runs else ""))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the grid (skipping finished runs), then tabulate and plot; exit code 1 if a run failed."""
+    args = parse_args(argv)
+    jobs = plan(args)
+    todo = [j for j in jobs if status(j.output_dir) != "finished"]
+    print(f"sweep {args.preset}: {len(jobs)} runs, {len(jobs) - len(todo)} already finished, {len(todo)} to run "
+          f"({args.jobs} at a time) under {args.output_root}", flush=True)
+    if args.dry_run:
+        for job in todo:
+            print(shlex.join(command(job, args)))
+        return 0
+    (args.output_root / "logs").mkdir(parents=True, exist_ok=True)
+    slots: queue.Queue = queue.Queue()
+    for i in range(args.jobs):
+        slots.put(args.gpus.split(",")[i % len(args.gpus.split(","))] if args.gpus else str(i))
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        results = list(pool.map(lambda kj: run_job(kj[1], args, slots, f"[{kj[0] + 1}/{len(todo)}]"), enumerate(todo)))
+    failed = [job.name for job, code, _ in results if code != 0]
+    print(f"ran {len(todo)} runs in {time.perf_counter() - start:.0f} s" + (f"; failed: {', '.join(failed)}" if failed else ""))
+    summarise(jobs, args)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (ValueError, FileNotFoundError) as e:
+        if os.environ.get("PROSELFLC_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

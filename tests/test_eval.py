@@ -1,0 +1,251 @@
+"""Tests of eval.py and sweep.py: the table and plot on fabricated run folders, model evaluation and the
+label audit on one real digits run (trained once per module), and every bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import eval as ev  # noqa: E402
+import models  # noqa: E402
+import sweep  # noqa: E402
+
+
+def run_script(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """Run a repo script in a subprocess with this interpreter."""
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def assert_user_error(proc: subprocess.CompletedProcess, *words: str) -> None:
+    """Non-zero exit, one 'error: ...' line on stderr naming the key words, no traceback."""
+    assert proc.returncode != 0, proc.stdout
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+def fake_run(root: Path, method: str, noise: str, rate: float, seed: int, acc: float, eps: float = 0.25,
+             steps: int = 100, finished: bool = True, curve: float = 1.0) -> Path:
+    """A run folder as train.py writes it: config.json and metrics.jsonl with 5 evaluations ending at `acc`."""
+    path = root / f"digits-{noise}-{rate:g}-{method}-eps{eps:g}-seed{seed}"
+    path.mkdir(parents=True)
+    cfg = {"dataset": "digits", "noise": noise, "noise_rate": rate, "method": method, "eps": eps, "seed": seed,
+           "exp_base": 10.0, "model": "digits_cnn", "num_classes": 10, "in_channels": 1, "max_steps": steps,
+           "total_steps": steps, "batch_size": 128, "lr": 0.1}
+    (path / "config.json").write_text(json.dumps(cfg))
+    last = 5 if finished else 3
+    lines = []
+    for k in range(1, last + 1):
+        m = {"step": steps * k // 5, "lr": 0.1, "train_loss": 2.0 / k * curve, "test_acc": acc * k / 5 if k < 5 else acc,
+             "test_loss": 1.0 / k, "epsilon": 0.1 * k * curve}
+        if noise != "none":
+            m |= {"clean_fit": 0.9 * k / 5, "noisy_fit": 0.1 * k * curve, "noisy_correct": 0.5 * curve,
+                  "entropy_clean": 0.5 / k, "entropy_noisy": 0.6 / k * curve}
+        lines.append(json.dumps(m))
+    (path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture()
+def grid(tmp_path: Path) -> Path:
+    """Fabricated Table 4 grid: 3 methods, 3 settings, up to 3 seeds, one unfinished run, one missing cell."""
+    root = tmp_path / "runs"
+    for seed, acc in enumerate((0.50, 0.52, 0.54)):
+        fake_run(root, "cce", "symmetric", 0.4, seed, acc)
+    for seed, acc in enumerate((0.60, 0.62)):
+        fake_run(root, "proselflc", "symmetric", 0.4, seed, acc)
+    fake_run(root, "proselflc", "symmetric", 0.4, 2, 0.10, finished=False)  # not finished: left out
+    fake_run(root, "ls", "symmetric", 0.4, 0, 0.58)
+    fake_run(root, "cce", "symmetric", 0.2, 0, 0.70)
+    fake_run(root, "ls", "symmetric", 0.2, 0, 0.75)
+    fake_run(root, "proselflc", "symmetric", 0.2, 0, 0.75)  # a tie at the column best: both bold
+    fake_run(root, "cce", "asymmetric", 0.2, 0, 0.66)
+    fake_run(root, "proselflc", "asymmetric", 0.2, 0, 0.68)
+    return root
+
+
+def table_rows(markdown: str) -> dict[str, list[str]]:
+    """Markdown table -> {first cell: other cells}, header included."""
+    rows = {}
+    for line in markdown.splitlines():
+        if line.startswith("|") and not line.startswith("|---"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_table_cells_means_stds_and_bold(grid: Path, tmp_path: Path) -> None:
+    proc = run_script("eval.py", "--table", str(grid), "--csv", str(tmp_path / "t.csv"), "--out", str(tmp_path / "t.md"))
+    assert proc.returncode == 0, proc.stderr
+    assert "unfinished" in proc.stderr  # the killed run is reported, not tabulated
+    rows = table_rows(proc.stdout)
+    assert rows["Method"] == ["asymmetric r=0.2", "symmetric r=0.2", "symmetric r=0.4"]  # Table 4 column order
+    assert list(rows)[1:] == ["CCE", "LS", "ProSelfLC"]  # Table 4 row order
+    assert rows["CCE"] == ["66.0", "70.0", "52.0 ± 2.0"]  # mean and sample std of 50, 52, 54
+    assert rows["LS"] == ["–", "**75.0**", "58.0"]
+    assert rows["ProSelfLC"] == ["**68.0**", "**75.0**", "**61.0 ± 1.4**"]  # std of 60, 62 = 1.41
+    assert (tmp_path / "t.md").read_text() == proc.stdout
+    with open(tmp_path / "t.csv") as f:
+        cells = {(r["method"], r["noise"], float(r["noise_rate"])): r for r in csv.DictReader(f)}
+    assert len(cells) == 8
+    c = cells[("proselflc", "symmetric", 0.4)]
+    assert (c["n_seeds"], c["seeds"]) == ("2", "0 1")
+    assert float(c["mean_acc"]) == pytest.approx(61.0) and float(c["std_acc"]) == pytest.approx(2**0.5, abs=1e-4)
+
+
+def test_table_eps_rows_and_best_eps(tmp_path: Path) -> None:
+    for eps, acc in ((0.125, 0.55), (0.5, 0.59)):
+        fake_run(tmp_path, "ls", "symmetric", 0.4, 0, acc, eps=eps)
+    fake_run(tmp_path, "cce", "symmetric", 0.4, 0, 0.57)
+    runs = ev.finished_runs([str(tmp_path)])
+    rows = table_rows(ev.markdown_table(ev.collect_cells(runs)))
+    assert rows["LS (ε=0.125)"] == ["55.0"] and rows["LS (ε=0.5)"] == ["**59.0**"]
+    rows = table_rows(ev.markdown_table(ev.collect_cells(runs, best_eps=True), best_eps=True))
+    assert rows["LS"] == ["**59.0 (ε=0.5)**"] and rows["CCE"] == ["57.0"]
+
+
+def test_plot_panels_size_and_runs_differ(grid: Path, tmp_path: Path) -> None:
+    runs_a = [ev.load_run(p) for p in sorted(grid.glob("digits-symmetric-0.4-cce-*"))]
+    out_a = tmp_path / "a.png"
+    proc = run_script("eval.py", "--plot", *map(str, (r.path for r in runs_a)), "--out", str(out_a))
+    assert proc.returncode == 0, proc.stderr
+    fig = ev.plot_runs(runs_a, tmp_path / "a2.png")
+    titles = [ax.get_title() for ax in fig.axes]
+    for key in ("Generalisation", "Memorisation", "Correction", "clean subset", "Entropy: clean", "Entropy: noisy", "epsilon"):
+        assert any(key.lower() in (t + " " + ax.get_ylabel()).lower() for t, ax in zip(titles, fig.axes)), key
+    for ax in fig.axes[:7]:
+        assert len(ax.get_lines()) == len(runs_a)  # one line per run in every panel
+    labels = {line.get_label() for line in fig.axes[0].get_lines()}
+    assert labels == {"CCE seed 0", "CCE seed 1", "CCE seed 2"}  # method, plus the seed because it varies
+    image_a = np.asarray(Image.open(out_a))
+    assert image_a.shape[:2] == (850, 1800)
+    assert image_a.std() > 10  # not blank
+    other = [fake_run(tmp_path / "other", "proselflc", "symmetric", 0.4, 0, 0.9, curve=0.3)]
+    out_b = tmp_path / "b.png"
+    ev.plot_runs([ev.load_run(p) for p in other], out_b)
+    image_b = np.asarray(Image.open(out_b))
+    assert image_b.shape == image_a.shape and np.abs(image_a.astype(int) - image_b.astype(int)).sum() > 0
+
+
+def test_ece_by_hand() -> None:
+    probs = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.45, 0.55]])
+    labels = torch.tensor([0, 1, 1, 0])
+    # bins (15 equal-width): 0.9 -> (13/15, 14/15], 0.8 -> (11/15, 12/15], 0.7 -> (10/15, 11/15], 0.55 -> (8/15, 9/15]
+    # each bin holds one example: ECE = (|1-0.9| + |0-0.8| + |1-0.7| + |0-0.55|) / 4
+    assert ev.expected_calibration_error(probs, labels) == pytest.approx((0.1 + 0.8 + 0.3 + 0.55) / 4)
+    same_bin = torch.tensor([[0.9, 0.1], [0.91, 0.09]])
+    assert ev.expected_calibration_error(same_bin, torch.tensor([0, 1])) == pytest.approx(abs(0.5 - 0.905))
+
+
+def test_sweep_grid_and_skip(tmp_path: Path) -> None:
+    jobs = sweep.plan(sweep.parse_args(["--preset", "paper", "--output-root", str(tmp_path)]))
+    settings = {(j.noise, j.rate) for j in jobs}
+    assert settings == {("asymmetric", 0.2), ("asymmetric", 0.3), ("asymmetric", 0.4),
+                        ("symmetric", 0.2), ("symmetric", 0.4), ("symmetric", 0.6)}
+    pro = {(j.noise, j.rate): j.args[j.args.index("--exp-base") + 1] for j in jobs if j.method == "proselflc"}
+    assert pro == {("asymmetric", 0.2): "14", ("asymmetric", 0.3): "10", ("asymmetric", 0.4): "8",
+                   ("symmetric", 0.2): "14", ("symmetric", 0.4): "12", ("symmetric", 0.6): "8"}
+    assert all("--dataset" in j.args and "cifar100" in j.args and "resnet44" in j.args for j in jobs)
+    job = jobs[0]
+    assert sweep.status(job.output_dir) == "new"
+    fake_run(tmp_path / "x", "cce", "symmetric", 0.4, 0, 0.5).rename(job.output_dir)
+    assert sweep.status(job.output_dir) == "started"  # metrics but no model.safetensors
+    (job.output_dir / "model.safetensors").write_bytes(b"x")
+    assert sweep.status(job.output_dir) == "finished"
+
+
+# ----------------------------------------------------------------------------- a real digits run
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, float]:
+    """One short ProSelfLC run on digits with 40% symmetric noise, shared by the tests below."""
+    out = tmp_path_factory.mktemp("train") / "run"
+    proc = run_script("train.py", "--cpu", "--method", "proselflc", "--noise", "symmetric", "--noise-rate", "0.4",
+                      "--max-steps", "300", "--eval-every", "100", "--output-dir", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    printed = re.search(r"final test_acc=([0-9.]+)", proc.stdout.strip().splitlines()[-1])
+    assert printed, proc.stdout[-2000:]
+    return out, float(printed.group(1))
+
+
+def test_eval_reproduces_the_printed_accuracy(digits_run: tuple[Path, float]) -> None:
+    run, printed = digits_run
+    proc = run_script("eval.py", str(run), "--json", "--cpu")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    # same weights, same fp32 forward on the same test set: the same accuracy to the printed digit
+    assert f"{result['test_acc']:.4f}" == f"{printed:.4f}"
+    assert result["n"] == 360 and printed > 0.8
+    assert 0 < result["test_loss"] < 3 and 0 < result["entropy"] < 1 and 0 <= result["ece"] < 0.5
+
+
+def test_eval_on_two_processes_counts_every_example_once(digits_run: tuple[Path, float]) -> None:
+    run, printed = digits_run
+    # batch 7: 360 = 51 * 7 + 3, so the last global batch is padded by Accelerate and must be trimmed
+    proc = run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "eval.py", str(run), "--json", "--cpu",
+                      "--batch-size", "7")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(results) == 1  # printed by the main process only
+    assert results[0]["processes"] == 2 and results[0]["n"] == 360
+    assert abs(results[0]["test_acc"] - printed) <= 1 / 360 + 5e-5
+
+
+def test_audit_finds_the_flipped_labels(digits_run: tuple[Path, float], tmp_path: Path) -> None:
+    run, _ = digits_run
+    out = tmp_path / "issues.csv"
+    proc = run_script("eval.py", "--audit", str(run), "--out", str(out), "--cpu")
+    assert proc.returncode == 0, proc.stderr
+    found = re.search(r"rate ([0-9.]+)\): precision=([0-9.]+) recall=([0-9.]+)", proc.stdout)
+    assert found, proc.stdout
+    rate, precision, recall = map(float, found.groups())
+    assert 0.3 < rate < 0.5 and precision > rate + 0.3 and recall > 0.5
+    with open(out) as f:
+        rows = list(csv.DictReader(f))
+    scores = [float(r["score"]) for r in rows]
+    assert scores == sorted(scores, reverse=True) and all(s > 0 for s in scores)  # ranked, all contradicted
+    assert all(r["given_label"] != r["predicted_label"] for r in rows)
+    assert {"corrected_label", "epsilon", "clean_label", "is_noisy"} <= set(rows[0])
+    # the printed precision is the CSV's fraction of real flips
+    assert sum(r["is_noisy"] == "1" for r in rows) / len(rows) == pytest.approx(precision, abs=1e-3)
+    # at the end of training (g(T) ~ 1) a confident contradiction moves ProSelfLC's target to the prediction
+    confident = [r for r in rows if float(r["confidence"]) > 0.9 and float(r["given_label_prob"]) < 0.05]
+    assert confident and all(r["corrected_label"] == r["predicted_label"] for r in confident)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_bad_inputs(grid: Path, tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_user_error(run_script("eval.py", "--table"), "no run folders")
+    assert_user_error(run_script("eval.py", "--table", str(empty)), "no metrics.jsonl")
+    no_model = next(grid.glob("*cce*"))
+    assert_user_error(run_script("eval.py", str(no_model)), "model.safetensors")
+    no_metrics = tmp_path / "no_metrics"
+    no_metrics.mkdir()
+    (no_metrics / "config.json").write_text((no_model / "config.json").read_text())
+    assert_user_error(run_script("eval.py", "--plot", str(no_metrics)), "metrics.jsonl")
+    # a 7-class model evaluated on the 10-class digits
+    seven = tmp_path / "seven"
+    seven.mkdir()
+    cfg = json.loads((no_model / "config.json").read_text()) | {"num_classes": 7}
+    (seven / "config.json").write_text(json.dumps(cfg))
+    save_file(models.build_model("digits_cnn", 7, 1).state_dict(), str(seven / "model.safetensors"))
+    assert_user_error(run_script("eval.py", str(seven)), "7 classes", "10")
