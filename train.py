@@ -105,7 +105,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     r.add_argument("--cpu", action="store_true", help="run on CPU even if a GPU is present")
     r.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), help="default: the accelerate config")
     r.add_argument("--compile", action="store_true", help="torch.compile the model")
-    r.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help="default: on for CUDA")
+    r.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="NHWC memory format (default on: 1.3x faster on CPU, tensor cores on GPU)")
     return p.parse_args(argv)
 
 
@@ -302,7 +303,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.use_deterministic_algorithms(True)
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
+    channels_last = args.channels_last
     out = prepare_output_dir(args, accelerator)
     ckpt = find_checkpoint(args.resume, out) if args.resume else None
 

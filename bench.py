@@ -1,0 +1,386 @@
+"""Benchmarks, written to BENCHMARKS.md: every speed figure is a ratio to a baseline measured in the same run.
+
+    python bench.py                      # all CPU sections (about 10 minutes on 2 cores)
+    python bench.py --quick              # short repeats, for a smoke run
+    python bench.py --only losses,input  # some sections: losses, input, train, eval, gpu
+    python bench.py --only gpu           # on a CUDA machine: ResNet-44 bf16 training throughput
+
+Sections:
+- losses: forward+backward of every method vs F.cross_entropy, logits (256, 100) and (64, 1000).
+- input: training-input images/s (load, noise, decode, batch, augment, normalise) vs an upper bound.
+- train: train.py's Accelerate loop vs a plain PyTorch loop; ResNet-44 step at batch 256 on CPU.
+- eval: eval.py's Accelerate evaluation vs a bare forward loop.
+- gpu: images/s of the whole ResNet-44 bf16 training step with the on-device pipeline, eager and
+  compiled (CUDA only; the paper's 30,000 x 256 run takes 7.68M images).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+import data
+import losses
+import models
+import noise
+
+ROOT = Path(__file__).resolve().parent
+
+
+def median_time(fn: Callable[[], object], repeats: int, inner: int = 1, sync: Callable[[], None] = lambda: None) -> float:
+    """Median over `repeats` blocks of the seconds per call of fn (each block `inner` calls)."""
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        sync()
+        times.append((time.perf_counter() - start) / inner)
+    return statistics.median(times)
+
+
+# ---------------------------------------------------------------------------------------------- losses
+
+
+def plain_proselflc(logits: torch.Tensor, labels: torch.Tensor, g: float) -> torch.Tensor:
+    """The straightforward autograd ProSelfLC (reference row): q~ built densely, H(q~, p) by autograd."""
+    logp = torch.log_softmax(logits, 1)
+    p = logp.exp()
+    eps = (g * (1 + (p * logp).sum(1) / math.log(logits.shape[1]))).detach().unsqueeze(1)
+    target = (1 - eps) * F.one_hot(labels, logits.shape[1]).to(logp.dtype) + eps * p
+    return -(target * logp).sum(1).mean()
+
+
+def loss_times(n: int, c: int, repeats: int, calls: int) -> dict[str, float]:
+    """Median seconds per forward+backward call of every loss for logits (n, c), measured interleaved."""
+    total = 1000  # ProSelfLC at t = T/2
+    gen = torch.Generator().manual_seed(0)
+    logits = (3.0 * torch.randn(n, c, generator=gen)).requires_grad_()
+    labels = torch.randint(0, c, (n,), generator=gen)
+    calls_by_name = {"F.cross_entropy": lambda z, y: F.cross_entropy(z, y)}
+    for m in losses.METHODS:
+        fn = losses.build_loss(m, c, total_steps=total)
+        calls_by_name[m] = lambda z, y, fn=fn: fn(z, y, step=total // 2)
+    calls_by_name["proselflc, plain autograd (reference)"] = lambda z, y: plain_proselflc(z, y, 0.5)
+    for loss in calls_by_name.values():  # warm-up
+        for _ in range(calls // 2):
+            torch.autograd.grad(loss(logits, labels), logits)
+    times: dict[str, list[float]] = {name: [] for name in calls_by_name}
+    for _ in range(repeats):  # interleaved: load drift on the machine hits every loss alike
+        for name, loss in calls_by_name.items():
+            times[name].append(median_time(lambda: torch.autograd.grad(loss(logits, labels), logits), 1, calls))
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def bench_losses(quick: bool) -> list[dict]:
+    """Every method's forward+backward on CPU as a ratio to F.cross_entropy; 1 thread and the default count."""
+    repeats, calls = (5, 30) if quick else (9, 100)
+    default_threads = torch.get_num_threads()
+    rows = []
+    try:
+        for threads in sorted({1, default_threads}):
+            torch.set_num_threads(threads)
+            for n, c in ((256, 100), (64, 1000)):
+                medians = loss_times(n, c, repeats, calls)
+                for name, med in medians.items():
+                    rows.append({"name": f"{name}, logits ({n}, {c}), {threads} thread(s)", "value": med * 1e6,
+                                 "unit": "us", "ratio": med / medians["F.cross_entropy"],
+                                 "note": "goal <= 2.0" if name in losses.METHODS else ""})
+    finally:
+        torch.set_num_threads(default_threads)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------- input
+
+INPUT_BATCH = 128
+
+
+def bench_parquet(n: int) -> str:
+    """A folder laid out like the Hub's uoft-cs/cifar10 (img PNG, label) with n train images; cached in /tmp."""
+    import datasets
+
+    folder = os.path.join(tempfile.gettempdir(), f"proselflc-bench-cifar-{n}-rg1000")
+    if os.path.isfile(os.path.join(folder, "test-00000-of-00001.parquet")):
+        return folder
+    os.makedirs(folder, exist_ok=True)
+    features = datasets.Features(img=datasets.Image(), label=datasets.ClassLabel(names=list(noise.CIFAR10_CLASSES)))
+    for split, size, seed in (("train", n, 1), ("test", max(10, n // 5), 2)):
+        images, labels = data.synthetic_images(size, 10, seed)
+        ds = datasets.Dataset.from_dict({"img": list(images), "label": labels}, features=features)
+        ds.to_parquet(os.path.join(folder, f"{split}-00000-of-00001.parquet"), batch_size=1000)
+    return folder
+
+
+def epoch_rate(images: torch.Tensor, augment: bool, info: data.DatasetInfo, seed: int) -> float:
+    """images/s of one epoch: random permutation, index batches, (augment), normalise."""
+    g = torch.Generator().manual_seed(seed)
+    n = len(images)
+    start = time.perf_counter()
+    order = torch.randperm(n, generator=g)
+    for i in range(0, n - INPUT_BATCH + 1, INPUT_BATCH):
+        x = images[order[i:i + INPUT_BATCH]]
+        if augment:
+            x = data.augment_batch(x, info.pad, True, g)
+        data.normalize(x, info.mean, info.std)
+    return (n // INPUT_BATCH * INPUT_BATCH) / (time.perf_counter() - start)
+
+
+def bench_input(quick: bool) -> list[dict]:
+    """Training-input images/s, map-style and streaming, vs indexing a uint8 tensor and normalising.
+
+    One torch thread in the main process: on 2 cores two intra-op threads make these small per-batch
+    ops slower, and the streaming DataLoader workers use one thread each.
+    """
+    import datasets
+
+    datasets.disable_progress_bars()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        n, repeats = (10_000, 2) if quick else (50_000, 3)
+        cfg = {"dataset": "cifar10", "data_dir": bench_parquet(n), "noise": "symmetric", "noise_rate": 0.4}
+        start = time.perf_counter()
+        train, _, info = data.prepare_data(cfg)
+        images = data.to_tensors(train)["image"]
+        prepare_s = time.perf_counter() - start
+        bound = mapped = 0.0
+        for s in range(2 * repeats):  # interleaved, best of each: a busy neighbour hits both alike
+            bound = max(bound, epoch_rate(images, False, info, s))
+            mapped = max(mapped, epoch_rate(images, True, info, s))
+        stream_train, _, _ = data.prepare_data({**cfg, "streaming": True})
+        stream = 0.0
+        for epoch in range(repeats):
+            g = torch.Generator().manual_seed(epoch)
+            count, start = 0, time.perf_counter()
+            for batch in data.stream_batches(stream_train, INPUT_BATCH, seed=0, epoch=epoch, process_index=0,
+                                             num_processes=1):
+                data.normalize(data.augment_batch(batch["image"], info.pad, True, g), info.mean, info.std)
+                count += len(batch["label"])
+            stream = max(stream, count / (time.perf_counter() - start))
+    finally:
+        torch.set_num_threads(threads)
+    return [
+        {"name": f"bound: uint8 tensor, random batches of {INPUT_BATCH}, normalise (N={n})", "value": bound,
+         "unit": "images/s", "ratio": 1.0, "note": "baseline"},
+        {"name": "map-style epoch: index, augment (pad 4, crop, flip), normalise", "value": mapped,
+         "unit": "images/s", "ratio": mapped / bound, "note": "goal ratio >= 0.5"},
+        {"name": "map-style one-off: load parquet, symmetric noise, decode PNG to one tensor", "value": n / prepare_s,
+         "unit": "images/s", "ratio": None, "note": f"{prepare_s:.1f} s once per run (cached by datasets after)"},
+        {"name": f"streaming epoch: noise, reshard+split, shuffle, PNG decode in {data.default_workers(1)} workers, "
+                 "augment, normalise", "value": stream, "unit": "images/s", "ratio": stream / bound,
+         "note": "goal >= 20,000 images/s on 2 cores"},
+    ]
+
+
+# ----------------------------------------------------------------------------------------------- train
+
+
+def plain_loop_step_time(steps: int, batch: int) -> float:
+    """Seconds per step of a plain PyTorch loop: same data, model, augmentation and loss as the train.py run."""
+    train_ds, _, info = data.prepare_data({"dataset": "synthetic", "synthetic_size": 2048})
+    tensors = data.to_tensors(train_ds)
+    images, labels = tensors["image"], tensors["label"]
+    torch.manual_seed(0)
+    model = models.build_model("resnet20", info.num_classes, info.channels)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    g = torch.Generator().manual_seed(0)
+
+    def step() -> None:
+        idx = torch.randint(0, len(labels), (batch,), generator=g)
+        x = data.normalize(data.augment_batch(images[idx], info.pad, info.flip, generator=g), info.mean, info.std)
+        F.cross_entropy(model(x), labels[idx]).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    return median_time(step, repeats=5, inner=max(steps // 5, 1))
+
+
+def train_py_step_time(steps: int, batch: int, tmp: str) -> float:
+    """Seconds per step of train.py's own loop: (wall(T2) - wall(T1)) / (T2 - T1) cancels start-up and evaluation."""
+
+    def wall(total: int) -> float:
+        start = time.perf_counter()
+        subprocess.run([sys.executable, str(ROOT / "train.py"), "--cpu", "--dataset", "synthetic", "--synthetic-size",
+                        "2048", "--model", "resnet20", "--method", "cce", "--batch-size", str(batch), "--max-steps",
+                        str(total), "--eval-every", str(total), "--save-every", str(10 * total), "--train-eval-size",
+                        "0", "--no-channels-last", "--overwrite", "--output-dir", f"{tmp}/run{total}"],
+                       check=True, capture_output=True, cwd=ROOT)
+        return time.perf_counter() - start
+
+    short, long = steps // 4, steps + steps // 4
+    return (wall(long) - wall(short)) / (long - short)
+
+
+def bench_train(quick: bool) -> list[dict]:
+    """train.py's Accelerate loop vs a plain loop (ResNet-20, batch 64); ResNet-44 batch-256 steps on CPU."""
+    steps, batch = (40, 64) if quick else (160, 64)
+    with tempfile.TemporaryDirectory() as tmp:
+        accelerate_loop = train_py_step_time(steps, batch, tmp)
+    plain = plain_loop_step_time(steps, batch)
+    rows = [
+        {"name": f"plain PyTorch loop, ResNet-20, batch {batch}, CPU", "value": 1 / plain, "unit": "steps/s",
+         "ratio": 1.0, "note": "baseline"},
+        {"name": f"train.py (Accelerate) loop, ResNet-20, batch {batch}, CPU", "value": 1 / accelerate_loop,
+         "unit": "steps/s", "ratio": plain / accelerate_loop, "note": "goal: within 5% (ratio >= 0.95)"},
+    ]
+    model = models.build_model("resnet44", 100)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x, y = torch.randn(256, 3, 32, 32), torch.randint(0, 100, (256,))
+    base = None
+    for name, fmt, bf16 in (("fp32", torch.contiguous_format, False), ("fp32 channels_last", torch.channels_last, False),
+                            ("bf16 autocast channels_last", torch.channels_last, True)):
+        m, xi = model.to(memory_format=fmt), x.contiguous(memory_format=fmt)
+
+        def step() -> None:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = F.cross_entropy(m(xi), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        step()
+        t = median_time(step, repeats=2 if quick else 3)
+        base = base or t
+        rows.append({"name": f"ResNet-44 training step, batch 256, CPU, {name}", "value": t * 1000, "unit": "ms/step",
+                     "ratio": base / t, "note": f"{256 / t:.0f} images/s; ratio = speed-up over fp32"})
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ eval
+
+
+def bench_eval(quick: bool) -> list[dict]:
+    """eval.py's prediction (Accelerate DataLoader + gather_for_metrics) vs a bare forward loop, ResNet-44 fp32."""
+    import eval as ev
+    from accelerate import Accelerator
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    n = 1_000 if quick else (10_000 if device == "cuda" else 2_000)
+    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8)
+    info = data.DatasetInfo("bench", 100, 3, 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), 4, True, None)
+    model = models.build_model("resnet44", 100, 3).eval().to(device)
+    accelerator = Accelerator(cpu=device == "cpu", mixed_precision="no")
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def bare() -> None:
+        with torch.no_grad():
+            for chunk in images.split(500):
+                model(data.normalize(chunk.to(device), info.mean, info.std)).float().cpu()
+
+    ev.predict(model, images[:500], info, accelerator, 500)  # warm-up at the batch shape
+    t_eval = median_time(lambda: ev.predict(model, images, info, accelerator, 500), 3, sync=sync)
+    t_bare = median_time(bare, 3, sync=sync)
+    return [{"name": f"eval.py predict, ResNet-44 fp32, {device}, {n} images", "value": n / t_eval, "unit": "images/s",
+             "ratio": t_bare / t_eval, "note": "ratio = bare forward loop time / eval.py time"}]
+
+
+# ------------------------------------------------------------------------------------------------- gpu
+
+
+def bench_gpu(quick: bool) -> list[dict]:
+    """Whole ResNet-44 training step in bf16 on CUDA (data on the device, batched augmentation), eager and compiled."""
+    if not torch.cuda.is_available():
+        return [{"name": "GPU section", "value": float("nan"), "unit": "-", "ratio": None,
+                 "note": "skipped: no CUDA device on this machine"}]
+    device, batch = torch.device("cuda"), 256
+    torch.backends.cudnn.benchmark = True
+    images = torch.randint(0, 256, (50_000, 3, 32, 32), dtype=torch.uint8, device=device)
+    labels = torch.randint(0, 100, (50_000,), device=device)
+    mean, std = (0.507, 0.487, 0.441), (0.267, 0.256, 0.276)
+    loss_fn = losses.build_loss("proselflc", 100, total_steps=30_000)
+    rows, base = [], None
+    for compiled in (False, True):
+        model = models.build_model("resnet44", 100).to(device, memory_format=torch.channels_last)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+        net = torch.compile(model) if compiled else model
+        g = torch.Generator(device=device).manual_seed(0)
+        step_t = torch.zeros((), device=device)
+
+        def step() -> None:
+            idx = torch.randint(0, 50_000, (batch,), device=device, generator=g)
+            x = data.normalize(data.augment_batch(images[idx], 4, True, generator=g), mean, std)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                logits = net(x.contiguous(memory_format=torch.channels_last))
+            loss_fn(logits, labels[idx], step=step_t).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        for _ in range(30):  # warm-up, compilation included
+            step()
+        t = median_time(step, repeats=5, inner=20 if quick else 100, sync=torch.cuda.synchronize)
+        base = base or t
+        rows.append({"name": f"ResNet-44 bf16 training step, batch 256, {torch.cuda.get_device_name()}, "
+                             f"{'torch.compile' if compiled else 'eager'}", "value": batch / t, "unit": "images/s",
+                     "ratio": base / t, "note": f"30,000 x 256 run: {30_000 * t / 60:.1f} min of steps"})
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+SECTIONS = {"losses": bench_losses, "input": bench_input, "train": bench_train, "eval": bench_eval, "gpu": bench_gpu}
+
+
+def markdown(results: dict[str, list[dict]], command: str, seconds: float) -> str:
+    """BENCHMARKS.md: the command, the machine and library versions, and one table per section."""
+    import accelerate
+    import datasets
+
+    lines = ["# Benchmarks", "", f"Produced by `{command}` on {datetime.date.today()} in {seconds / 60:.1f} min.", "",
+             f"- machine: {platform.platform()}, {os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}, "
+             f"load average at the end {os.getloadavg()[0]:.1f}, CUDA: "
+             f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}",
+             f"- python {platform.python_version()}, torch {torch.__version__}, accelerate {accelerate.__version__}, "
+             f"datasets {datasets.__version__}",
+             "- every ratio compares against a baseline measured in the same run (medians of repeats); "
+             "no timing is asserted in the tests.", ""]
+    for section, rows in results.items():
+        lines += [f"## {section}", "", f"{SECTIONS[section].__doc__.strip()}", "",
+                  "| what | value | unit | ratio | note |", "|---|---:|---|---:|---|"]
+        for r in rows:
+            ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}"
+            lines.append(f"| {r['name']} | {r['value']:,.1f} | {r['unit']} | {ratio} | {r['note']} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description="Benchmarks, written to BENCHMARKS.md.")
+    p.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run, noisier figures)")
+    p.add_argument("--only", default="losses,input,train,eval,gpu", help="comma-separated sections")
+    p.add_argument("--out", default="BENCHMARKS.md")
+    args = p.parse_args()
+    sections = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = [s for s in sections if s not in SECTIONS]
+    if unknown:
+        sys.exit(f"error: unknown section {unknown[0]!r}: choose among {', '.join(SECTIONS)}")
+    start, results = time.perf_counter(), {}
+    for section in sections:
+        print(f"[bench] {section} ...", flush=True)
+        results[section] = SECTIONS[section](args.quick)
+        for r in results[section]:
+            ratio = "" if r["ratio"] is None else f"  ratio {r['ratio']:.2f}"
+            print(f"  {r['name']}: {r['value']:,.1f} {r['unit']}{ratio}", flush=True)
+    command = "python bench.py" + "".join(f" {a}" for a in sys.argv[1:])
+    Path(args.out).write_text(markdown(results, command, time.perf_counter() - start))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
