@@ -69,8 +69,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d.add_argument("--noise-file", help="real noisy labels: CIFAR-N .pt, .npy, .csv or .parquet")
     d.add_argument("--noise-key", help="which labels of --noise-file, e.g. worse_label")
     d.add_argument("--noise-pairs", help="asymmetric pairs 'a:b,b:a,...' or a preset (cifar10, cifar100, synthetic)")
-    d.add_argument("--train-eval-size", type=int, default=10_000,
-                   help="training examples scored at each evaluation (clean/noisy fit); 0 turns it off")
+    d.add_argument("--train-eval-size", type=int,
+                   help="training examples scored at each evaluation for the clean/noisy-subset metrics "
+                        "(default: all of a map-style split, 10,000 of a stream; 0 turns it off)")
     m = p.add_argument_group("model and loss")
     m.add_argument("--model", help=f"one of {', '.join(models.MODELS)}; default by input size")
     m.add_argument("--weights", help="initial weights, a local safetensors file (e.g. ImageNet ResNet-50)")
@@ -127,6 +128,8 @@ def fill_defaults(args: argparse.Namespace) -> None:
         args.beta = beta if args.beta is None else args.beta
     if args.eps is None:
         args.eps = 0.25
+    if args.train_eval_size is None and args.streaming:
+        args.train_eval_size = 10_000
     if args.output_dir is None:
         name = args.dataset.rstrip("/").replace("/", "_")
         args.output_dir = f"runs/{name}-{args.noise}-{args.noise_rate:g}-{args.method}-seed{args.seed}"
@@ -186,6 +189,24 @@ def find_checkpoint(resume: str, out: Path) -> Path:
     if not (path / "trainer_state.json").exists():
         raise ValueError(f"--resume {resume}: not a complete checkpoint (trainer_state.json missing)")
     return path
+
+
+# Flags that may change between a run and its resumption; every other one must match config.json.
+RESUMABLE_CHANGES = ("resume", "overwrite", "report_to", "log_every", "eval_every", "save_every", "keep_checkpoints",
+                     "compile", "world_size", "versions", "git_commit")
+
+
+def check_resume_config(out: Path, config: dict) -> None:
+    """A resumed run must be the same run: refuse changed hyperparameters with one line naming them."""
+    saved_path = out / "config.json"
+    if not saved_path.exists():
+        return
+    saved = json.loads(saved_path.read_text())
+    changed = [k for k in config if k not in RESUMABLE_CHANGES and k in saved and saved[k] != config[k]]
+    if changed:
+        diffs = ", ".join(f"--{k.replace('_', '-')} {saved[k]!r} -> {config[k]!r}" for k in changed[:4])
+        raise ValueError(f"--resume: this run was started with other settings ({diffs}); "
+                         f"use the same flags, or another --output-dir")
 
 
 def save_checkpoint(accelerator: Accelerator, out: Path, state: dict, keep: int) -> None:
@@ -318,7 +339,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         train = data.to_tensors(train_ds)
         train_images, train_labels = train["image"].to(device), train["label"].to(device)
-        n_eval = min(args.train_eval_size, len(train["label"]))
+        n_eval = len(train["label"]) if args.train_eval_size is None else min(args.train_eval_size, len(train["label"]))
         pick = torch.randperm(len(train["label"]), generator=torch.Generator().manual_seed(0))[:n_eval]
         train_eval = {k: v[pick] for k, v in train.items()} if n_eval else None
         if len(train["label"]) < args.batch_size:
@@ -341,6 +362,9 @@ def main(argv: list[str] | None = None) -> None:
     model, optimizer, test_loader, train_eval_loader = accelerator.prepare(model, optimizer, test_loader, train_eval_loader)
 
     config = run_config(args, info, world)
+    if ckpt is not None:
+        check_resume_config(out, config)
+    accelerator.wait_for_everyone()  # every process has read config.json before the main one rewrites it
     if accelerator.is_main_process:
         (out / "config.json").write_text(json.dumps(config, indent=2))
         record = noise.noise_record(train_ds, args.noise, args.noise_rate, args.noise_seed, info.num_classes,

@@ -196,3 +196,14 @@ def test_the_command_line_prints_one_line_for_bad_input():
     proc = run_script("train.py", "--method", "focal", timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: unknown method 'focal': choose one of {', '.join(losses.METHODS)}"]
+
+
+def test_resume_with_other_hyperparameters_is_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    flags = ["--cpu", *SYNTHETIC, "--max-steps", "4", "--save-every", "2", "--eval-every", "2", "--output-dir", str(out)]
+    assert train.cli(flags) == 0
+    (out / "model.safetensors").unlink()
+    capsys.readouterr()
+    assert train.cli([*flags, "--resume", "latest", "--method", "cce"]) == 2
+    err = capsys.readouterr().err
+    assert "started with other settings" in err and "--method 'proselflc' -> 'cce'" in err
