@@ -69,6 +69,11 @@ w.r.t. the logits (from p, log p, q and eps; only when the logits need a gradien
 backward just scales it, e.g. for the target methods, with a = 1 - eps and b = +-eps:
 dL/dz = p (a sum(q) + b sum_k p_k log p_k) - a q - b p log p when p in the target carries
 gradient, and dL/dz = sum(q~) p - q~ for a constant target. Double backward is not supported.
+Speed (CPU, where each op costs about 1 us of dispatch): p = exp(log p) is taken as
+2^(log2(e) log p) (the exp2 kernel is several times faster than exp, as accurate as softmax),
+the mean's 1/N is folded into the gradient, class ids enter by gather/scatter (no one-hot),
+boothard's argmax is a masked amax (the first of ties, like argmax), and per-shape constants
+are cached 0-dim tensors (made on the logits' device: no host-to-device copy).
 No Python loops over the batch and no host sync: the step may be an int or a 0-dim tensor
 (checked against [0, total_steps] only when it is a number or on CPU), ``last_epsilon`` is a
 detached tensor. Class ids are range-checked on CPU only (on an accelerator that would need a
@@ -86,6 +91,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -148,6 +154,8 @@ def _check_step(step: int | float | Tensor, total_steps: int) -> int | float | T
 
     A 0-dim tensor on an accelerator is returned unchecked: reading it would be a host sync.
     """
+    if type(step) is int and 0 <= step <= total_steps:  # the usual case, checked first: it runs every step
+        return step
     if isinstance(step, Tensor):
         if step.dim() != 0 or step.is_complex() or step.dtype == torch.bool:
             raise ValueError(f"step must be a number or a 0-dim real tensor, "
@@ -168,7 +176,7 @@ def _float_logits(logits: Tensor, num_classes: int) -> Tensor:
                          f"{getattr(logits, 'dtype', '')}")
     if logits.dim() != 2 or logits.shape[1] != num_classes:
         raise ValueError(f"logits must have shape [N, {num_classes}], got {tuple(logits.shape)}")
-    if logits.dtype != torch.float64:
+    if logits.dtype != torch.float32 and logits.dtype != torch.float64:
         logits = logits.float()  # softmax statistics in float32 even for fp16/bf16 logits
     return logits
 
@@ -242,48 +250,130 @@ def proselflc_epsilon(probs: Tensor, step: int | float | Tensor, total_steps: in
 
 # ----------------------------------------------------------------- fused autograd functions
 # Each loss is one autograd.Function over the logits z. Its forward computes the loss and, when
-# z needs a gradient, the closed-form gradient G_i = dL_i/dz_i from p, log p, q and eps, which
-# it has at hand anyway; backward only scales G by the incoming gradient. Per-example values are
-# [N, 1] columns that broadcast over classes, and tensors no longer needed are updated in place:
-# at training batch sizes every op's dispatch cost counts, on CPU above all.
-def _reduce(neg_loss: Tensor, reduction: str) -> Tensor:
+# z needs a gradient, the closed-form gradient G = dL/dz (the mean's 1/N already folded in) from
+# p, log p, q and eps, which it has at hand anyway; backward is one multiplication by the incoming
+# gradient. At training batch sizes on CPU every op's dispatch cost counts (about 1 us, as much
+# as a [256, 100] pass), so: per-example values are [N, 1] columns that broadcast over classes,
+# the per-example coefficients are folded into as few [N, C] passes as possible, tensors no longer
+# needed are updated in place, class ids enter by scatter/gather (never as a one-hot), and
+# constants are cached 0-dim tensors (a Python number is wrapped into a new tensor by every op).
+_LOG2E = 1.0 / math.log(2.0)
+_CONSTS: dict[tuple, object] = {}
+
+
+def _cache(key: tuple, make):
+    """_CONSTS[key], made by make() on a miss; the cache is bounded (batch sizes may vary)."""
+    value = _CONSTS.get(key)
+    if value is None:
+        value = make()
+        if not torch.compiler.is_compiling():  # a tensor made while tracing must not outlive the trace
+            if len(_CONSTS) >= 512:
+                _CONSTS.clear()
+            _CONSTS[key] = value
+    return value
+
+
+def _const(value: float, like: Tensor) -> Tensor:
+    """A cached 0-dim tensor holding value, in like's dtype and device."""
+    # torch.full fills on the device: no host-to-device copy, so no sync even on an accelerator
+    return _cache((value, like.dtype, like.device),
+                  lambda: torch.full((), value, dtype=like.dtype, device=like.device))
+
+
+class _Consts(NamedTuple):
+    """One call's constants (see _consts); k is the gradient's scale, 1/N for the mean, else 1."""
+    kf: float           # k as a number
+    log2e: Tensor       # log2(e): p = 2^(log2(e) log p)
+    zero: Tensor
+    one: Tensor
+    loss_scale: Tensor  # -1/N: turns the sum of negated losses into the mean (NaN for N = 0, like mean())
+    k: Tensor
+    neg_k: Tensor
+    a: Tensor           # 1 - eps (fixed eps)
+    log2_scale: Tensor  # log2(k (a + b)), b = sign eps (fixed eps, when > 0), log2(k) for ProSelfLC
+    k_a: Tensor         # k a
+    shift: Tensor       # -k b / C
+    last: Tensor        # C - 1 (see _argmax)
+    neg_k_a: Tensor     # -k a as an [N, 1] column (scatter_add_ needs one; Tensor.expand costs an op)
+    neg_k_b: Tensor     # -k b as an [N, 1] column
+    ramp: Tensor        # C-1, C-2, ..., 0 (see _argmax)
+
+
+def _consts(logp: Tensor, reduction: str, eps: float | None, sign: float) -> _Consts:
+    """The cached _Consts of logits of this shape, dtype and device: one lookup per call."""
+    return _cache((logp.shape, reduction, eps, sign, logp.dtype, logp.device),
+                  lambda: _make_consts(logp, reduction, eps, sign))
+
+
+def _make_consts(logp: Tensor, reduction: str, eps: float | None, sign: float) -> _Consts:
+    """Build _Consts (see there)."""
+    n, c = logp.shape
+    k = 1.0 / n if reduction == "mean" and n > 0 else 1.0
+    a, b = (1.0, 0.0) if eps is None else (1.0 - eps, sign * eps)
+    scale = k if eps is None else k * (a + b)
+    values = (_LOG2E, 0.0, 1.0, -1.0 / n if n > 0 else math.nan, k, -k, a,
+              math.log2(scale) if scale > 0.0 else 0.0, k * a, -k * b / c, c - 1.0)
+    full = [torch.full((), v, dtype=logp.dtype, device=logp.device) for v in values]
+    columns = [torch.full((n, 1), v, dtype=logp.dtype, device=logp.device) for v in (-k * a, -k * b)]
+    ramp = torch.arange(c - 1, -1, -1, dtype=logp.dtype, device=logp.device)
+    return _Consts(k, *full, *columns, ramp)
+
+
+def _probs(logp: Tensor, log2e: Tensor) -> Tensor:
+    """p = 2^(log2(e) log p), a new tensor; log2e: the 0-dim constant log2(e).
+
+    Why exp2: on CPU torch.exp (and softmax, which uses it) costs several times the exp2 kernel;
+    the result is as accurate as float32 softmax (|error| < 1e-7).
+    """
+    return torch.mul(logp, log2e).exp2_()
+
+
+def _scaled_probs(logp: Tensor, log2_scale: Tensor) -> Tensor:
+    """scale * p = 2^(log2(e) log p + log2(scale)), as cheap as p itself; log2_scale: a 0-dim tensor."""
+    return torch.add(log2_scale, logp, alpha=_LOG2E).exp2_()
+
+
+def _rowdot(x: Tensor, y: Tensor) -> Tensor:
+    """sum_k x_k y_k per row, as an [N, 1] column."""
+    return (x * y).sum(1, keepdim=True)
+
+
+def _argmax(logp: Tensor, top: Tensor, cs: _Consts) -> Tensor:
+    """argmax per row as [N, 1] int64, the first of ties like Tensor.argmax; top: the row max; overwrites logp.
+
+    Why not logp.argmax: on CPU the reductions with an index cost 5-8 [N, C] passes. Here the
+    row's maxima become 1 (the rest 0), weighted C-1, C-2, ..., 0, so that amax picks the first
+    (a row whose maximum is only the last class, or a NaN row, gives 0: index C-1, in range).
+    """
+    first = logp.ge_(top).mul_(cs.ramp).amax(1, keepdim=True)  # log p >= its row max: at the maxima
+    return torch.sub(cs.last, first).long()
+
+
+def _reduce(neg_loss: Tensor, reduction: str, cs: _Consts) -> Tensor:
     """Reduce per-example losses given negated as an [N, 1] column: mean / sum / none ([N])."""
-    if reduction == "mean":
-        return neg_loss.mean().neg()
-    if reduction == "sum":
-        return neg_loss.sum().neg()
-    return neg_loss.squeeze(1).neg()
+    if reduction == "none":
+        return neg_loss.squeeze(1).neg()
+    total = neg_loss.sum()
+    return total.neg() if reduction == "sum" else torch.mul(total, cs.loss_scale)
 
 
-def _sub_scaled_(x: Tensor, y: Tensor, coef: float | Tensor) -> Tensor:
-    """x -= coef * y in place; coef a float or a tensor that broadcasts like an [N, 1] column."""
-    return x.addcmul_(y, coef, value=-1.0) if isinstance(coef, Tensor) else x.sub_(y, alpha=coef)
-
-
-def _add_scaled(x: float | Tensor, y: Tensor, coef: float | Tensor) -> Tensor:
-    """x + coef * y as one op where possible; x, coef floats or tensors (not both floats)."""
-    if isinstance(x, Tensor) and isinstance(coef, Tensor):
-        return torch.addcmul(x, y, coef)
-    return y * coef + x
-
-
-def _sub_onehot_(x: Tensor, index: Tensor, coef: float | Tensor, like: Tensor) -> Tensor:
-    """x[i, index[i]] -= coef (float or [N, 1]) in place; index [N, 1]; like: any [N, 1] tensor of x's dtype."""
-    src = coef.neg() if isinstance(coef, Tensor) else torch.full_like(like, -coef)
-    return x.scatter_add_(1, index, src)
+def _add_q_(grad: Tensor, index: Tensor | None, labels: Tensor, coef: Tensor) -> Tensor:
+    """grad += coef q in place, q = onehot(index) (index [N, 1]) or the soft labels; coef an [N, 1] column."""
+    if index is not None:
+        return grad.scatter_add_(1, index, coef)
+    return grad.addcmul_(labels, coef)
 
 
 class _ClosedForm(torch.autograd.Function):
-    """Base: forward sets ctx.grad = dL_i/dz [N, C] (None if z needs none) and ctx.reduction."""
+    """Base: forward sets ctx.grad = dL/dz [N, C] (None if z needs none; 1/N of the mean included), ctx.reduction."""
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):
         if torch.is_grad_enabled():  # create_graph=True: ctx.grad carries no graph of its own
             raise RuntimeError("losses.py: double backward (create_graph=True) is not supported")
-        if ctx.reduction == "mean":
-            scale = grad_loss / ctx.grad.shape[0]
-        else:
-            scale = grad_loss if ctx.reduction == "sum" else grad_loss.unsqueeze(1)
+        if ctx.grad is None:  # only a soft label needed a gradient: it gets none
+            return (None,) * (ctx.num_args + 1)
+        scale = grad_loss.unsqueeze(1) if ctx.reduction == "none" else grad_loss
         return (ctx.grad * scale,) + (None,) * ctx.num_args
 
 
@@ -299,9 +389,10 @@ class _TargetCE(_ClosedForm):
       'hard'     r = onehot(argmax trust), no gradient         (boothard)
     eps: a float, or None for ProSelfLC: eps_i = g (1 - H(r_i) / log C), no gradient, g a float
     or a 0-dim tensor, r = softmax(trust) for 'entropy'; eps_i [N, 1] is appended to eps_sink.
-    With a = 1 - eps, b = sign eps, the gradient w.r.t. z is
-      p (a sum(q) + b) - a q - b r                           for a constant r (sum(r) = 1),
-      p (a sum(q) + b sum_k p_k log p_k) - a q - b p log p   for r = p (Eq. 4-5: -b dH(p)/dz).
+    With a = 1 - eps, b = sign eps, S = sum_k p_k log p_k, the gradient w.r.t. z is
+      p (a sum(q) + b) - a q - b r               for a constant r (sum(r) = 1),
+      p (a sum(q) + b S) - a q - b p log p       for r = p (Eq. 4-5: -b dH(p)/dz),
+    times k = 1/N for the mean; with eps_i a column, a sum(q) + b S = lerp(sum(q), S, eps_i).
     """
 
     @staticmethod
@@ -309,87 +400,143 @@ class _TargetCE(_ClosedForm):
                 g: float | Tensor | None, sign: float, temperature: float, reduction: str,
                 eps_sink: list) -> Tensor:
         logp = torch.log_softmax(z, dim=1)
+        cs = _consts(logp, reduction, eps, sign)
+        ctx.reduction, ctx.num_args, ctx.grad = reduction, 9, None
         index = labels.unsqueeze(1) if labels.dim() == 1 else None  # class ids as [N, 1]
         if index is not None:
             lq, sq = logp.gather(1, index), 1.0  # -H(q, p), sum(q)
         else:
-            lq, sq = (labels * logp).sum(1, keepdim=True), labels.sum(1, keepdim=True)
+            lq, sq = _rowdot(labels, logp), labels.sum(1, keepdim=True)
         p = plogp = r = hard = None
         if kind == "uniform":
-            lr = logp.mean(1, keepdim=True)  # -H(u, p)
+            lr = logp.sum(1, keepdim=True)  # -C H(u, p): the 1/C goes into the loss's coefficient
         elif kind == "hard":
             if trust is None:
-                lr, hard = logp.max(1, keepdim=True)  # log p at argmax p, argmax p
+                lr = logp.amax(1, keepdim=True)  # log p at argmax p; the argmax is needed for the gradient only
             else:
                 hard = trust.argmax(1, keepdim=True)
                 lr = logp.gather(1, hard)
-        else:
-            p = torch.softmax(z, dim=1)
-            if kind == "entropy":
-                plogp = logp.mul_(p)  # log p is not needed any more: reuse its memory
-                lr = lr_trust = plogp.sum(1, keepdim=True)  # -H(p)
-                if trust is not None and eps is None:
-                    lr_trust = (torch.softmax(trust, 1) * torch.log_softmax(trust, 1)).sum(1, keepdim=True)
-            else:  # soft: r = softmax(trust / T), a constant
-                zt = z if trust is None else trust
-                zt = zt if temperature == 1.0 else zt / temperature
-                r = p if zt is z else torch.softmax(zt, dim=1)
-                lr = lr_trust = logp.mul_(r).sum(1, keepdim=True)  # -H(r, p); log p not needed any more
-                if r is not p and eps is None:
-                    lr_trust = (r * torch.log_softmax(zt, dim=1)).sum(1, keepdim=True)  # -H(r)
+        elif kind == "entropy":
+            p = _probs(logp, cs.log2e)
+            plogp = p * logp
+            lr = lr_trust = plogp.sum(1, keepdim=True)  # -H(p)
+            if trust is not None and eps is None:
+                lr_trust = _rowdot(torch.softmax(trust, 1), torch.log_softmax(trust, 1))
+        else:  # soft: r = softmax(trust / T), a constant
+            zt = z if trust is None else trust
+            zt = zt if temperature == 1.0 else zt / temperature
+            if zt is z:  # r = p: H(r) = H(p)
+                p = r = _probs(logp, cs.log2e)
+                lr = lr_trust = _rowdot(r, logp)
+            else:
+                r = torch.softmax(zt, dim=1)
+                lr = _rowdot(r, logp)  # -H(r, p)
+                if eps is None:
+                    lr_trust = _rowdot(r, torch.log_softmax(zt, dim=1))  # -H(r)
         if eps is None:  # ProSelfLC: eps_i = g(t) l(r_i) = g (1 + sum_k r_k log r_k / log C)
-            if isinstance(g, Tensor):
-                eps = (lr_trust * (1.0 / math.log(z.shape[1]))).add_(1.0).mul_(g)
-            else:  # one op fewer for the usual Python-number step
-                eps = torch.mul(lr_trust, g / math.log(z.shape[1])).add_(g)
-            eps_sink.append(eps.clamp_(0.0, 1.0))
-        # per-example loss (1 - eps) H(q, p) + sign eps H(r, p) = -lerp(lq, sign lr, eps)
-        loss = _reduce(torch.lerp(lq, lr if sign > 0 else lr.neg(), eps), reduction)
-        ctx.reduction, ctx.num_args, ctx.grad = reduction, 9, None
+            local = torch.add(cs.one, lr_trust, alpha=1.0 / math.log(logp.shape[1]))
+            # a number g as alpha: Tensor.mul_(number) would wrap it into a tensor first (one op more)
+            eps = (local.mul_(g) if isinstance(g, Tensor) else torch.add(cs.zero, local, alpha=g)).clamp_(0.0, 1.0)
+            eps_sink.append(eps)
+            neg_loss = torch.lerp(lq, lr, eps)  # sign is +1: (1 - eps) lq + eps lr
+        elif sign > 0.0 and kind != "uniform":  # (1 - eps) H(q, p) + eps H(r, p), negated: one op
+            neg_loss = torch.lerp(lq, lr, eps)
+        else:  # (1 - eps) H(q, p) + sign eps H(r, p), negated; lr of 'uniform' is C (-H(u, p))
+            b = sign * eps / logp.shape[1] if kind == "uniform" else sign * eps
+            neg_loss = torch.add(torch.mul(lq, cs.a), lr, alpha=b)
+        loss = _reduce(neg_loss, reduction, cs)
         if not ctx.needs_input_grad[0]:
             return loss
-        a = 1.0 - eps  # weight of H(q, p): a float, or [N, 1] for ProSelfLC
-        b = eps if sign > 0 else -eps  # weight of H(r, p)
-        a_sq = a * sq if index is None else a
-        if p is None:  # uniform, hard: p is needed for the gradient only
-            p = torch.softmax(z, dim=1)
-        if kind == "entropy":  # p (a sum(q) + b sum p log p) - b p log p   (p is ours: in place)
-            grad = _sub_scaled_(p.mul_(_add_scaled(a_sq, lr, b)), plogp, b)
-        elif r is p:  # detached r = p: b (p - r) = 0 leaves a re-weighted CCE, a (sum(q) p - q)
-            grad = p.mul_(a_sq)
-        else:  # p (a sum(q) + b) - b r; a sum(q) + b = 1 for class ids and sign +1
-            grad = p if index is not None and sign > 0 else p.mul_(a_sq + b)
-            if kind == "uniform":
-                grad = grad.sub_(b / z.shape[1])
-            elif kind == "hard":
-                grad = _sub_onehot_(grad, hard, b, lq)
-            else:
-                grad = _sub_scaled_(grad, r, b)
-        ctx.grad = _sub_scaled_(grad, labels, a) if index is None else _sub_onehot_(grad, index, a, lq)
+        if isinstance(eps, Tensor):
+            ctx.grad = _proselflc_grad(cs, logp, lr, p, plogp, r, index, labels, sq, eps)
+        else:
+            ctx.grad = _fixed_eps_grad(cs, kind, logp, lr, p, plogp, r, hard, index, labels, sq,
+                                       1.0 - eps, sign * eps)
         return loss
 
 
+class _ModuleTargetCE(_ClosedForm):
+    """_TargetCE for the module: trust None, the fixed arguments packed in one tuple (each apply argument costs)."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, labels: Tensor, g: float | Tensor | None, spec: tuple, eps_sink: list | None) -> Tensor:
+        kind, eps, sign, temperature, reduction = spec
+        loss = _TargetCE.forward(ctx, z, None, labels, kind, eps, g, sign, temperature, reduction, eps_sink)
+        ctx.num_args = 4
+        return loss
+
+
+def _fixed_eps_grad(cs: _Consts, kind: str, logp: Tensor, lr: Tensor, p: Tensor | None,
+                    plogp: Tensor | None, r: Tensor | None, hard: Tensor | None,
+                    index: Tensor | None, labels: Tensor, sq: float | Tensor, a: float, b: float) -> Tensor:
+    """k dH(q~, p)/dz for q~ = a q + b r, a and b floats (see _TargetCE); p and r are overwritten."""
+    k = cs.kf
+    if kind == "entropy":  # p k (a sum(q) + b S) - k b p log p - k a q
+        w = torch.add(cs.k_a if index is not None else torch.mul(sq, cs.k_a), lr, alpha=k * b)
+        return _add_q_(p.mul_(w).add_(plogp, alpha=-k * b), index, labels, cs.neg_k_a)
+    if kind == "soft" and r is p:  # detached r = p: b (p - r) = 0 leaves a re-weighted CCE, k a (sum(q) p - q)
+        grad = p.mul_(cs.k_a if index is not None else torch.mul(sq, cs.k_a))
+        return _add_q_(grad, index, labels, cs.neg_k_a)
+    # constant r: p k (a sum(q) + b) - k a q - k b r
+    if index is None:
+        grad = (p if p is not None else _probs(logp, cs.log2e)).mul_(torch.mul(sq, k * a).add_(k * b))
+    elif a + b > 0.0:  # k (a + b) is a positive number: one exp2 pass gives p k (a + b)
+        grad = _scaled_probs(logp, cs.log2_scale)
+    else:
+        grad = _probs(logp, cs.log2e).mul_(k * (a + b))
+    if kind == "uniform":
+        grad = grad.add_(cs.shift)
+    elif kind == "hard":
+        hard = _argmax(logp, lr, cs) if hard is None else hard
+        grad = grad.scatter_add_(1, hard, cs.neg_k_b)
+    else:
+        grad = grad.sub_(r, alpha=k * b)
+    return _add_q_(grad, index, labels, cs.neg_k_a)
+
+
+def _proselflc_grad(cs: _Consts, logp: Tensor, lr: Tensor, p: Tensor | None, plogp: Tensor | None,
+                    r: Tensor | None, index: Tensor | None, labels: Tensor, sq: float | Tensor,
+                    eps: Tensor) -> Tensor:
+    """k dH(q~, p)/dz for q~ = (1 - eps_i) q + eps_i r, eps_i an [N, 1] column (see _TargetCE); p is overwritten."""
+    k = cs.kf
+    neg_ka = torch.add(cs.neg_k, eps, alpha=k)  # -k (1 - eps_i), the weight of q
+    if plogp is not None:  # r = p: p k lerp(sum(q), S, eps) - k eps p log p - k (1 - eps) q
+        w = torch.lerp(cs.one if index is not None else sq, lr, eps)
+        grad = p.mul_(w if k == 1.0 else w.mul_(cs.k)).addcmul_(plogp, eps, value=-k)
+    elif r is p:  # detached r = p: k (1 - eps) (sum(q) p - q)
+        grad = p.mul_(neg_ka if index is not None else neg_ka * sq).neg_()
+    else:  # constant r: p k lerp(sum(q), 1, eps) - k eps r - k (1 - eps) q
+        if index is not None:
+            grad = _scaled_probs(logp, cs.log2_scale)
+        else:
+            grad = _probs(logp, cs.log2e).mul_(torch.lerp(sq, cs.one, eps).mul_(cs.k))
+        grad = grad.addcmul_(r, eps, value=-k)
+    return _add_q_(grad, index, labels, neg_ka)
+
+
 class _GCE(_ClosedForm):
-    """GCE sum_k q_k (1 - p_k^e) / e; with W = q p^e the gradient w.r.t. z is p sum(W) - W."""
+    """GCE sum_k q_k (1 - p_k^e) / e; with W = q p^e the gradient w.r.t. z is p sum(W) - W (times k)."""
 
     @staticmethod
     def forward(ctx, z: Tensor, labels: Tensor, e: float, reduction: str) -> Tensor:
         logp = torch.log_softmax(z, dim=1)
+        cs = _consts(logp, reduction, None, 1.0)
+        ctx.reduction, ctx.num_args, ctx.grad = reduction, 3, None
         index = labels.unsqueeze(1) if labels.dim() == 1 else None
         if index is not None:
             weight = logp.gather(1, index).mul_(e).exp_()  # W = p_y^e  [N, 1]
-            neg_loss = (weight - 1.0).div_(e)
+            neg_loss = torch.add(_const(-1.0 / e, weight), weight, alpha=1.0 / e)  # (W - 1) / e
         else:
-            weight = (logp * e).exp_().mul_(labels)  # W = q p^e  [N, C]
+            weight = torch.mul(logp, _const(e * _LOG2E, logp)).exp2_().mul_(labels)  # W = q p^e  [N, C]
             neg_loss = (weight.sum(1, keepdim=True) - labels.sum(1, keepdim=True)).div_(e)
-        loss = _reduce(neg_loss, reduction)
-        ctx.reduction, ctx.num_args, ctx.grad = reduction, 3, None
+        loss = _reduce(neg_loss, reduction, cs)
         if ctx.needs_input_grad[0]:
-            p = torch.softmax(z, dim=1)
-            if index is not None:  # p_y^e (p - onehot(y))
-                ctx.grad = _sub_onehot_(p.mul_(weight), index, weight, weight)
+            if index is not None:  # k p_y^e (p - onehot(y))
+                kw = weight if cs.kf == 1.0 else weight.mul_(cs.k)
+                ctx.grad = _probs(logp, cs.log2e).mul_(kw).scatter_add_(1, index, kw.neg())
             else:
-                ctx.grad = p.mul_(weight.sum(1, keepdim=True)).sub_(weight)
+                kw = weight.sum(1, keepdim=True).mul_(cs.k)
+                ctx.grad = _probs(logp, cs.log2e).mul_(kw).sub_(weight, alpha=cs.kf)
         return loss
 
 
@@ -399,6 +546,7 @@ class _SCE(_ClosedForm):
     @staticmethod
     def forward(ctx, z: Tensor, labels: Tensor, alpha: float, beta: float, reduction: str) -> Tensor:
         logp = torch.log_softmax(z, dim=1)
+        cs = _consts(logp, reduction, None, 1.0)
         clip = -SCE_LOG_CLIP  # rho_k where q_k = 0
         ctx.reduction, ctx.num_args, ctx.grad = reduction, 4, None
         if labels.dim() == 1:  # rho = clip (1 - onehot): RCE = clip (1 - p_y)
@@ -406,18 +554,19 @@ class _SCE(_ClosedForm):
             lq = logp.gather(1, index)
             weight = lq.exp().mul_(beta * clip)  # beta clip p_y
             neg_loss = torch.add(weight, lq, alpha=alpha).sub_(beta * clip)
-            if ctx.needs_input_grad[0]:  # (alpha + beta clip p_y) (p - onehot(y))
-                weight = weight.add_(alpha)
-                ctx.grad = _sub_onehot_(torch.softmax(z, dim=1).mul_(weight), index, weight, weight)
+            if ctx.needs_input_grad[0]:  # k (alpha + beta clip p_y) (p - onehot(y))
+                weight = torch.add(_const(cs.kf * alpha, weight), weight, alpha=cs.kf)
+                ctx.grad = _probs(logp, cs.log2e).mul_(weight).scatter_add_(1, index, weight.neg())
         else:
-            p = torch.softmax(z, dim=1)
+            p = _probs(logp, cs.log2e)
             rho = labels.clamp(min=1e-4).log_().neg_()  # the label's log 0 clipped to log(1e-4)
-            p_rho = (p * rho).sum(1, keepdim=True)
-            neg_loss = torch.add(p_rho * -beta, (labels * logp).sum(1, keepdim=True), alpha=alpha)
-            if ctx.needs_input_grad[0]:  # alpha (sum(q) p - q) + beta p (rho - <p, rho>)
+            p_rho = _rowdot(p, rho)
+            neg_loss = torch.add(p_rho * -beta, _rowdot(labels, logp), alpha=alpha)
+            if ctx.needs_input_grad[0]:  # k (alpha (sum(q) p - q) + beta p (rho - <p, rho>))
                 coef = labels.sum(1, keepdim=True).mul_(alpha).sub_(p_rho * beta)
-                ctx.grad = _sub_scaled_(rho.mul_(beta).add_(coef).mul_(p), labels, alpha)
-        return _reduce(neg_loss, reduction)
+                grad = rho.mul_(beta).add_(coef).mul_(p).sub_(labels, alpha=alpha)
+                ctx.grad = grad if cs.kf == 1.0 else grad.mul_(cs.k)
+        return _reduce(neg_loss, reduction, cs)
 
 
 # --------------------------------------------------------------------------------- module
@@ -442,12 +591,25 @@ class TrainingLoss(torch.nn.Module):
         self.detach_target = detach_target
         self.temperature = None if temperature is None else float(temperature)
         self.reduction = reduction
-        self.last_epsilon: float | Tensor = self.eps if method in _FIXED_EPS else 0.0
+        self._last_epsilon: float | Tensor = self.eps if method in _FIXED_EPS else 0.0
         self._sign = -1.0 if method == "cp" else 1.0  # cp subtracts eps p from the target
         if method in ("ls", "boothard"):  # which r the target uses (see _TargetCE)
-            self._kind = "uniform" if method == "ls" else "hard"
-        else:
+            self._kind: str | None = "uniform" if method == "ls" else "hard"
+        elif method in _SELF_TARGET:
             self._kind = "soft" if detach_target or temperature is not None else "entropy"
+        else:  # cce, gce, sce: no target
+            self._kind = None
+
+    @property
+    def last_epsilon(self) -> float | Tensor:
+        """The eps of the last call: a detached [N] tensor (proselflc) or a float; squeezed on read, not per step."""
+        eps = self._last_epsilon
+        return eps.squeeze(1) if isinstance(eps, Tensor) and eps.dim() == 2 else eps
+
+    @last_epsilon.setter
+    def last_epsilon(self, value: float | Tensor) -> None:
+        """Set the value last_epsilon reports."""
+        self._last_epsilon = value
 
     def extra_repr(self) -> str:
         """Method and the hyperparameters it uses."""
@@ -480,18 +642,18 @@ class TrainingLoss(torch.nn.Module):
 
     def _fused(self, z: Tensor, labels: Tensor, g: float | Tensor | None) -> Tensor:
         """Dispatch to the method's autograd Function."""
+        if g is not None:  # proselflc
+            sink: list[Tensor] = []
+            spec = (self._kind, None, 1.0, self.temperature or 1.0, self.reduction)
+            loss = _ModuleTargetCE.apply(z, labels, g, spec, sink)
+            object.__setattr__(self, "_last_epsilon", sink[0])  # a plain attribute: skip nn.Module's bookkeeping
+            return loss
+        if self._kind is not None:
+            spec = (self._kind, self.eps, self._sign, self.temperature or 1.0, self.reduction)
+            return _ModuleTargetCE.apply(z, labels, None, spec, None)
         if self.method == "gce":
             return _GCE.apply(z, labels, self.q, self.reduction)
-        if self.method == "sce":
-            return _SCE.apply(z, labels, self.alpha, self.beta, self.reduction)
-        if g is None:
-            return _TargetCE.apply(z, None, labels, self._kind, self.eps, None, self._sign,
-                                   self.temperature or 1.0, self.reduction, None)
-        sink: list[Tensor] = []
-        loss = _TargetCE.apply(z, None, labels, self._kind, None, g, 1.0, self.temperature or 1.0,
-                               self.reduction, sink)
-        self.last_epsilon = sink[0].squeeze(1)
-        return loss
+        return _SCE.apply(z, labels, self.alpha, self.beta, self.reduction)
 
     def target(self, logits: Tensor, labels: Tensor, step: int | float | Tensor | None = None) -> Tensor:
         """q~ [N, C] of a target method, by plain autograd ops with the gradient semantics above."""

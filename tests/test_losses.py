@@ -233,6 +233,20 @@ def test_gradient_semantics_and_variants():
     assert torch.allclose(g, (0.6 * (p - q) + 0.4 * (p - hard)) / 8, atol=1e-14)
 
 
+def test_boothard_ties_take_the_first_argmax():
+    """Tied maxima: the hard target is the first of them, like Tensor.argmax (the fused argmax is a masked amax)."""
+    z = torch.tensor([[2.0, 5.0, 5.0, 1.0], [3.0, 3.0, 3.0, 3.0], [0.0, 1.0, 2.0, 7.0], [7.0, 1.0, 2.0, 7.0]],
+                     dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 3, 1, 2])
+    assert torch.equal(z.detach().argmax(1), torch.tensor([1, 0, 3, 0]))
+    for dtype in (torch.float64, torch.float32):
+        x = z.detach().to(dtype).requires_grad_()
+        g = _grad(build_loss("boothard", 4, eps=0.4)(x, y), x).double()
+        p, q = torch.softmax(z, 1).detach(), F.one_hot(y, 4).double()
+        hard = F.one_hot(z.detach().argmax(1), 4).double()
+        assert torch.allclose(g, (0.6 * (p - q) + 0.4 * (p - hard)) / 4, atol=1e-7)
+
+
 def test_soft_one_hot_labels_equal_class_ids():
     z, y, q = _data(n=8, seed=6)
     for method in METHODS:
