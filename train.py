@@ -193,7 +193,7 @@ def find_checkpoint(resume: str, out: Path) -> Path:
 
 # Flags that may change between a run and its resumption; every other one must match config.json.
 RESUMABLE_CHANGES = ("resume", "overwrite", "report_to", "log_every", "eval_every", "save_every", "keep_checkpoints",
-                     "compile", "world_size", "versions", "git_commit")
+                     "compile", "world_size", "device", "versions", "git_commit")
 
 
 def check_resume_config(out: Path, config: dict) -> None:
@@ -228,7 +228,7 @@ def save_checkpoint(accelerator: Accelerator, out: Path, state: dict, keep: int)
     accelerator.wait_for_everyone()
 
 
-def run_config(args: argparse.Namespace, info, world_size: int) -> dict:
+def run_config(args: argparse.Namespace, info, world_size: int, device: torch.device) -> dict:
     """Every argument plus what the run derived, the library versions and the git commit."""
     import accelerate
     import numpy
@@ -240,7 +240,8 @@ def run_config(args: argparse.Namespace, info, world_size: int) -> dict:
         commit = None
     versions = {"python": platform.python_version(), "torch": torch.__version__, "accelerate": accelerate.__version__,
                 "datasets": datasets.__version__, "numpy": numpy.__version__, "platform": platform.platform()}
-    return {**vars(args), "num_classes": info.num_classes, "in_channels": info.channels, "image_size": info.image_size,
+    return {**vars(args), "device": str(device), "num_classes": info.num_classes, "in_channels": info.channels,
+            "image_size": info.image_size,
             "total_steps": args.max_steps, "world_size": world_size, "versions": versions, "git_commit": commit}
 
 
@@ -318,6 +319,7 @@ def main(argv: list[str] | None = None) -> None:
                               log_with=args.report_to, project_dir=args.output_dir,
                               dynamo_backend="inductor" if args.compile else None)
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+    args.mixed_precision = accelerator.mixed_precision  # what runs, also when it came from the accelerate config
     milestones = check_args(args, world)
     if args.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -361,7 +363,7 @@ def main(argv: list[str] | None = None) -> None:
                                 beta=args.beta, detach_target=args.detach_target, temperature=args.temperature)
     model, optimizer, test_loader, train_eval_loader = accelerator.prepare(model, optimizer, test_loader, train_eval_loader)
 
-    config = run_config(args, info, world)
+    config = run_config(args, info, world, device)
     if ckpt is not None:
         check_resume_config(out, config)
     accelerator.wait_for_everyone()  # every process has read config.json before the main one rewrites it
