@@ -1,6 +1,6 @@
 """Train a classifier on noisily labelled data with ProSelfLC or a baseline target modification.
 
-    python train.py                                   # digits on CPU, about a minute
+    python train.py                                   # digits on CPU, about 10 seconds
     accelerate launch train.py --method proselflc --dataset cifar100 --noise symmetric --noise-rate 0.4
     torchrun --nproc_per_node 2 train.py --cpu        # two CPU processes over gloo
 
@@ -161,7 +161,7 @@ def check_args(args: argparse.Namespace, world_size: int) -> list[int]:
 def prepare_output_dir(args: argparse.Namespace, accelerator: Accelerator) -> Path:
     """Refuse to clobber a run unless --overwrite; a killed run is continued only with --resume."""
     out = Path(args.output_dir)
-    finished, started = (out / "model.safetensors").exists(), (out / "metrics.jsonl").exists()
+    finished, started = (out / "model.safetensors").exists(), (out / "config.json").exists()
     if args.overwrite:
         if accelerator.is_main_process and out.exists():
             shutil.rmtree(out)
