@@ -3,12 +3,12 @@
 One self-contained file: it imports only ``torch`` and the standard library, so you can copy
 ``losses.py`` alone into your project::
 
-    from losses import build_loss
-    loss_fn = build_loss("proselflc", num_classes=100, total_steps=30_000, exp_base=10.0)
-    for t in range(30_000):                      # t = optimizer steps taken so far
-        loss = loss_fn(model(x), y, step=t)      # y: class ids [N] or soft labels [N, C]
-        loss.backward(); opt.step(); opt.zero_grad()
-        log(loss_fn.last_epsilon)                # [N] tensor (proselflc) or a float, detached
+    >>> from losses import build_loss
+    >>> loss_fn = build_loss("proselflc", num_classes=100, total_steps=30_000, exp_base=10.0)
+    >>> for t in range(30_000):                  # t = optimizer steps taken so far
+    ...     loss = loss_fn(model(x), y, step=t)  # y: class ids [N] or soft labels [N, C]
+    ...     loss.backward(); opt.step(); opt.zero_grad()
+    ...     log(loss_fn.last_epsilon)            # [N] tensor (proselflc) or a float, detached
 
 API: ``METHODS`` (valid names), ``HPARAMS`` (hyperparameter names and defaults),
 ``build_loss(name, num_classes, total_steps=None, **hparams) -> TrainingLoss`` (an nn.Module):
