@@ -477,13 +477,19 @@ def run_config(run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     return cfg
 
 
-def evaluate_main(args: argparse.Namespace) -> None:
-    """RUN_DIR: evaluate the saved model on the clean test split and print (or --json) the metrics."""
-    if len(args.runs) != 1:
-        raise ValueError(f"evaluation takes one run folder, got {len(args.runs)}: use --table for several")
-    run_dir = Path(args.runs[0])
+def single_run_dir(runs: Sequence[str], what: str, hint: str = "") -> Path:
+    """The one existing run folder that evaluation or --audit takes."""
+    if len(runs) != 1:
+        raise ValueError(f"{what} takes one run folder, got {len(runs)}{hint}")
+    run_dir = Path(runs[0])
     if not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir} is not a folder: pass a train.py run folder")
+    return run_dir
+
+
+def evaluate_main(args: argparse.Namespace) -> None:
+    """RUN_DIR: evaluate the saved model on the clean test split and print (or --json) the metrics."""
+    run_dir = single_run_dir(args.runs, "evaluation", hint=": use --table for several")
     cfg = run_config(run_dir, args)
     if not (run_dir / "model.safetensors").is_file():
         raise FileNotFoundError(f"{run_dir} has no model.safetensors: the run has not finished (evaluate a finished run)")
@@ -587,11 +593,7 @@ def write_audit_csv(path: Path, flagged: list[int], keys: list[Any], key_name: s
 
 def audit_main(args: argparse.Namespace) -> None:
     """--audit RUN_DIR: rank the training examples whose given label the model contradicts; write a CSV."""
-    if len(args.runs) != 1:
-        raise ValueError(f"--audit takes one run folder, got {len(args.runs)}")
-    run_dir = Path(args.runs[0])
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"{run_dir} is not a folder: pass a train.py run folder")
+    run_dir = single_run_dir(args.runs, "--audit")
     cfg = run_config(run_dir, args)
     # Map-style even for a streamed run: the audit needs every training example once, in a stable order.
     train_ds, _, info = data.prepare_data({**cfg, "streaming": False})
