@@ -14,11 +14,14 @@ is the same on one GPU or many.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import math
 import os
 import platform
+import socket
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -28,7 +31,7 @@ import datasets
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
@@ -141,11 +144,19 @@ def check_args(args: argparse.Namespace, world_size: int) -> list[int]:
         raise ValueError(f"unknown method {args.method!r}: choose one of {', '.join(losses.METHODS)}")
     if args.model is not None and args.model not in models.MODELS:
         raise ValueError(f"unknown model {args.model!r}: choose one of {', '.join(models.MODELS)}")
-    for flag in ("max_steps", "batch_size", "gradient_accumulation_steps", "eval_every", "save_every", "log_every"):
+    for flag in ("max_steps", "batch_size", "gradient_accumulation_steps", "eval_every", "save_every", "log_every",
+                 "keep_checkpoints"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     if not 0.0 <= args.noise_rate < 1.0:
         raise ValueError(f"--noise-rate must be in [0, 1), got {args.noise_rate}")
+    if args.noise == "none" and args.noise_rate:
+        raise ValueError(f"--noise none with --noise-rate {args.noise_rate}: choose a --noise kind, or drop --noise-rate")
+    if args.train_eval_size is not None and args.train_eval_size < 0:
+        raise ValueError(f"--train-eval-size must be 0 (off) or more, got {args.train_eval_size}")
+    if args.resume and args.overwrite and resume_is_inside(args.resume, Path(args.output_dir)):
+        raise ValueError("--resume and --overwrite contradict each other: --overwrite would delete the checkpoint "
+                         "to resume from; pass one of them (nothing was changed)")
     try:
         milestones = [int(m) for m in str(args.milestones).split(",") if m.strip()]
     except ValueError:
@@ -158,17 +169,133 @@ def check_args(args: argparse.Namespace, world_size: int) -> list[int]:
     return milestones
 
 
+LOCK_NAME = "train.lock"
+_held_locks: list[Path] = []  # locks this process took; cli() releases them when main() ends, also on error
+
+
+def resume_is_inside(resume: str, out: Path) -> bool:
+    """Whether --resume names a checkpoint in the run folder itself ('latest' or a path under out)."""
+    return resume == "latest" or Path(resume).resolve().is_relative_to(out.resolve())
+
+
+def check_folder_path(out: Path) -> None:
+    """Refuse an --output-dir that is a file or lies under one."""
+    for path in (out, *out.parents):
+        if path.exists() and not path.is_dir():
+            where = "is a file" if path == out else f"lies under the file {path}"
+            raise ValueError(f"--output-dir {out} {where}: choose a folder")
+        if path.exists():
+            return
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+def read_lock(lock: Path) -> dict:
+    """The lock file's {'pid', 'host'}; {} when it is empty or torn."""
+    try:
+        holder = json.loads(lock.read_text())
+    except (OSError, ValueError):
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def lock_run_folder(out: Path) -> Path:
+    """Create out and take out/train.lock atomically (O_CREAT|O_EXCL) with our pid and host; a lock left by a
+    dead process on this host is taken over with a notice, a live one is refused with one line naming it."""
+    check_folder_path(out)
+    lock, me = out / LOCK_NAME, {"pid": os.getpid(), "host": socket.gethostname()}
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = read_lock(lock)
+                torn = not holder and time.time() - lock.stat().st_mtime > 10  # killed between create and write
+                if torn or (holder.get("host") == me["host"] and not pid_alive(int(holder.get("pid", -1)))):
+                    print(f"note: {out} was locked by pid {holder.get('pid')} on {holder.get('host')}, which is gone; "
+                          f"taking the lock over", file=sys.stderr)
+                    lock.unlink(missing_ok=True)
+                    continue
+                raise ValueError(f"{out} is in use by another run (pid {holder.get('pid')} on {holder.get('host')}, "
+                                 f"see {lock}): wait for it to end, or choose another --output-dir") from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            _held_locks.append(lock)
+            return lock
+    except OSError as e:
+        raise ValueError(f"cannot write to --output-dir {out} ({e.strerror or e}): choose a writable folder") from None
+    raise ValueError(f"{out}: another run keeps taking {lock}; choose another --output-dir")
+
+
+def release_run_folder_locks() -> None:
+    """Remove the run-folder locks this process holds."""
+    while _held_locks:
+        lock = _held_locks.pop()
+        if read_lock(lock).get("pid") == os.getpid():
+            lock.unlink(missing_ok=True)
+
+
+atexit.register(release_run_folder_locks)  # also when main() is called without cli()
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """The newest complete checkpoint (one with trainer_state.json) in out/checkpoints, or None."""
+    done = sorted(p for p in (out / "checkpoints").glob("step_*") if (p / "trainer_state.json").exists())
+    return done[-1] if done else None
+
+
+def folder_contents(out: Path) -> str:
+    """'config.json, metrics.jsonl, ...': what a run folder holds, for error messages."""
+    names = sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME) if out.is_dir() else []
+    return ", ".join(names) or "nothing"
+
+
+def clear_run_folder(out: Path) -> None:
+    """Delete everything in out except our lock (--overwrite)."""
+    for child in out.iterdir():
+        if child.name == LOCK_NAME:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
 def prepare_output_dir(args: argparse.Namespace, accelerator: Accelerator) -> Path:
-    """Refuse to clobber a run unless --overwrite; a killed run is continued only with --resume."""
+    """Lock the run folder, then refuse to clobber a run unless --overwrite; a killed run is continued only with --resume."""
     out = Path(args.output_dir)
+    refused = [None]
+    if accelerator.is_main_process:
+        try:
+            lock_run_folder(out)
+        except ValueError as e:
+            refused = [str(e)]
+    broadcast_object_list(refused)  # every process stops when the main one could not take the folder
+    if refused[0]:
+        raise ValueError(refused[0])
     finished, started = (out / "model.safetensors").exists(), (out / "config.json").exists()
     if args.overwrite:
-        if accelerator.is_main_process and out.exists():
-            shutil.rmtree(out)
+        if accelerator.is_main_process:
+            clear_run_folder(out)
     elif finished:
         raise ValueError(f"{out} already holds a finished run: pass --overwrite to replace it, or another --output-dir")
     elif started and not args.resume:
-        raise ValueError(f"{out} holds an unfinished run: pass --resume latest to continue it, or --overwrite")
+        last = latest_checkpoint(out)
+        if last is not None:
+            raise ValueError(f"{out} holds an unfinished run (last checkpoint {last.name}): pass --resume latest to "
+                             f"continue it, or --overwrite to start it over")
+        raise ValueError(f"{out} holds a run stopped before its first checkpoint ({folder_contents(out)}): nothing to "
+                         f"resume; pass --overwrite to start it over, or choose another --output-dir")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (out / "checkpoints").mkdir(parents=True, exist_ok=True)
@@ -179,10 +306,14 @@ def prepare_output_dir(args: argparse.Namespace, accelerator: Accelerator) -> Pa
 def find_checkpoint(resume: str, out: Path) -> Path:
     """The checkpoint folder to resume from: 'latest' complete one in out/checkpoints, or the path given."""
     if resume == "latest":
-        done = sorted(p for p in (out / "checkpoints").glob("step_*") if (p / "trainer_state.json").exists())
-        if not done:
-            raise ValueError(f"--resume latest: no complete checkpoint in {out / 'checkpoints'}; start without --resume")
-        return done[-1]
+        last = latest_checkpoint(out)
+        if last is None:
+            contents = folder_contents(out).replace("checkpoints", "an empty checkpoints folder")
+            advice = ("start without --resume" if contents == "an empty checkpoints folder" else
+                      "nothing to resume; start it over with --overwrite instead of --resume latest")
+            raise ValueError(f"--resume latest: no complete checkpoint in {out / 'checkpoints'} "
+                             f"(the folder holds {contents}): {advice}")
+        return last
     path = Path(resume)
     if not path.is_dir():
         raise ValueError(f"--resume {resume}: no such checkpoint folder")
@@ -191,41 +322,112 @@ def find_checkpoint(resume: str, out: Path) -> Path:
     return path
 
 
-# Flags that may change between a run and its resumption; every other one must match config.json.
-RESUMABLE_CHANGES = ("resume", "overwrite", "report_to", "log_every", "eval_every", "save_every", "keep_checkpoints",
-                     "compile", "world_size", "device", "versions", "git_commit")
+# Flags that may change between a run and its resumption; every other one must match the checkpoint's config.json.
+# The folder's own location (output_dir) is no hyperparameter: a run folder may be moved, copied or spelled otherwise.
+RESUMABLE_CHANGES = ("resume", "overwrite", "output_dir", "report_to", "log_every", "eval_every", "save_every",
+                     "keep_checkpoints", "compile", "world_size", "device", "versions", "git_commit")
 
 
-def check_resume_config(out: Path, config: dict) -> None:
-    """A resumed run must be the same run: refuse changed hyperparameters with one line naming them."""
-    saved_path = out / "config.json"
-    if not saved_path.exists():
+def check_resume_config(ckpt: Path, out: Path, config: dict) -> None:
+    """A resumed run must be the same run: compare with the checkpoint's own config.json (older checkpoints:
+    the run folder's) and refuse changed hyperparameters with one line naming them."""
+    saved_path = next((p for p in (ckpt / "config.json", out / "config.json") if p.exists()), None)
+    if saved_path is None:
         return
-    saved = json.loads(saved_path.read_text())
+    try:
+        saved = json.loads(saved_path.read_text())
+    except ValueError:
+        raise ValueError(f"{saved_path} is not valid JSON: the run folder is damaged; resume from another checkpoint "
+                         f"or start over with --overwrite") from None
     changed = [k for k in config if k not in RESUMABLE_CHANGES and k in saved and saved[k] != config[k]]
     if changed:
         diffs = ", ".join(f"--{k.replace('_', '-')} {saved[k]!r} -> {config[k]!r}" for k in changed[:4])
-        raise ValueError(f"--resume: this run was started with other settings ({diffs}); "
+        raise ValueError(f"--resume: {ckpt} was written with other settings ({diffs}); "
                          f"use the same flags, or another --output-dir")
 
 
-def save_checkpoint(accelerator: Accelerator, out: Path, state: dict, keep: int) -> None:
-    """save_state into a temporary folder, then rename: a kill during the write leaves the last one usable."""
+def storage_error(e: OSError, out: Path, what: str) -> ValueError:
+    """One line for a failed write (disk full, read-only): what failed and which checkpoint can still be resumed."""
+    last = latest_checkpoint(out)
+    usable = (f"{last} is complete and still usable: free space or fix the folder, then run again with --resume latest"
+              if last is not None else "no checkpoint was completed yet")
+    return ValueError(f"cannot write the {what} in {out} ({e.strerror or e}); {usable}")
+
+
+def save_checkpoint(accelerator: Accelerator, out: Path, state: dict, keep: int, config: dict) -> None:
+    """save_state and the run's config.json into a temporary folder, then rename: a kill or a full disk during the
+    write leaves the last one usable."""
     final = out / "checkpoints" / f"step_{state['step']:06d}"
     tmp = out / "checkpoints" / f"tmp_step_{state['step']:06d}"
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
+    try:
+        if accelerator.is_main_process and tmp.exists():
+            shutil.rmtree(tmp)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            (tmp / "config.json").write_text(json.dumps(config, indent=2))  # the checkpoint's own record (resume check)
+            (tmp / "trainer_state.json").write_text(json.dumps(state))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            for old in sorted((out / "checkpoints").glob("step_*"))[:-keep]:
+                shutil.rmtree(old)
+    except OSError as e:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)  # a partial checkpoint only takes space
+        raise storage_error(e, out, f"checkpoint {final.name}") from None
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / "trainer_state.json").write_text(json.dumps(state))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in sorted((out / "checkpoints").glob("step_*"))[:-keep]:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
+
+
+def ran_precision(accelerator: Accelerator) -> str:
+    """The mixed precision that actually runs: Accelerate runs fp16 on a CPU in fp32, so say so and record 'no'."""
+    if accelerator.mixed_precision == "fp16" and not accelerator.native_amp:
+        if accelerator.is_main_process:
+            print(f"note: --mixed-precision fp16 needs a GPU; on {accelerator.device.type} this run is fp32 and "
+                  f"config.json records 'no' (use bf16 for mixed precision on a CPU)", file=sys.stderr)
+        return "no"
+    return accelerator.mixed_precision
+
+
+def check_trackers(report_to: str | None, accelerator: Accelerator) -> None:
+    """Refuse a --report-to tracker that Accelerate dropped because its package is missing."""
+    if report_to and report_to != "all" and not accelerator.log_with:
+        raise ValueError(f"--report-to {report_to}: the {report_to} package is not installed "
+                         f"(pip install {report_to.replace('_', '-')}), so nothing would be logged")
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep the metrics lines up to step; a line torn by a kill during its append is dropped."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("step", math.inf) <= step:
+            kept.append(line)
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def stop_if_diverged(bad_step: torch.Tensor, step: int, model, accelerator: Accelerator, args: argparse.Namespace,
+                     out: Path) -> None:
+    """Raise FloatingPointError when any process saw a non-finite loss or the weights are no longer finite
+    (one host sync), pointing to the last checkpoint (all are finite) with advice by what ran."""
+    weights_ok = torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all()
+    bad = torch.where(weights_ok | (bad_step >= 0), bad_step, step - 1)
+    bad = accelerator.gather(bad.view(1)).max().item()
+    if bad < 0:
+        return
+    accelerator.end_training()
+    last = latest_checkpoint(out)
+    advice = ("use --mixed-precision bf16 (fp16 overflows), or lower --lr" if args.mixed_precision == "fp16"
+              else f"lower --lr (this run used {args.lr:g})")
+    resume = f"the last checkpoint, {last}, is finite" if last else "no checkpoint was saved before it"
+    raise FloatingPointError(f"loss is not finite at step {bad} (training diverged): {advice}; {resume}; "
+                             f"nothing after it was saved or logged")
 
 
 def run_config(args: argparse.Namespace, info, world_size: int, device: torch.device) -> dict:
@@ -319,7 +521,8 @@ def main(argv: list[str] | None = None) -> None:
                               log_with=args.report_to, project_dir=args.output_dir,
                               dynamo_backend="inductor" if args.compile else None)
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
-    args.mixed_precision = accelerator.mixed_precision  # what runs, also when it came from the accelerate config
+    args.mixed_precision = ran_precision(accelerator)  # what runs, also when it came from the accelerate config
+    check_trackers(args.report_to, accelerator)
     milestones = check_args(args, world)
     if args.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -365,7 +568,7 @@ def main(argv: list[str] | None = None) -> None:
 
     config = run_config(args, info, world, device)
     if ckpt is not None:
-        check_resume_config(out, config)
+        check_resume_config(ckpt, out, config)
     accelerator.wait_for_everyone()  # every process has read config.json before the main one rewrites it
     if accelerator.is_main_process:
         (out / "config.json").write_text(json.dumps(config, indent=2))
@@ -386,9 +589,7 @@ def main(argv: list[str] | None = None) -> None:
             raise ValueError(f"checkpoint {ckpt} is corrupt or incomplete ({type(e).__name__}: {e}); "
                              f"resume from another one or start over with --overwrite") from None
         if accelerator.is_main_process:
-            kept = [line for line in (out / "metrics.jsonl").read_text().splitlines()
-                    if line and json.loads(line)["step"] <= state["step"]] if (out / "metrics.jsonl").exists() else []
-            (out / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
+            truncate_metrics(out / "metrics.jsonl", state["step"])
         accelerator.print(f"resumed from {ckpt} at step {state['step']}")
 
     # ---- loop: t counts optimizer steps (ProSelfLC's t); T = --max-steps
@@ -431,11 +632,9 @@ def main(argv: list[str] | None = None) -> None:
         state["n_sum"] += 1
         step = t + 1
 
+        if step % args.log_every == 0 or step % args.eval_every == 0 or step % args.save_every == 0 or step == args.max_steps:
+            stop_if_diverged(bad_step, step, model, accelerator, args, out)  # before anything is logged or saved
         if step % args.log_every == 0 or step == args.max_steps:
-            if bad_step.item() >= 0:  # the one host sync per log interval
-                accelerator.end_training()
-                raise FloatingPointError(f"loss is not finite at step {bad_step.item()}: lower --lr, or use "
-                                         f"--mixed-precision bf16 instead of fp16; checkpoints so far are in {out / 'checkpoints'}")
             now = time.perf_counter()
             speed = (step - tick_step) * args.batch_size / (now - tick)
             tick, tick_step = now, step
@@ -461,7 +660,7 @@ def main(argv: list[str] | None = None) -> None:
 
         if step % args.save_every == 0 and step < args.max_steps:
             state |= {"step": step, "loss_sum": loss_sum.item(), "eps_sum": eps_sum.item()}
-            save_checkpoint(accelerator, out, state, args.keep_checkpoints)
+            save_checkpoint(accelerator, out, state, args.keep_checkpoints, config)
     bar.close()
 
     # ---- save: the final model (the paper reports the final model, not the best one)
@@ -469,23 +668,34 @@ def main(argv: list[str] | None = None) -> None:
     if accelerator.is_main_process:
         weights = {k: v.detach().float().contiguous().cpu() if v.is_floating_point() else v.detach().contiguous().cpu()
                    for k, v in accelerator.unwrap_model(model, keep_torch_compile=False).state_dict().items()}
-        save_file(weights, str(out / "model.safetensors"))
+        try:
+            save_file(weights, str(out / "model.safetensors"))
+        except OSError as e:
+            (out / "model.safetensors").unlink(missing_ok=True)  # a partial file would look like a finished run
+            raise storage_error(e, out, "final model.safetensors") from None
     accelerator.end_training()
     accelerator.print(f"final test_acc={metrics['test_acc']:.4f} best_test_acc={state['best_acc']:.4f} "
                       f"(step {state['best_step']}) output_dir={out}")
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """Run main(); bad input becomes one 'error: ...' line and exit code 2 (PROSELFLC_DEBUG=1 shows the traceback)."""
+    """Run main(); bad input becomes one 'error: ...' line and exit code 2 (PROSELFLC_DEBUG=1 shows the traceback).
+    Under torchrun the line is printed by the process of rank 0 only; the run folder's lock is released in any case."""
     try:
         main(argv)
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+    except (ValueError, FileNotFoundError, FloatingPointError, OSError) as e:
         if os.environ.get("PROSELFLC_DEBUG"):
             raise
-        print(f"error: {e}", file=sys.stderr)
+        if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):  # a write refused by the system
+            e = f"{e.strerror or e}: {e.filename or 'a file of the run'}; check the folder's permissions and free space"
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        release_run_folder_locks()
     return 0
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))  # unwind: cli() releases the lock
     sys.exit(cli())
