@@ -201,8 +201,14 @@ class _CifarUnpickler(pickle.Unpickler):
 
 def _read_batch(path: str) -> dict[str, Any]:
     """One CIFAR python batch file -> dict with str keys."""
-    with open(path, "rb") as f:
-        obj = _CifarUnpickler(f, encoding="bytes").load()
+    try:
+        with open(path, "rb") as f:
+            obj = _CifarUnpickler(f, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
+        raise ValueError(f"{path} is not a CIFAR python batch ({e}): use the files of the official "
+                         f"cifar-10-batches-py / cifar-100-python download") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} is not a CIFAR python batch (it holds a {type(obj).__name__}, not a dict)")
     return {(k.decode() if isinstance(k, bytes) else k): v for k, v in obj.items()}
 
 
@@ -327,6 +333,10 @@ def load_local(path: str, name: str, streaming: bool) -> tuple[Any, Any]:
         return pickle_splits(*found)
     if os.path.isfile(os.path.join(path, "dataset_dict.json")):
         return _pick_splits(datasets.load_from_disk(path), path)
+    script = os.path.join(path, os.path.basename(os.path.normpath(path)) + ".py")
+    if os.path.isfile(script):
+        raise ValueError(f"{path} holds a loading script ({script}), which datasets no longer runs (nor do we): "
+                         f"point --data-dir at the data files (parquet, images) or a save_to_disk folder")
     if os.path.isfile(os.path.join(path, "state.json")):
         raise ValueError(f"{path} holds one saved split: save a DatasetDict with 'train' and 'test' splits")
     data_files = None

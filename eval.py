@@ -111,9 +111,12 @@ def read_config(path: Path) -> dict[str, Any]:
     if not f.is_file():
         raise FileNotFoundError(f"{path} has no config.json: not a train.py run folder")
     try:
-        return json.loads(f.read_text())
+        config = json.loads(f.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{f} is not valid JSON ({e}): the run folder is damaged") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{f} holds a JSON {type(config).__name__}, not the object train.py writes: the run folder is damaged")
+    return config
 
 
 def load_run(path: Path) -> Run:
@@ -386,7 +389,10 @@ def plot_main(args: argparse.Namespace) -> None:
     """--plot: write the PNG to --out (default dynamics.png)."""
     runs = [load_run(p) for p in find_run_dirs(args.runs)]
     out = Path(args.out or "dynamics.png")
-    plot_runs(runs, out)
+    try:
+        plot_runs(runs, out)
+    except OSError as e:
+        raise ValueError(f"cannot write the plot to {out} ({e.strerror or e}): choose a writable --out") from None
     print(f"wrote {out} ({len(runs)} runs)")
 
 

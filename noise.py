@@ -269,9 +269,21 @@ def _pick_column(columns: Mapping[str, Any], noise_key: str | None, path: str) -
     if noise_key not in columns:
         raise ValueError(f"noise file {path} has no key {noise_key!r}: it holds {', '.join(columns)}")
     clean = columns.get("clean_label")
-    return np.asarray(columns[noise_key]).astype(np.int64).reshape(-1), (
-        None if clean is None else np.asarray(clean).astype(np.int64).reshape(-1)
-    )
+    return int_labels(columns[noise_key], path), None if clean is None else int_labels(clean, path)
+
+
+def int_labels(values: Any, path: str) -> np.ndarray:
+    """Class labels as int64; floats pass only when integral (3.0), anything else is refused naming the file."""
+    labels = np.asarray(values).reshape(-1)
+    if labels.dtype.kind in "iu":
+        return labels.astype(np.int64)
+    if labels.dtype.kind == "f":
+        wrong = ~(np.isfinite(labels) & (labels == np.round(labels)))
+        if not wrong.any():
+            return labels.astype(np.int64)
+        raise ValueError(f"noise file {path} holds non-integer labels ({wrong.sum()} of {len(labels)}, the first "
+                         f"{float(labels[wrong][0])} at index {np.flatnonzero(wrong)[0]}): write class indices 0..C-1")
+    raise ValueError(f"noise file {path} holds {labels.dtype} values, not integer class labels: write class indices 0..C-1")
 
 
 def load_noise_file(path: str, noise_key: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
@@ -283,14 +295,19 @@ def load_noise_file(path: str, noise_key: str | None = None) -> tuple[np.ndarray
         import torch
 
         # weights-only: no arbitrary unpickling, only numpy's array types are allowed
-        with torch.serialization.safe_globals(_numpy_safe_globals()):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            with torch.serialization.safe_globals(_numpy_safe_globals()):
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - garbage, or a pickle asking for code: refused either way
+            why = "it asks to run code, which is refused" if "GLOBAL" in str(e).upper() else "not a torch file"
+            raise ValueError(f"noise file {path} cannot be read as tensors or numpy arrays ({why}): "
+                             f"pass CIFAR-N's .pt file, or a .npy, .csv or .parquet of labels") from None
         if not isinstance(obj, Mapping):
             obj = {"noisy_label": obj}
         columns = {k: (v.numpy() if hasattr(v, "numpy") else np.asarray(v)) for k, v in obj.items()}
         return _pick_column(columns, noise_key, path)
     if ext == ".npy":
-        return np.load(path, allow_pickle=False).astype(np.int64).reshape(-1), None
+        return int_labels(np.load(path, allow_pickle=False), path), None
     if ext in (".csv", ".parquet"):
         if ext == ".csv":
             import pyarrow.csv as pcsv

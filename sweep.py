@@ -32,8 +32,10 @@ import argparse
 import os
 import queue
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -102,7 +104,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.eps = args.eps or list(preset["eps"])
     args.launcher = args.launcher or preset["launcher"]
     args.cpu = preset["cpu"] if args.cpu is None else args.cpu
-    args.jobs = args.jobs or (len(args.gpus.split(",")) if args.gpus else preset["jobs"])
+    if args.jobs is None:
+        args.jobs = len(args.gpus.split(",")) if args.gpus else preset["jobs"]
     args.output_root = Path(args.output_root or f"runs/sweep-{args.preset}")
     args.train_args = list(preset["train_args"]) + extra
     if args.jobs < 1 or not args.seeds or not args.methods:
@@ -124,6 +127,9 @@ def parse_settings(texts: Sequence[str]) -> list[tuple[str, float]]:
             settings.append((noise, float(rate or 0.0)))
         except ValueError:
             raise ValueError(f"--settings {text!r}: write NOISE:RATE, e.g. symmetric:0.4") from None
+        if (noise == "none") == bool(settings[-1][1]):
+            raise ValueError(f"--settings {text!r}: " + ("'none' takes no rate" if noise == "none" else
+                                                           f"{noise} needs a rate, e.g. {noise}:0.4"))
     return settings
 
 
@@ -183,6 +189,19 @@ def command(job: Job, args: argparse.Namespace) -> list[str]:
     return [*launch, str(ROOT / "train.py"), *train]
 
 
+_children: set[subprocess.Popen] = set()  # the train.py processes running now
+_children_lock = threading.Lock()  # taken by the job threads, and by the signal handler in the main thread
+_stopped_by: list[int] = []  # the signal that stopped the sweep, once one came
+
+
+def stop_children(signum: int, frame: Any) -> None:
+    """SIGTERM/SIGINT handler: start no further run and pass the signal on to every running train.py."""
+    with _children_lock:
+        _stopped_by.append(signum)
+        for child in _children:
+            child.send_signal(signum)
+
+
 def run_job(job: Job, args: argparse.Namespace, slots: queue.Queue, number: str) -> tuple[Job, int, float]:
     """Run one job in a free slot (a GPU id or a CPU thread), its output into logs/<name>.log; return its exit code."""
     slot = slots.get()
@@ -199,7 +218,16 @@ def run_job(job: Job, args: argparse.Namespace, slots: queue.Queue, number: str)
         with open(log, "w") as f:
             f.write(shlex.join(cmd) + "\n")
             f.flush()
-            code = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+            with _children_lock:
+                if _stopped_by:  # the sweep was stopped while this job waited for its slot
+                    return job, 128 + _stopped_by[0], 0.0
+                child = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+                _children.add(child)
+            try:
+                code = child.wait()
+            finally:
+                with _children_lock:
+                    _children.discard(child)
         seconds = time.perf_counter() - start
         last = log.read_text().strip().splitlines()[-1:] or [""]
         print(f"{number} {'done' if code == 0 else 'FAILED'} {job.name} in {seconds:.0f} s: {last[0][-160:]}", flush=True)
@@ -256,8 +284,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     for i in range(args.jobs):
         slots.put(args.gpus.split(",")[i % len(args.gpus.split(","))] if args.gpus else str(i))
     start = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        results = list(pool.map(lambda kj: run_job(kj[1], args, slots, f"[{kj[0] + 1}/{len(todo)}]"), enumerate(todo)))
+    handlers = {s: signal.signal(s, stop_children) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # leaving the block waits for every running job
+            results = list(pool.map(lambda kj: run_job(kj[1], args, slots, f"[{kj[0] + 1}/{len(todo)}]"), enumerate(todo)))
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    if _stopped_by:
+        name = signal.Signals(_stopped_by[0]).name
+        print(f"sweep stopped by {name}: its running train.py processes were stopped and have exited; "
+              f"the same command continues the sweep", file=sys.stderr)
+        return 128 + _stopped_by[0]
     failed = [job.name for job, code, _ in results if code != 0]
     print(f"ran {len(todo)} runs in {time.perf_counter() - start:.0f} s" + (f"; failed: {', '.join(failed)}" if failed else ""))
     summarise(jobs, args)
