@@ -255,9 +255,9 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 
 def folder_contents(out: Path) -> str:
-    """'config.json, metrics.jsonl, ...': what a run folder holds, for error messages."""
-    names = sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME) if out.is_dir() else []
-    return ", ".join(names) or "nothing"
+    """'config.json, metrics.jsonl, ...': what a run folder holds besides the lock and the checkpoints, for messages."""
+    names = sorted(p.name for p in out.iterdir() if p.name not in (LOCK_NAME, "checkpoints")) if out.is_dir() else []
+    return ", ".join(names)
 
 
 def clear_run_folder(out: Path) -> None:
@@ -308,11 +308,10 @@ def find_checkpoint(resume: str, out: Path) -> Path:
     if resume == "latest":
         last = latest_checkpoint(out)
         if last is None:
-            contents = folder_contents(out).replace("checkpoints", "an empty checkpoints folder")
-            advice = ("start without --resume" if contents == "an empty checkpoints folder" else
-                      "nothing to resume; start it over with --overwrite instead of --resume latest")
-            raise ValueError(f"--resume latest: no complete checkpoint in {out / 'checkpoints'} "
-                             f"(the folder holds {contents}): {advice}")
+            contents = folder_contents(out)
+            advice = (f"the folder holds {contents}: nothing to resume; start it over with --overwrite instead of "
+                      f"--resume latest" if contents else "the folder holds no run yet: start without --resume")
+            raise ValueError(f"--resume latest: no complete checkpoint in {out / 'checkpoints'}; {advice}")
         return last
     path = Path(resume)
     if not path.is_dir():

@@ -1,0 +1,333 @@
+"""Nothing lost, nothing silent (issue 9): each case a hostile user found ends with nothing lost and either a correct
+run or one `error:` line and exit 2."""
+
+import errno
+import importlib.util
+import json
+import math
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import eval as ev
+import losses
+import sweep
+import train
+
+ROOT = Path(train.__file__).resolve().parent
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+TINY = ["--cpu", "--dataset", "synthetic", "--synthetic-size", "256", "--model", "digits_cnn", "--batch-size", "32",
+        "--max-steps", "4", "--save-every", "2", "--eval-every", "2"]
+
+
+def one_error_line(capsys) -> str:
+    """The single stderr line of a refused run (notes aside)."""
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip() and not line.startswith("note:")]
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under folder with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def wait_for(path: Path, proc: subprocess.Popen, seconds: float = 120) -> None:
+    deadline = time.time() + seconds
+    while not path.exists():
+        assert proc.poll() is None and time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def killed_run(tmp_path_factory) -> Path:
+    """A run killed after its checkpoint at step 2: config, metrics of steps 2 and 4, no model.safetensors."""
+    out = tmp_path_factory.mktemp("killed") / "run"
+    assert train.cli([*TINY, "--output-dir", str(out)]) == 0
+    (out / "model.safetensors").unlink()
+    return out
+
+
+@pytest.fixture
+def copy_of(killed_run, tmp_path):
+    def copy(name: str = "run") -> Path:
+        return Path(shutil.copytree(killed_run, tmp_path / name))
+    return copy
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A folder nobody can write to: chmod 555, or for root (who ignores modes) a read-only tmpfs mount."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    mounted = False
+    if os.access(folder, os.W_OK):  # root
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro", "tmpfs", str(folder)],
+                                 capture_output=True).returncode == 0
+        if not mounted:
+            folder.chmod(0o755)
+            pytest.skip("cannot make a read-only folder as root here")
+    yield folder
+    if mounted:
+        subprocess.run(["umount", str(folder)], check=True)
+    folder.chmod(0o755)
+
+
+# ---- 1. --resume latest --overwrite
+def test_resume_with_overwrite_is_refused_before_touching_anything(copy_of, capsys):
+    out = copy_of()
+    before = snapshot(out)
+    assert train.cli([*TINY, "--output-dir", str(out), "--resume", "latest", "--overwrite"]) == 2
+    assert "contradict" in one_error_line(capsys)
+    assert snapshot(out) == before
+
+
+# ---- 2. two runs into one folder: the lock
+def test_a_second_run_into_a_busy_folder_is_refused_and_a_dead_runs_lock_is_taken_over(tmp_path, capsys):
+    out = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "train.py", *TINY, "--max-steps", "100000", "--eval-every", "100000",
+                              "--save-every", "100000", "--output-dir", str(out)],
+                             cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(out / "config.json", first)
+        before = snapshot(out)
+        assert train.cli([*TINY, "--output-dir", str(out), "--overwrite"]) == 2  # not even --overwrite
+        line = one_error_line(capsys)
+        assert f"in use by another run (pid {first.pid} on " in line
+        assert {k: v for k, v in snapshot(out).items() if k != "metrics.jsonl"} == \
+            {k: v for k, v in before.items() if k != "metrics.jsonl"}
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.wait(timeout=60)
+    assert not (out / train.LOCK_NAME).exists(), "SIGTERM must unwind and release the lock"
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (out / train.LOCK_NAME).write_text(json.dumps({"pid": int(dead.stdout), "host": train.socket.gethostname()}))
+    assert train.cli([*TINY, "--output-dir", str(out), "--overwrite"]) == 0
+    assert f"locked by pid {int(dead.stdout)}" in capsys.readouterr().err
+    assert not (out / train.LOCK_NAME).exists()
+
+
+# ---- 3. sweep.py forwards SIGTERM and waits for its runs
+def test_a_terminated_sweep_leaves_no_train_py_running(tmp_path):
+    root = tmp_path / "sweep"
+    proc = subprocess.Popen([sys.executable, "sweep.py", "--methods", "cce", "--settings", "symmetric:0.2",
+                             "--seeds", "0", "1", "--jobs", "2", "--output-root", str(root),
+                             "--", *TINY[1:], "--max-steps", "100000", "--eval-every", "100000", "--save-every", "100000"],
+                            cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    locks = [root / f"digits-symmetric-0.2-cce-seed{s}" / train.LOCK_NAME for s in (0, 1)]
+    try:
+        for lock in locks:
+            wait_for(lock, proc)
+        children = [json.loads(lock.read_text())["pid"] for lock in locks]
+        assert all(train.pid_alive(pid) for pid in children)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM and "sweep stopped by SIGTERM" in err
+    assert not any(train.pid_alive(pid) for pid in children)
+    assert not any(lock.exists() for lock in locks)
+
+
+# ---- 4. a .npy noise file of floats
+def test_a_noise_file_of_fractional_labels_is_refused(tmp_path, capsys):
+    floats = tmp_path / "labels.npy"
+    np.save(floats, np.full(200, 0.7))
+    assert train.cli([*TINY, "--output-dir", str(tmp_path / "run"), "--noise", "file", "--noise-file", str(floats)]) == 2
+    line = one_error_line(capsys)
+    assert str(floats) in line and "non-integer labels" in line and "0.7" in line
+    assert floats.exists()
+    np.save(tmp_path / "integral.npy", np.array([3.0, 1.0, 0.0]))  # integral floats are labels
+    assert train.noise.load_noise_file(str(tmp_path / "integral.npy"))[0].tolist() == [3, 1, 0]
+
+
+# ---- 5. --keep-checkpoints below 1
+@pytest.mark.parametrize("keep", ["-1", "0"])
+def test_keep_checkpoints_below_one_is_refused(tmp_path, capsys, keep):
+    assert train.cli([*TINY, "--output-dir", str(tmp_path / "run"), "--keep-checkpoints", keep]) == 2
+    assert "--keep-checkpoints must be at least 1" in one_error_line(capsys)
+
+
+# ---- 6. fp16 on a CPU runs fp32 (Accelerate's behaviour): one notice, and config.json says what ran
+def test_fp16_on_cpu_says_so_and_records_what_ran(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train.cli([*TINY, "--max-steps", "2", "--output-dir", str(out), "--mixed-precision", "fp16"]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "fp16 needs a GPU" in notes[0] and "bf16" in notes[0]
+    assert json.loads((out / "config.json").read_text())["mixed_precision"] == "no"
+
+
+# ---- 7. divergence: nothing non-finite saved or logged, the last finite checkpoint named, advice by what ran
+def test_after_a_divergence_nothing_is_saved_or_logged_and_the_last_checkpoint_is_named(tmp_path, capsys, monkeypatch):
+    real = losses.build_loss
+
+    def poisoned(*args, **kwargs):  # the loss turns NaN from step t = 5 on; the check runs only every 10 steps
+        fn = real(*args, **kwargs)
+        forward = fn.forward
+        fn.forward = lambda logits, labels, step=0, **kw: forward(logits, labels, step=step, **kw) * (
+            math.nan if step >= 5 else 1.0)
+        return fn
+
+    monkeypatch.setattr(losses, "build_loss", poisoned)
+    out = tmp_path / "run"
+    assert train.cli([*TINY, "--max-steps", "20", "--log-every", "10", "--keep-checkpoints", "5",
+                      "--output-dir", str(out)]) == 2
+    line = one_error_line(capsys)
+    assert "not finite at step 5" in line and str(out / "checkpoints" / "step_000004") in line
+    assert "lower --lr" in line and "fp16" not in line  # an fp32 run
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000002", "step_000004"]
+    for ckpt in (out / "checkpoints").iterdir():
+        assert all(torch.isfinite(t).all() for t in load_file(str(ckpt / "model.safetensors")).values())
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(m)["step"] for m in lines] == [2, 4] and "NaN" not in "".join(lines)
+
+
+# ---- 8. a torn last line in metrics.jsonl
+def test_a_torn_metrics_line_is_dropped_on_resume(copy_of):
+    out = copy_of()
+    metrics = out / "metrics.jsonl"
+    whole = metrics.read_text().splitlines()
+    with open(metrics, "r+") as f:
+        f.truncate(len(metrics.read_bytes()) - 20)  # a kill during the append of the step-4 line
+    assert train.cli([*TINY, "--output-dir", str(out), "--resume", "latest"]) == 0
+    lines = metrics.read_text().splitlines()
+    assert [json.loads(m)["step"] for m in lines] == [2, 4] and lines[0] == whole[0]
+
+
+# ---- 9. a moved run folder, spelled relative
+def test_a_moved_run_folder_resumes(copy_of, tmp_path, monkeypatch):
+    moved = copy_of("elsewhere")
+    monkeypatch.chdir(tmp_path)
+    assert train.cli([*TINY, "--output-dir", "elsewhere", "--resume", "latest"]) == 0
+    assert (moved / "model.safetensors").exists()
+
+
+# ---- 10. another run's checkpoint into a fresh folder: checked against the checkpoint's own record
+def test_resuming_another_runs_checkpoint_with_another_lr_is_refused(killed_run, tmp_path, capsys):
+    ckpt = killed_run / "checkpoints" / "step_000002"
+    assert json.loads((ckpt / "config.json").read_text())["lr"] == 0.1
+    assert train.cli([*TINY, "--output-dir", str(tmp_path / "fresh"), "--resume", str(ckpt), "--lr", "0.5"]) == 2
+    assert "--lr 0.1 -> 0.5" in one_error_line(capsys)
+    assert not (tmp_path / "fresh" / "config.json").exists()
+
+
+# ---- tracebacks that became one line
+def test_unwritable_output_folders_give_one_line(read_only_dir, tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    for out, words in ((read_only_dir, "cannot write to --output-dir"), (read_only_dir / "run", "cannot write to"),
+                       (a_file, "is a file"), (a_file / "run", "lies under the file")):
+        assert train.cli([*TINY, "--output-dir", str(out)]) == 2
+        assert words in one_error_line(capsys)
+    assert a_file.read_text() == "x"
+
+
+@pytest.mark.parametrize("when", ["checkpoint", "final save"])
+def test_a_full_disk_names_the_checkpoint_still_usable(tmp_path, capsys, monkeypatch, when):
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    if when == "checkpoint":
+        real, calls = train.Accelerator.save_state, []
+
+        def second_fails(self, *args, **kwargs):
+            calls.append(1)
+            return full() if len(calls) == 2 else real(self, *args, **kwargs)
+
+        monkeypatch.setattr(train.Accelerator, "save_state", second_fails)
+    else:
+        monkeypatch.setattr(train, "save_file", full)
+    out = tmp_path / "run"
+    assert train.cli([*TINY, "--max-steps", "6", "--output-dir", str(out)]) == 2
+    line = one_error_line(capsys)
+    usable = out / "checkpoints" / ("step_000004" if when == "final save" else "step_000002")
+    assert "No space left on device" in line and f"{usable} is complete and still usable" in line
+    assert not (out / "model.safetensors").exists() and not list((out / "checkpoints").glob("tmp_*"))
+
+
+def test_bad_data_and_label_files_give_one_line(tmp_path, capsys):
+    class Evil:
+        def __reduce__(self):
+            return os.system, (f"touch {tmp_path / 'pwned'}",)
+
+    torch.save({"noisy_label": Evil()}, tmp_path / "evil.pt")
+    (tmp_path / "garbage.pt").write_bytes(b"not a torch file" * 8)
+    cifar = tmp_path / "cifar-10-batches-py"
+    cifar.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (cifar / name).write_bytes(pickle.dumps({b"data": Evil(), b"labels": [0]}))
+    script = tmp_path / "scripted"
+    script.mkdir()
+    (script / "scripted.py").write_text(f"open({str(tmp_path / 'pwned')!r}, 'w')\n")
+    cases = [(["--noise", "file", "--noise-file", str(tmp_path / "evil.pt")], "asks to run code"),
+             (["--noise", "file", "--noise-file", str(tmp_path / "garbage.pt")], "not a torch file"),
+             (["--dataset", "cifar10", "--data-dir", str(tmp_path)], "not a CIFAR python batch"),
+             (["--dataset", "scripted", "--data-dir", str(script)], "loading script")]
+    for flags, words in cases:
+        assert train.cli([*TINY, "--output-dir", str(tmp_path / "run"), *flags]) == 2
+        assert words in one_error_line(capsys)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_eval_refuses_a_config_that_is_not_an_object_and_an_unwritable_plot(killed_run, read_only_dir, tmp_path):
+    run = Path(shutil.copytree(killed_run, tmp_path / "run"))
+    with pytest.raises(ValueError, match="cannot write the plot"):
+        ev.main(["--plot", str(run), "--out", str(read_only_dir / "dynamics.png")])
+    (run / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="holds a JSON list, not the object"):
+        ev.main(["--plot", str(run), "--out", str(tmp_path / "d.png")])
+
+
+def test_under_torchrun_one_process_prints_the_error(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           "29533", "train.py", *TINY, "--keep-checkpoints", "0", "--output-dir", str(tmp_path / "r")],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert [line for line in proc.stderr.splitlines() if line.startswith("error: ")] == \
+        ["error: --keep-checkpoints must be at least 1, got 0"]
+
+
+# ---- silently accepted input that now gets one line
+@pytest.mark.parametrize("flags, words", [
+    (["--noise", "none", "--noise-rate", "0.4"], "--noise none with --noise-rate 0.4"),
+    (["--train-eval-size", "-1"], "--train-eval-size must be 0 (off) or more"),
+    (["--report-to", "wandb"], "the wandb package is not installed"),
+])
+def test_silently_accepted_flags_are_refused(tmp_path, capsys, flags, words):
+    if flags[-1] == "wandb" and importlib.util.find_spec("wandb"):
+        pytest.skip("wandb is installed here")
+    assert train.cli([*TINY, "--output-dir", str(tmp_path / "run"), *flags]) == 2
+    assert words in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("flags, words", [(["--jobs", "0"], "--jobs must be >= 1"),
+                                          (["--settings", "symmetric"], "symmetric needs a rate")])
+def test_sweep_refuses_a_zero_jobs_and_a_rateless_setting(tmp_path, flags, words):
+    with pytest.raises(ValueError, match=words):
+        sweep.parse_args(["--output-root", str(tmp_path), *flags])
+
+
+def test_a_run_killed_before_its_first_checkpoint_is_explained(copy_of, capsys):
+    out = copy_of()
+    shutil.rmtree(out / "checkpoints")
+    before = snapshot(out)
+    assert train.cli([*TINY, "--output-dir", str(out)]) == 2
+    line = one_error_line(capsys)
+    assert "stopped before its first checkpoint (config.json, metrics.jsonl, noise.json)" in line
+    assert "--overwrite" in line and "--resume" not in line
+    assert train.cli([*TINY, "--output-dir", str(out), "--resume", "latest"]) == 2
+    line = one_error_line(capsys)
+    assert "no complete checkpoint" in line and "--overwrite" in line and "start without --resume" not in line
+    assert snapshot(out) == before
