@@ -199,7 +199,25 @@ def stop_children(signum: int, frame: Any) -> None:
     with _children_lock:
         _stopped_by.append(signum)
         for child in _children:
-            child.send_signal(signum)
+            try:
+                os.killpg(child.pid, signum)
+            except ProcessLookupError:
+                pass
+
+
+def wait_for_group(group: int, seconds: float = 60.0) -> None:
+    """Wait until no process of the group is left (accelerate launch exits before its workers), then kill stragglers."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    try:
+        os.killpg(group, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def run_job(job: Job, args: argparse.Namespace, slots: queue.Queue, number: str) -> tuple[Job, int, float]:
@@ -221,16 +239,19 @@ def run_job(job: Job, args: argparse.Namespace, slots: queue.Queue, number: str)
             with _children_lock:
                 if _stopped_by:  # the sweep was stopped while this job waited for its slot
                     return job, 128 + _stopped_by[0], 0.0
-                child = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+                # its own process group: a signal reaches the launcher and the train.py processes it starts
+                child = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
                 _children.add(child)
             try:
                 code = child.wait()
+                if _stopped_by:
+                    wait_for_group(child.pid)
             finally:
                 with _children_lock:
                     _children.discard(child)
         seconds = time.perf_counter() - start
         last = log.read_text().strip().splitlines()[-1:] or [""]
-        print(f"{number} {'done' if code == 0 else 'FAILED'} {job.name} in {seconds:.0f} s: {last[0][-160:]}", flush=True)
+        print(f"{number} {'done' if code == 0 else 'stopped' if _stopped_by else 'FAILED'} {job.name} in {seconds:.0f} s: {last[0][-160:]}", flush=True)
         return job, code, seconds
     finally:
         slots.put(slot)
