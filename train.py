@@ -341,7 +341,7 @@ def check_resume_config(ckpt: Path, out: Path, config: dict) -> None:
     changed = [k for k in config if k not in RESUMABLE_CHANGES and k in saved and saved[k] != config[k]]
     if changed:
         diffs = ", ".join(f"--{k.replace('_', '-')} {saved[k]!r} -> {config[k]!r}" for k in changed[:4])
-        raise ValueError(f"--resume: {ckpt} was written with other settings ({diffs}); "
+        raise ValueError(f"--resume: {ckpt} comes from a run started with other settings ({diffs}); "
                          f"use the same flags, or another --output-dir")
 
 
