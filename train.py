@@ -19,9 +19,9 @@ import json
 import math
 import os
 import platform
-import socket
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -631,7 +631,7 @@ def main(argv: list[str] | None = None) -> None:
         state["n_sum"] += 1
         step = t + 1
 
-        if step % args.log_every == 0 or step % args.eval_every == 0 or step % args.save_every == 0 or step == args.max_steps:
+        if step == args.max_steps or any(step % every == 0 for every in (args.log_every, args.eval_every, args.save_every)):
             stop_if_diverged(bad_step, step, model, accelerator, args, out)  # before anything is logged or saved
         if step % args.log_every == 0 or step == args.max_steps:
             now = time.perf_counter()
