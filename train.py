@@ -31,7 +31,8 @@ import datasets
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.tracking import get_available_trackers
+from accelerate.utils import LoggerType, broadcast_object_list, set_seed
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
@@ -389,9 +390,10 @@ def ran_precision(accelerator: Accelerator) -> str:
     return accelerator.mixed_precision
 
 
-def check_trackers(report_to: str | None, accelerator: Accelerator) -> None:
-    """Refuse a --report-to tracker that Accelerate dropped because its package is missing."""
-    if report_to and report_to != "all" and not accelerator.log_with:
+def check_trackers(report_to: str | None) -> None:
+    """Refuse a --report-to tracker whose package is missing: Accelerate would drop it and the run would log nothing."""
+    installed = {getattr(tracker, "value", tracker) for tracker in get_available_trackers()}
+    if report_to in LoggerType.list() and report_to != "all" and report_to not in installed:
         raise ValueError(f"--report-to {report_to}: the {report_to} package is not installed "
                          f"(pip install {report_to.replace('_', '-')}), so nothing would be logged")
 
@@ -515,13 +517,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     fill_defaults(args)
     datasets.disable_progress_bars()  # the noise maps take a second; our own bar shows training
+    check_trackers(args.report_to)
     accelerator = Accelerator(cpu=args.cpu, mixed_precision=args.mixed_precision,
                               gradient_accumulation_steps=args.gradient_accumulation_steps,
                               log_with=args.report_to, project_dir=args.output_dir,
                               dynamo_backend="inductor" if args.compile else None)
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
     args.mixed_precision = ran_precision(accelerator)  # what runs, also when it came from the accelerate config
-    check_trackers(args.report_to, accelerator)
     milestones = check_args(args, world)
     if args.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
