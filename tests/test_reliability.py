@@ -127,6 +127,7 @@ def test_a_terminated_sweep_leaves_no_train_py_running(tmp_path):
                              "--", *TINY[1:], "--max-steps", "100000", "--eval-every", "100000", "--save-every", "100000"],
                             cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     locks = [root / f"digits-symmetric-0.2-cce-seed{s}" / train.LOCK_NAME for s in (0, 1)]
+    children = []
     try:
         for lock in locks:
             wait_for(lock, proc)
@@ -134,10 +135,14 @@ def test_a_terminated_sweep_leaves_no_train_py_running(tmp_path):
         assert all(train.pid_alive(pid) for pid in children)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
+        survivors = [pid for pid in children if train.pid_alive(pid)]
     finally:
         proc.kill()
+        for pid in children:  # leave nothing behind when the test fails
+            if train.pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
     assert proc.returncode == 128 + signal.SIGTERM and "sweep stopped by SIGTERM" in err
-    assert not any(train.pid_alive(pid) for pid in children)
+    assert survivors == []
     assert not any(lock.exists() for lock in locks)
 
 
