@@ -11,6 +11,8 @@ configured for, one GPU or many) or `python train.py ...` (the digits preset, --
 Runs go to OUTPUT_ROOT/<dataset>-<noise>-<rate>-<method>[-eps<eps>]-seed<seed>, their logs to
 OUTPUT_ROOT/logs/. A run already finished (model.safetensors and a final metrics line) is skipped,
 a killed one continues from its last checkpoint (--resume latest) or starts over if it has none.
+SIGTERM or Ctrl-C stops the sweep and its running train.py processes (it waits for them); the same
+command then continues it. A run folder in use by a live train.py is never touched (train.lock).
 At the end: OUTPUT_ROOT/table.md and table.csv (eval.py --table) and OUTPUT_ROOT/dynamics.png
 (eval.py --plot: the preset's plot setting, one line per method, first seed, best eps).
 
