@@ -5,8 +5,10 @@
     torchrun --nproc_per_node 2 train.py --cpu        # two CPU processes over gloo
 
 Read it top to bottom: parse, build data, build model, build loss, prepare, loop, evaluate, save.
-With no flags beyond the dataset it runs the paper's recipe (Section 5.1): SGD lr 0.1, momentum 0.9,
-weight decay 5e-4, batch 256, 30,000 steps, lr / 10 at 50% and 73.3% of the steps.
+Every default lives in RECIPES below. With no flags beyond the dataset a CIFAR run follows the paper's
+recipe (Section 5.1): SGD lr 0.1, momentum 0.9, weight decay 5e-4, batch 256, 30,000 steps, lr / 10 at
+50% and 73.3% of the steps; `--recipe imagenet|clothing1m` are the paper's photo experiments, and
+`--print-config` shows the resolved values without running.
 `--batch-size` is the global batch (all processes and accumulation steps together), so the recipe
 is the same on one GPU or many.
 """
