@@ -98,6 +98,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             f"  {name}: " + ", ".join(f"{k}={v}" for k, v in recipe.items() if COMMON.get(k, "?") != v)
             for name, recipe in RECIPES.items())
         + "\n  all: " + ", ".join(f"{k}={v}" for k, v in COMMON.items()))
+    p.add_argument("--recipe", help=f"the defaults of every value below: {', '.join(RECIPES)} (default: by --dataset: "
+                                    "cifar10/cifar100/synthetic and their Hub ids cifar, digits digits, imagenet "
+                                    "imagenet, clothing1m clothing1m, anything else cifar; for your own photos "
+                                    "pick imagenet (from scratch) or clothing1m (fine-tune ImageNet weights))")
     d = p.add_argument_group("data and noise")
     d.add_argument("--dataset", default=DEFAULT_DATASET,
                    help="digits, synthetic, cifar10, cifar100, imagenet, clothing1m, a Hub id or a local path")
@@ -122,10 +126,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="training examples scored at each evaluation for the clean/noisy-subset metrics "
                         "(default: all of a map-style split, 10,000 of a stream; 0 turns it off)")
     m = p.add_argument_group("model and loss")
-    m.add_argument("--recipe", help=f"defaults of every value below: {', '.join(RECIPES)} (default: by --dataset: "
-                                    "cifar10/cifar100/synthetic and their Hub ids cifar, digits digits, imagenet "
-                                    "imagenet, clothing1m clothing1m, anything else cifar; for your own photos "
-                                    "pick imagenet (from scratch) or clothing1m (fine-tune ImageNet weights))")
     m.add_argument("--model", help=f"one of {', '.join(models.MODELS)} ({by_recipe('model')}; -: by input size: "
                                    "digits_cnn up to 16 px, resnet44 up to 64 px, resnet50 above)")
     m.add_argument("--weights", help="initial weights: a local safetensors file, 'imagenet' (torchvision's ResNet-18/50 "
