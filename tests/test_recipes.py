@@ -161,3 +161,22 @@ def test_imagenet_weights_offline_give_one_line_and_exit_2(tmp_path):
     assert len(err) == 1 and err[0].startswith("error: --weights imagenet: cannot download https://"), err
     assert "pass a local file: --weights resnet50_imagenet.safetensors" in err[0]
     assert not (tmp_path / "run").exists()  # failed before the output folder and the data
+
+
+def test_imagenet_weights_load_from_the_torch_hub_cache_with_a_new_classifier(tmp_path, monkeypatch):
+    import torch
+    import torchvision
+
+    import models
+
+    # what torchvision's weights API downloads, placed in an empty cache: the load path without the network
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    url = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    source = torchvision.models.resnet18(num_classes=1000)
+    torch.save(source.state_dict(), tmp_path / "hub" / "checkpoints" / os.path.basename(url))
+    model = models.build_model("resnet18", 14, weights="imagenet")
+    assert torch.equal(model.conv1.weight, source.conv1.weight) and torch.equal(model.layer4[1].bn2.bias, source.layer4[1].bn2.bias)
+    assert model.fc.weight.shape == (14, 512)
+    same_classes = models.build_model("resnet18", 1000, weights="imagenet")
+    assert not torch.equal(same_classes.fc.weight, source.fc.weight)  # the head is new even for 1,000 classes
