@@ -170,7 +170,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     r.add_argument("--print-config", action="store_true",
                    help="print the resolved configuration as JSON (what config.json will hold) and exit without "
                         "loading data; values only the data decides (num_classes, in_channels, and model, resize, "
-                        "image_size, train_eval_size when the recipe leaves them open) are null")
+                        "image_size, train_eval_size when the recipe leaves them open) are null, and so is "
+                        "mixed_precision when the accelerate config decides it")
     return p.parse_args(argv)
 
 
