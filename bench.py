@@ -36,6 +36,7 @@ import data
 import losses
 import models
 import noise
+import train
 
 ROOT = Path(__file__).resolve().parent
 
@@ -153,10 +154,11 @@ def bench_input(quick: bool) -> list[dict]:
     torch.set_num_threads(1)
     try:
         n, repeats = (10_000, 2) if quick else (50_000, 3)
-        cfg = {"dataset": "cifar10", "data_dir": bench_parquet(n), "noise": "symmetric", "noise_rate": 0.4}
+        cfg = vars(train.resolve_args(["--dataset", "cifar10", "--data-dir", bench_parquet(n), "--noise", "symmetric",
+                                       "--noise-rate", "0.4"]))
         start = time.perf_counter()
-        train, _, info = data.prepare_data(cfg)
-        images = data.to_tensors(train)["image"]
+        train_ds, _, info = data.prepare_data(cfg)
+        images = data.to_tensors(train_ds)["image"]
         prepare_s = time.perf_counter() - start
         bound = mapped = 0.0
         for s in range(2 * repeats):  # interleaved, best of each: a busy neighbour hits both alike
@@ -192,7 +194,7 @@ def bench_input(quick: bool) -> list[dict]:
 
 def plain_loop_step_time(steps: int, batch: int) -> float:
     """Seconds per step of a plain PyTorch loop: same data, model, augmentation and loss as the train.py run."""
-    train_ds, _, info = data.prepare_data({"dataset": "synthetic", "synthetic_size": 2048})
+    train_ds, _, info = data.prepare_data(vars(train.resolve_args(["--dataset", "synthetic", "--synthetic-size", "2048"])))
     tensors = data.to_tensors(train_ds)
     images, labels = tensors["image"], tensors["label"]
     torch.manual_seed(0)

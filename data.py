@@ -46,22 +46,17 @@ CIFAR_STATS = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
-CFG_DEFAULTS: dict[str, Any] = {
-    "dataset": "digits",
-    "data_dir": None,
-    "streaming": False,
-    "image_column": None,  # default: "image", else "img", else the first Image column
-    "label_column": None,  # default: "fine_label" if present, else "label"
-    "key_column": None,  # default: hash of the stored image bytes
-    "noise": "none",
-    "noise_rate": 0.0,
-    "noise_seed": 0,
-    "noise_file": None,
-    "noise_key": None,
-    "noise_pairs": None,  # default: the dataset's preset (cifar10, cifar100, synthetic)
-    "synthetic_size": 10_000,  # train examples; the test split has a fifth as many
-    "synthetic_classes": 10,
-}
+# The keys prepare_data reads; their defaults are train.py's (RECIPES): pass train.resolve_args(...) or config.json.
+CFG_KEYS = (
+    "dataset", "data_dir", "streaming",
+    "image_column",  # None: "image", else "img", else the first Image column
+    "label_column",  # None: "fine_label" if present, else "label"
+    "key_column",  # None: hash of the stored image bytes
+    "noise", "noise_rate", "noise_seed", "noise_file", "noise_key",
+    "noise_pairs",  # None: the dataset's preset (cifar10, cifar100, synthetic)
+    "synthetic_size",  # train examples; the test split has a fifth as many
+    "synthetic_classes",
+)
 LOCAL_FORMATS = (
     "a save_to_disk folder (DatasetDict with train and test), a folder of parquet files "
     "(train-*.parquet and test-*.parquet), an image folder (train/ and test/ with a subfolder per "
@@ -691,8 +686,12 @@ def stream_batches(
 
 
 def resolve_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """cfg with CFG_DEFAULTS for missing or None keys, values converted to their types."""
-    c = {k: (cfg.get(k) if cfg.get(k) is not None else v) for k, v in CFG_DEFAULTS.items()}
+    """The CFG_KEYS of a resolved configuration, converted to their types; KeyError names any missing key."""
+    missing = [k for k in CFG_KEYS if k not in cfg]
+    if missing:
+        raise KeyError(f"data.prepare_data needs a resolved configuration (train.resolve_args or config.json); "
+                       f"missing {', '.join(missing)}")
+    c = {k: cfg[k] for k in CFG_KEYS}
     c["streaming"] = bool(c["streaming"])
     c["noise_rate"], c["noise_seed"] = float(c["noise_rate"]), int(c["noise_seed"])
     c["synthetic_size"], c["synthetic_classes"] = int(c["synthetic_size"]), int(c["synthetic_classes"])
@@ -762,7 +761,7 @@ def _num_classes(train: Any, test: Any) -> int:
 
 
 def prepare_data(cfg: Mapping[str, Any]) -> tuple[Any, Any, DatasetInfo]:
-    """(train with label noise, clean map-style test, DatasetInfo) from the cfg keys in CFG_DEFAULTS."""
+    """(train with label noise, clean map-style test, DatasetInfo) from the cfg keys in CFG_KEYS."""
     c = resolve_config(cfg)
     name = str(c["dataset"])
     _check_dataset_name(name, c["data_dir"])

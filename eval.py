@@ -473,7 +473,7 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[s
 def run_config(run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     """The run's config.json with the command line's data overrides applied."""
     cfg = read_config(run_dir)
-    for key in ("model", "num_classes"):
+    for key in ("model", "num_classes", *data.CFG_KEYS):
         if key not in cfg:
             raise ValueError(f"{run_dir / 'config.json'} has no {key!r}: not written by train.py")
     if args.dataset:

@@ -9,6 +9,8 @@ paper trains ResNet-44 on CIFAR-100.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -80,32 +82,76 @@ def digits_cnn(num_classes: int, in_channels: int = 1) -> nn.Module:
     )
 
 
+IMAGENET_WEIGHTS = {"resnet18": "ResNet18_Weights", "resnet50": "ResNet50_Weights"}  # torchvision's IMAGENET1K_V1
+
+
 def torchvision_resnet(name: str, num_classes: int, in_channels: int, weights: str | None) -> nn.Module:
-    """torchvision ResNet-18/50; `weights` is a local safetensors file (a classifier of another size is dropped)."""
+    """torchvision ResNet-18/50; `weights`: a local safetensors file (a classifier of another size is dropped),
+    'imagenet' (torchvision's ImageNet weights without their 1,000-class classifier) or None / 'none'."""
     import torchvision
 
     model = getattr(torchvision.models, name)(weights=None, num_classes=num_classes)
     if in_channels != 3:
         model.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
-    if weights:
-        load_pretrained(model, weights)
+    if weights == "imagenet":
+        state = {k: v for k, v in imagenet_state_dict(name).items() if not k.startswith("fc.")}
+        load_pretrained(model, state, f"torchvision's {name} ImageNet weights")
+    elif weights and weights != "none":
+        load_pretrained(model, read_weights(weights), weights)
     return model
 
 
-def load_pretrained(model: nn.Module, path: str) -> None:
-    """Load a safetensors state dict, skipping only tensors whose shape differs (the classifier of another task)."""
+def check_weights(weights: str | None, model: str | None) -> None:
+    """Raise ValueError unless weights is None, 'none', 'imagenet' for a torchvision ResNet, or an existing file."""
+    if weights in (None, "none"):
+        return
+    if weights == "imagenet":
+        if model not in IMAGENET_WEIGHTS:
+            raise ValueError(f"--weights imagenet needs --model {' or '.join(IMAGENET_WEIGHTS)} (got {model or 'the model by input size'}): "
+                             "or pass --weights none or a local safetensors file")
+        return
+    if not os.path.isfile(weights):
+        raise ValueError(f"--weights {weights}: no such file; pass a local safetensors file, 'imagenet' or 'none'")
+
+
+def imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:
+    """torchvision's IMAGENET1K_V1 weights of `name` through its weights API (downloaded once into the torch hub cache)."""
+    import socket
+    import urllib.error
+
+    import torchvision
+
+    weights = torchvision.models.get_model_weights(name).IMAGENET1K_V1
+    timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(30)  # torch.hub's urlopen has none: a firewall that drops packets would hang the run
+    try:
+        return weights.get_state_dict(progress=False, check_hash=True)
+    except (urllib.error.URLError, OSError) as e:
+        why = getattr(e, "reason", e)
+        raise ValueError(f"--weights imagenet: cannot download {weights.url} ({why}); on a machine without internet, "
+                         f"pass a local file: --weights {name}_imagenet.safetensors (README: 'ImageNet weights')") from None
+    finally:
+        socket.setdefaulttimeout(timeout)
+
+
+def read_weights(path: str) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; one-line ValueError if it cannot be read."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     try:
-        state = load_file(path)
+        return load_file(path)
     except (FileNotFoundError, SafetensorError, OSError) as e:
         raise ValueError(f"cannot read weights {path!r} ({e}): pass a safetensors file saved from the same architecture") from None
+
+
+def load_pretrained(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load a state dict, skipping only tensors whose shape differs (the classifier of another task) and fc.*."""
     own = model.state_dict()
     kept = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     missing = [k for k in own if k not in kept and not k.startswith("fc.")]
     if missing:
-        raise ValueError(f"weights {path!r} do not fit this model: {len(missing)} tensors missing, e.g. {missing[0]!r}")
+        raise ValueError(f"weights {source!r} do not fit this model: {len(missing)} tensors missing, e.g. {missing[0]!r}")
     model.load_state_dict(kept, strict=False)
 
 
@@ -119,8 +165,10 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, weights: str 
         model = digits_cnn(num_classes, in_channels)
     else:
         raise ValueError(f"unknown model {name!r}: choose one of {', '.join(MODELS)}")
-    if weights:
-        load_pretrained(model, weights)
+    if weights == "imagenet":
+        check_weights(weights, name)  # raises: ImageNet weights exist for the torchvision ResNets only
+    elif weights and weights != "none":
+        load_pretrained(model, read_weights(weights), weights)
     return model
 
 

@@ -5,8 +5,10 @@
     torchrun --nproc_per_node 2 train.py --cpu        # two CPU processes over gloo
 
 Read it top to bottom: parse, build data, build model, build loss, prepare, loop, evaluate, save.
-With no flags beyond the dataset it runs the paper's recipe (Section 5.1): SGD lr 0.1, momentum 0.9,
-weight decay 5e-4, batch 256, 30,000 steps, lr / 10 at 50% and 73.3% of the steps.
+Every default lives in RECIPES below. With no flags beyond the dataset a CIFAR run follows the paper's
+recipe (Section 5.1): SGD lr 0.1, momentum 0.9, weight decay 5e-4, batch 256, 30,000 steps, lr / 10 at
+50% and 73.3% of the steps; `--recipe imagenet|clothing1m` are the paper's photo experiments, and
+`--print-config` shows the resolved values without running.
 `--batch-size` is the global batch (all processes and accumulation steps together), so the recipe
 is the same on one GPU or many.
 """
@@ -47,29 +49,80 @@ PAPER_EXP_BASE = {
     ("symmetric", 0.2): 14.0, ("symmetric", 0.4): 12.0, ("symmetric", 0.6): 8.0,
     ("asymmetric", 0.2): 14.0, ("asymmetric", 0.3): 10.0, ("asymmetric", 0.4): 8.0,
 }
-# Defaults by dataset; CIFAR and everything else gets the paper's recipe.
+# Every default of a run lives here: a recipe is the value of each flag left out. Keys are flag names.
+# milestones are the recipe's steps for its max_steps; another --max-steps scales them (50% and 73.3%).
+# None: decided at run time (model by input size, resize/image_size by the data).
+COMMON = dict(
+    synthetic_size=5_000, synthetic_classes=10, noise="none", noise_rate=0.0, noise_seed=0,
+    model=None, weights="none", method="proselflc", eps=0.25, transit=0.5, gce_q=0.7,
+    momentum=0.9, weight_decay=5e-4, lr_schedule="step", poly_power=2.0, gradient_accumulation_steps=1, seed=0,
+    keep_checkpoints=2, log_every=20, channels_last=True, resize=None, image_size=None,
+)
 RECIPES = {
-    "paper": dict(max_steps=30_000, batch_size=256, lr=0.1, eval_every=1_000, save_every=5_000),
-    "digits": dict(max_steps=300, batch_size=128, lr=0.1, eval_every=50, save_every=100),
+    # Section 5.1 (1): CIFAR-100, ResNet-44 (by input size), pad-4 crop and flip
+    "cifar": {**COMMON, "max_steps": 30_000, "batch_size": 256, "lr": 0.1, "milestones": "15000,22000",
+              "eval_every": 1_000, "save_every": 5_000},
+    # the quick start: 300 steps on 8x8 digits in about 10 s on a CPU
+    "digits": {**COMMON, "max_steps": 300, "batch_size": 128, "lr": 0.1, "milestones": "150,220",
+               "eval_every": 50, "save_every": 100},
+    # Section 5.1 (2): ResNet-50, polynomial decay of power 2, warp 256, random crop 224, flip
+    "imagenet": {**COMMON, "model": "resnet50", "max_steps": 500_000, "batch_size": 64, "lr": 2e-3,
+                 "momentum": 0.95, "weight_decay": 1e-4, "lr_schedule": "poly", "poly_power": 2.0,
+                 "milestones": None, "eval_every": 10_000, "save_every": 10_000, "resize": 256, "image_size": 224},
+    # Section 5.3: ResNet-50 from ImageNet weights, Section 5.1 with lr 0.01 and 10k steps
+    "clothing1m": {**COMMON, "model": "resnet50", "weights": "imagenet", "max_steps": 10_000, "batch_size": 256,
+                   "lr": 0.01, "milestones": "5000,7333", "eval_every": 1_000, "save_every": 1_000,
+                   "resize": 256, "image_size": 224},
 }
-MILESTONE_FRACTIONS = (15_000 / 30_000, 22_000 / 30_000)
+DEFAULT_DATASET = "digits"
+# --recipe left out: by dataset name or Hub id (lower case); any other name or path gets "cifar".
+RECIPE_BY_DATASET = {"digits": "digits", "synthetic": "cifar", "cifar10": "cifar", "cifar100": "cifar",
+                     "uoft-cs/cifar10": "cifar", "uoft-cs/cifar100": "cifar", "imagenet": "imagenet",
+                     "ilsvrc/imagenet-1k": "imagenet", "clothing1m": "clothing1m"}
+LR_SCHEDULES = ("step", "poly", "cosine")
+PRINT_CONFIG_UNKNOWN = ("num_classes", "in_channels")  # known only once the data is loaded
+
+
+def by_recipe(key: str) -> str:
+    """The recipes' values of one flag for --help, e.g. 'cifar, digits: 0.9; imagenet: 0.95'."""
+    groups: dict[str, list[str]] = {}
+    for name, recipe in RECIPES.items():
+        groups.setdefault("-" if recipe[key] is None else f"{recipe[key]:,}" if isinstance(recipe[key], int)
+                          and not isinstance(recipe[key], bool) else str(recipe[key]), []).append(name)
+    if len(groups) == 1:
+        return f"default {next(iter(groups))}"
+    return "; ".join(f"{', '.join(names)}: {value}" for value, names in groups.items())
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Every knob of a run is a flag; None means 'the recipe's value for this dataset'."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    """Every knob of a run is a flag; None means 'the recipe's value' (RECIPES), filled in by fill_defaults."""
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="recipes (--recipe; every value is still a flag):\n" + "\n".join(
+            f"  {name}: " + ", ".join(f"{k}={v}" for k, v in recipe.items() if COMMON.get(k, "?") != v)
+            for name, recipe in RECIPES.items())
+        + "\n  all: " + ", ".join(f"{k}={v}" for k, v in COMMON.items()))
+    p.add_argument("--recipe", help=f"the defaults of every value below: {', '.join(RECIPES)} (default: by --dataset: "
+                                    "cifar10/cifar100/synthetic and their Hub ids cifar, digits digits, imagenet "
+                                    "imagenet, clothing1m clothing1m, anything else cifar; for your own photos "
+                                    "pick imagenet (from scratch) or clothing1m (fine-tune ImageNet weights))")
     d = p.add_argument_group("data and noise")
-    d.add_argument("--dataset", default="digits", help="digits, synthetic, cifar10, cifar100, a Hub id or a local path")
+    d.add_argument("--dataset", default=DEFAULT_DATASET,
+                   help="digits, synthetic, cifar10, cifar100, imagenet, clothing1m, a Hub id or a local path")
     d.add_argument("--data-dir", help="local copy: save_to_disk folder, parquet files or CIFAR python-pickle folder")
     d.add_argument("--streaming", action="store_true", help="stream the training split instead of holding it in memory")
     d.add_argument("--image-column")
     d.add_argument("--label-column")
     d.add_argument("--key-column", help="stable example id for the noise; default: a hash of the image bytes")
-    d.add_argument("--synthetic-size", type=int, default=5_000)
-    d.add_argument("--synthetic-classes", type=int, default=10)
-    d.add_argument("--noise", default="none", help="none, symmetric, asymmetric, pairflip or file")
-    d.add_argument("--noise-rate", type=float, default=0.0)
-    d.add_argument("--noise-seed", type=int, default=0, help="seed of the label noise, separate from --seed")
+    d.add_argument("--synthetic-size", type=int, help=f"training examples of --dataset synthetic ({by_recipe('synthetic_size')})")
+    d.add_argument("--synthetic-classes", type=int, help=f"({by_recipe('synthetic_classes')})")
+    d.add_argument("--resize", type=int, help=f"warp every image to resize x resize ({by_recipe('resize')}; "
+                                              "-: decided by the data)")
+    d.add_argument("--image-size", type=int, help=f"random crop for training, centre crop for evaluation "
+                                                  f"({by_recipe('image_size')}; -: decided by the data)")
+    d.add_argument("--noise", help=f"none, symmetric, asymmetric, pairflip or file ({by_recipe('noise')})")
+    d.add_argument("--noise-rate", type=float, help=f"({by_recipe('noise_rate')})")
+    d.add_argument("--noise-seed", type=int, help=f"seed of the label noise, separate from --seed ({by_recipe('noise_seed')})")
     d.add_argument("--noise-file", help="real noisy labels: CIFAR-N .pt, .npy, .csv or .parquet")
     d.add_argument("--noise-key", help="which labels of --noise-file, e.g. worse_label")
     d.add_argument("--noise-pairs", help="asymmetric pairs 'a:b,b:a,...' or a preset (cifar10, cifar100, synthetic)")
@@ -77,52 +130,86 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="training examples scored at each evaluation for the clean/noisy-subset metrics "
                         "(default: all of a map-style split, 10,000 of a stream; 0 turns it off)")
     m = p.add_argument_group("model and loss")
-    m.add_argument("--model", help=f"one of {', '.join(models.MODELS)}; default by input size")
-    m.add_argument("--weights", help="initial weights, a local safetensors file (e.g. ImageNet ResNet-50)")
-    m.add_argument("--method", default="proselflc", help=", ".join(losses.METHODS))
-    m.add_argument("--eps", type=float, help="fixed epsilon of ls, cp, bootsoft, boothard (default 0.25)")
+    m.add_argument("--model", help=f"one of {', '.join(models.MODELS)} ({by_recipe('model')}; -: by input size: "
+                                   "digits_cnn up to 16 px, resnet44 up to 64 px, resnet50 above)")
+    m.add_argument("--weights", help="initial weights: a local safetensors file, 'imagenet' (torchvision's ResNet-18/50 "
+                                     f"ImageNet weights, downloaded once) or 'none' ({by_recipe('weights')})")
+    m.add_argument("--method", help=f"{', '.join(losses.METHODS)} ({by_recipe('method')})")
+    m.add_argument("--eps", type=float, help=f"fixed epsilon of ls, cp, bootsoft, boothard ({by_recipe('eps')})")
     m.add_argument("--exp-base", type=float, help="ProSelfLC exp_base (default: the paper's for the setting, else 10)")
-    m.add_argument("--transit", type=float, default=0.5, help="ProSelfLC: g(t) = 0.5 at t = transit * T")
-    m.add_argument("--gce-q", type=float, default=0.7)
+    m.add_argument("--transit", type=float, help=f"ProSelfLC: g(t) = 0.5 at t = transit * T ({by_recipe('transit')})")
+    m.add_argument("--gce-q", type=float, help=f"({by_recipe('gce_q')})")
     m.add_argument("--alpha", type=float, help="SCE alpha (CIFAR-10: 0.1, else 6.0)")
     m.add_argument("--beta", type=float, help="SCE beta (CIFAR-10: 1.0, else 0.1)")
     m.add_argument("--detach-target", action="store_true", help="no gradient through p inside the target")
     m.add_argument("--temperature", type=float, help="ProSelfLC variant: eps and target from softmax(logits / T0), detached")
     o = p.add_argument_group("optimisation")
-    o.add_argument("--max-steps", type=int, help="optimizer steps T (paper: 30000)")
-    o.add_argument("--batch-size", type=int, help="global batch size (paper: 256)")
-    o.add_argument("--lr", type=float, help="initial learning rate (paper: 0.1)")
-    o.add_argument("--momentum", type=float, default=0.9)
-    o.add_argument("--weight-decay", type=float, default=5e-4)
-    o.add_argument("--milestones", help="steps where lr /= 10, e.g. 15000,22000 (default: 50%% and 73.3%% of T)")
-    o.add_argument("--gradient-accumulation-steps", type=int, default=1)
-    o.add_argument("--seed", type=int, default=0, help="training seed: init, order, augmentation")
+    o.add_argument("--max-steps", type=int, help=f"optimizer steps T ({by_recipe('max_steps')})")
+    o.add_argument("--batch-size", type=int, help=f"global batch size ({by_recipe('batch_size')})")
+    o.add_argument("--lr", type=float, help=f"initial learning rate ({by_recipe('lr')})")
+    o.add_argument("--momentum", type=float, help=f"SGD momentum ({by_recipe('momentum')})")
+    o.add_argument("--weight-decay", type=float, help=f"({by_recipe('weight_decay')})")
+    o.add_argument("--lr-schedule", help=f"step (lr / 10 at each milestone), poly (lr (1 - t/T)^power) or cosine "
+                                         f"(lr (1 + cos(pi t/T)) / 2) ({by_recipe('lr_schedule')})")
+    o.add_argument("--poly-power", type=float, help=f"power of --lr-schedule poly ({by_recipe('poly_power')})")
+    o.add_argument("--milestones", help=f"steps where lr /= 10 with --lr-schedule step ({by_recipe('milestones')}; "
+                                        "scaled with --max-steps)")
+    o.add_argument("--gradient-accumulation-steps", type=int, help=f"({by_recipe('gradient_accumulation_steps')})")
+    o.add_argument("--seed", type=int, help=f"training seed: init, order, augmentation ({by_recipe('seed')})")
     o.add_argument("--deterministic", action="store_true", help="deterministic algorithms (slower on GPU)")
     r = p.add_argument_group("run")
     r.add_argument("--output-dir", help="default: runs/<dataset>-<noise>-<rate>-<method>-seed<seed>")
     r.add_argument("--resume", help="a checkpoint folder, or 'latest' in --output-dir")
     r.add_argument("--overwrite", action="store_true", help="replace a run already in --output-dir")
-    r.add_argument("--eval-every", type=int)
-    r.add_argument("--save-every", type=int)
-    r.add_argument("--keep-checkpoints", type=int, default=2)
-    r.add_argument("--log-every", type=int, default=20, help="progress and non-finite loss check interval")
+    r.add_argument("--eval-every", type=int, help=f"({by_recipe('eval_every')})")
+    r.add_argument("--save-every", type=int, help=f"({by_recipe('save_every')})")
+    r.add_argument("--keep-checkpoints", type=int, help=f"({by_recipe('keep_checkpoints')})")
+    r.add_argument("--log-every", type=int, help=f"progress and non-finite loss check interval ({by_recipe('log_every')})")
     r.add_argument("--report-to", help="an Accelerate tracker, e.g. tensorboard")
     r.add_argument("--cpu", action="store_true", help="run on CPU even if a GPU is present")
     r.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), help="default: the accelerate config")
     r.add_argument("--compile", action="store_true", help="torch.compile the model")
-    r.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
-                   help="NHWC memory format (default on: 1.3x faster on CPU, tensor cores on GPU)")
+    r.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
+                   help=f"NHWC memory format (1.3x faster on CPU, tensor cores on GPU; {by_recipe('channels_last')})")
+    r.add_argument("--print-config", action="store_true",
+                   help="print the resolved configuration as JSON (what config.json will hold) and exit without "
+                        "loading data; values only the data decides (num_classes, in_channels, and model, resize, "
+                        "image_size, train_eval_size when the recipe leaves them open) are null, and so is "
+                        "mixed_precision when the accelerate config decides it")
     return p.parse_args(argv)
+
+
+def recipe_for(dataset: str) -> str:
+    """The recipe of a dataset name or Hub id when --recipe is left out: RECIPE_BY_DATASET, else cifar."""
+    return RECIPE_BY_DATASET.get(dataset.lower(), "cifar")
+
+
+def scaled_milestones(milestones: str, recipe_steps: int, max_steps: int) -> str | None:
+    """The recipe's milestones at the same fractions of another --max-steps: round(m * T / T_recipe)."""
+    return ",".join(str(round(int(m) * max_steps / recipe_steps)) for m in milestones.split(",") if m)
 
 
 def fill_defaults(args: argparse.Namespace) -> None:
     """Resolve every None to the recipe's value, so config.json records what actually ran."""
-    recipe = RECIPES["digits" if args.dataset == "digits" else "paper"]
+    args.recipe = args.recipe or recipe_for(args.dataset)
+    if args.recipe not in RECIPES:
+        raise ValueError(f"unknown --recipe {args.recipe!r}: choose one of {', '.join(RECIPES)}")
+    recipe = RECIPES[args.recipe]
+    schedule = args.lr_schedule or recipe["lr_schedule"]
+    if args.milestones is not None and schedule != "step":
+        raise ValueError(f"--milestones applies to --lr-schedule step only (this run uses {schedule}): drop it")
+    if args.poly_power is not None and schedule != "poly":
+        raise ValueError(f"--poly-power applies to --lr-schedule poly only (this run uses {schedule}): drop it")
+    if args.milestones is None and schedule == "step":  # the recipe's, at the same fractions of --max-steps
+        steps = args.max_steps or recipe["max_steps"]
+        args.milestones = scaled_milestones(recipe["milestones"] or "", recipe["max_steps"], steps)
     for key, value in recipe.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.milestones is None:
-        args.milestones = ",".join(str(round(f * args.max_steps)) for f in MILESTONE_FRACTIONS)
+    if args.lr_schedule != "step":
+        args.milestones = None
+    if args.lr_schedule != "poly":
+        args.poly_power = None
     if args.exp_base is None:
         paper = PAPER_EXP_BASE.get((args.noise, round(args.noise_rate, 2))) if args.dataset == "cifar100" else None
         args.exp_base = paper or 10.0
@@ -130,13 +217,18 @@ def fill_defaults(args: argparse.Namespace) -> None:
         alpha, beta = (0.1, 1.0) if args.dataset == "cifar10" else (6.0, 0.1)
         args.alpha = alpha if args.alpha is None else args.alpha
         args.beta = beta if args.beta is None else args.beta
-    if args.eps is None:
-        args.eps = 0.25
     if args.train_eval_size is None and args.streaming:
         args.train_eval_size = 10_000
     if args.output_dir is None:
         name = args.dataset.rstrip("/").replace("/", "_")
         args.output_dir = f"runs/{name}-{args.noise}-{args.noise_rate:g}-{args.method}-seed{args.seed}"
+
+
+def resolve_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """parse_args then fill_defaults: every value of a run from its flags and its recipe."""
+    args = parse_args(argv)
+    fill_defaults(args)
+    return args
 
 
 def check_args(args: argparse.Namespace, world_size: int) -> list[int]:
@@ -145,10 +237,25 @@ def check_args(args: argparse.Namespace, world_size: int) -> list[int]:
         raise ValueError(f"unknown method {args.method!r}: choose one of {', '.join(losses.METHODS)}")
     if args.model is not None and args.model not in models.MODELS:
         raise ValueError(f"unknown model {args.model!r}: choose one of {', '.join(models.MODELS)}")
+    models.check_weights(args.weights, args.model)
+    if args.lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"unknown --lr-schedule {args.lr_schedule!r}: choose one of {', '.join(LR_SCHEDULES)}")
+    if args.lr_schedule == "poly" and not args.poly_power > 0:
+        raise ValueError(f"--poly-power must be positive, got {args.poly_power}")
     for flag in ("max_steps", "batch_size", "gradient_accumulation_steps", "eval_every", "save_every", "log_every",
                  "keep_checkpoints"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if not args.lr > 0:
+        raise ValueError(f"--lr must be positive, got {args.lr}")
+    if not 0.0 <= args.momentum < 1.0 or args.weight_decay < 0:
+        raise ValueError(f"--momentum must be in [0, 1) and --weight-decay at least 0, got {args.momentum} and "
+                         f"{args.weight_decay}")
+    if args.resize is not None and args.resize < 1 or args.image_size is not None and args.image_size < 1:
+        raise ValueError(f"--resize and --image-size must be at least 1, got {args.resize} and {args.image_size}")
+    if args.resize is not None and args.image_size is not None and args.image_size > args.resize:
+        raise ValueError(f"--image-size {args.image_size} must not exceed --resize {args.resize}: the crop lies "
+                         "inside the warped image")
     if not 0.0 <= args.noise_rate < 1.0:
         raise ValueError(f"--noise-rate must be in [0, 1), got {args.noise_rate}")
     if args.noise == "none" and args.noise_rate:
@@ -159,7 +266,7 @@ def check_args(args: argparse.Namespace, world_size: int) -> list[int]:
         raise ValueError("--resume and --overwrite contradict each other: --overwrite would delete the checkpoint "
                          "to resume from; pass one of them (nothing was changed)")
     try:
-        milestones = [int(m) for m in str(args.milestones).split(",") if m.strip()]
+        milestones = [int(m) for m in str(args.milestones or "").split(",") if m.strip()]
     except ValueError:
         raise ValueError(f"--milestones must be comma-separated step numbers, got {args.milestones!r}") from None
     if any(not 0 < m <= args.max_steps for m in milestones):
@@ -168,6 +275,11 @@ def check_args(args: argparse.Namespace, world_size: int) -> list[int]:
     if args.batch_size % shards:
         raise ValueError(f"--batch-size {args.batch_size} must be divisible by processes x accumulation steps = {shards}")
     return milestones
+
+
+def planned_config(args: argparse.Namespace) -> dict:
+    """What config.json will hold, as far as it is known before the data is loaded (the rest null)."""
+    return {**vars(args), **{k: None for k in PRINT_CONFIG_UNKNOWN}}
 
 
 LOCK_NAME = "train.lock"
@@ -507,15 +619,23 @@ def evaluate(model, test_loader, train_eval_loader, accelerator, info, channels_
     return metrics
 
 
-def lr_at(step: int, base_lr: float, milestones: list[int]) -> float:
-    """Step decay: base_lr / 10 per milestone passed."""
+def lr_at(step: int, base_lr: float, total_steps: int, schedule: str = "step", milestones: list[int] = (),
+          power: float | None = None) -> float:
+    """lr at optimizer step t of T: step: lr 0.1^(milestones passed); poly: lr (1 - t/T)^power; cosine: lr (1 + cos(pi t/T)) / 2."""
+    if schedule == "poly":
+        return base_lr * (1.0 - step / total_steps) ** power
+    if schedule == "cosine":
+        return base_lr * 0.5 * (1.0 + math.cos(math.pi * step / total_steps))
     return base_lr * 0.1 ** sum(step >= m for m in milestones)
 
 
 def main(argv: list[str] | None = None) -> None:
     # ---- parse
-    args = parse_args(argv)
-    fill_defaults(args)
+    args = resolve_args(argv)
+    if vars(args).pop("print_config"):  # what a recipe means, before paying for it: no data, no Accelerator
+        check_args(args, world_size=1)
+        print(json.dumps(planned_config(args), indent=2))
+        return
     datasets.disable_progress_bars()  # the noise maps take a second; our own bar shows training
     check_trackers(args.report_to)
     accelerator = Accelerator(cpu=args.cpu, mixed_precision=args.mixed_precision,
@@ -525,6 +645,9 @@ def main(argv: list[str] | None = None) -> None:
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
     args.mixed_precision = ran_precision(accelerator)  # what runs, also when it came from the accelerate config
     milestones = check_args(args, world)
+    if args.weights == "imagenet":  # download (once) or fail with one line before the data is loaded
+        with accelerator.main_process_first():
+            models.imagenet_state_dict(args.model)
     if args.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
@@ -606,7 +729,7 @@ def main(argv: list[str] | None = None) -> None:
     tick, tick_step = time.perf_counter(), state["step"]
     model.train()
     for t in range(state["step"], args.max_steps):
-        lr = lr_at(t, args.lr, milestones)
+        lr = lr_at(t, args.lr, args.max_steps, args.lr_schedule, milestones, args.poly_power)
         for group in optimizer.param_groups:
             group["lr"] = lr
         if args.streaming:

@@ -18,3 +18,11 @@ def fresh_accelerate_state():
 
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
+
+
+def data_config(**overrides):
+    """train.py's resolved configuration of overrides['dataset'] (default: digits), then the overrides: what
+    data.prepare_data takes."""
+    import train
+
+    return {**vars(train.resolve_args(["--dataset", str(overrides.get("dataset", train.DEFAULT_DATASET))])), **overrides}

@@ -10,6 +10,7 @@ import torch
 
 import data
 import noise
+from conftest import data_config
 
 
 @pytest.fixture(autouse=True)
@@ -47,7 +48,7 @@ def nchw(images: np.ndarray) -> torch.Tensor:
 
 
 def test_digits_default_split_and_info():
-    train, test, info = data.prepare_data({})
+    train, test, info = data.prepare_data(data_config())
     assert (len(train), len(test)) == (1437, 360)
     assert info == data.DatasetInfo("digits", 10, 1, 8, info.mean, info.std, 1, False, None)
     t = data.to_tensors(train)
@@ -62,7 +63,7 @@ def test_digits_default_split_and_info():
 
 
 def test_synthetic_is_learnable_and_has_superclasses():
-    train, test, info = data.prepare_data({"dataset": "synthetic", "synthetic_size": 2000, "synthetic_classes": 10})
+    train, test, info = data.prepare_data(data_config(dataset="synthetic", synthetic_size=2000, synthetic_classes=10))
     assert (len(train), len(test), info.num_classes, info.channels, info.image_size, info.pad) == (2000, 400, 10, 3, 32, 4)
     assert info.pairs_preset == "synthetic" and info.flip
     assert np.array_equal(np.asarray(train["coarse_label"]), np.asarray(train["label"]) // 5)
@@ -87,7 +88,7 @@ def test_cifar10_pickle_folder(tmp_path):
             pickle.dump({b"batch_label": b"b", b"labels": y, b"data": x, b"filenames": [b"f"] * 3}, f, protocol=2)
     with open(folder / "test_batch", "wb") as f:
         pickle.dump({b"labels": [0, 1], b"data": rng.integers(0, 256, size=(2, 3072), dtype=np.uint8)}, f, protocol=2)
-    train, test, info = data.prepare_data({"dataset": "cifar10", "data_dir": str(tmp_path)})  # the torchvision root
+    train, test, info = data.prepare_data(data_config(dataset="cifar10", data_dir=str(tmp_path)))  # the torchvision root
     assert (len(train), len(test), info.num_classes) == (15, 2, 10)
     assert (info.mean, info.std) == data.CIFAR_STATS["cifar10"]
     t = data.to_tensors(train)
@@ -108,7 +109,7 @@ def test_cifar100_pickle_folder_with_real_superclasses(tmp_path):
             pickle.dump(batch, f, protocol=2)
     with open(folder / "meta", "wb") as f:
         pickle.dump({b"fine_label_names": [n.encode() for n in noise.CIFAR100_FINE_NAMES]}, f, protocol=2)
-    cfg = {"dataset": "cifar100", "data_dir": str(folder), "noise": "asymmetric", "noise_rate": 0.4}
+    cfg = data_config(dataset="cifar100", data_dir=str(folder), noise="asymmetric", noise_rate=0.4)
     train, _, info = data.prepare_data(cfg)
     assert info.num_classes == 100 and info.pairs_preset == "cifar100"
     t = data.to_tensors(train)
@@ -123,12 +124,12 @@ def test_pickle_loader_refuses_foreign_code(tmp_path):
         with open(folder / name, "wb") as f:
             pickle.dump({b"labels": [0], b"data": os.getcwd}, f, protocol=2)  # references a function
     with pytest.raises(ValueError, match="is not allowed in a CIFAR python batch"):
-        data.prepare_data({"dataset": "cifar10", "data_dir": str(tmp_path)})
+        data.prepare_data(data_config(dataset="cifar10", data_dir=str(tmp_path)))
 
 
 def test_hub_style_parquet_folder_map_style_and_streaming(tmp_path):
     written = write_hub_parquet(tmp_path / "cifar10")
-    cfg = {"dataset": "cifar10", "data_dir": str(tmp_path / "cifar10"), "noise": "symmetric", "noise_rate": 0.5}
+    cfg = data_config(dataset="cifar10", data_dir=str(tmp_path / "cifar10"), noise="symmetric", noise_rate=0.5)
     train, test, info = data.prepare_data(cfg)
     t = data.to_tensors(train)
     assert torch.equal(t["image"], nchw(written["train"][0])) and t["clean_label"].tolist() == written["train"][1].tolist()
@@ -151,8 +152,8 @@ def test_save_to_disk_folder_and_generic_columns(tmp_path):
     dd = datasets.load_dataset(str(tmp_path / "pq"))
     dd.save_to_disk(str(tmp_path / "disk"))
     with pytest.raises(ValueError, match=r"no label column .*: the dataset has columns picture, target \(pass --label"):
-        data.prepare_data({"dataset": str(tmp_path / "disk")})  # the Image column is found, the label is not
-    cfg = {"dataset": str(tmp_path / "disk"), "image_column": "picture", "label_column": "target"}
+        data.prepare_data(data_config(dataset=str(tmp_path / "disk")))  # the Image column is found, the label is not
+    cfg = data_config(dataset=str(tmp_path / "disk"), image_column="picture", label_column="target")
     train, test, info = data.prepare_data(cfg)
     assert (len(train), len(test), info.num_classes, info.pairs_preset) == (40, 20, 10, None)
     assert torch.equal(data.to_tensors(train)["image"], nchw(np.stack([np.asarray(im) for im in dd["train"]["picture"]])))
@@ -166,7 +167,7 @@ def test_image_folder(tmp_path):
         folder = tmp_path / ("train" if i < 6 else "test") / ("cat" if i % 2 else "dog")
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(image).save(folder / f"{i}.png")
-    train, test, info = data.prepare_data({"dataset": str(tmp_path), "noise": "pairflip", "noise_rate": 0.5})
+    train, test, info = data.prepare_data(data_config(dataset=str(tmp_path), noise="pairflip", noise_rate=0.5))
     assert (len(train), len(test), info.num_classes, info.image_size, info.pad) == (6, 2, 2, 16, 2)
     t = data.to_tensors(train)
     assert sorted(im.numpy().tobytes() for im in t["image"]) == sorted(im.numpy().tobytes() for im in nchw(images[:6]))
@@ -179,8 +180,8 @@ def test_cifar_n_file_through_prepare_data(tmp_path):
     worse = (clean + 1 + np.arange(len(clean)) % 2) % 10
     path = str(tmp_path / "CIFAR-10_human.pt")
     torch.save({"clean_label": clean, "worse_label": worse, "aggre_label": clean}, path)
-    cfg = {"dataset": "cifar10", "data_dir": str(tmp_path / "cifar10"), "noise": "file", "noise_file": path,
-           "noise_key": "worse_label"}
+    cfg = data_config(dataset="cifar10", data_dir=str(tmp_path / "cifar10"), noise="file", noise_file=path,
+                      noise_key="worse_label")
     train, _, _ = data.prepare_data(cfg)
     t = data.to_tensors(train)
     assert t["label"].tolist() == worse.tolist() and t["is_noisy"].all()
@@ -209,7 +210,7 @@ def test_cifar_n_file_through_prepare_data(tmp_path):
 )
 def test_bad_input_gives_one_line_value_error(cfg, message):
     with pytest.raises(ValueError, match=message) as err:
-        data.prepare_data(cfg)
+        data.prepare_data(data_config(**cfg))
     assert "\n" not in str(err.value)
 
 
@@ -220,13 +221,13 @@ def test_hub_offline_or_unreachable_fails_fast_with_data_dir_hint(monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     expected = r"cannot load 'uoft-cs/cifar10'.*offline mode.*pass --data-dir.*cifar-10-batches-py"
     with pytest.raises(ValueError, match=expected) as err:
-        data.prepare_data({"dataset": "cifar10"})
+        data.prepare_data(data_config(dataset="cifar10"))
     assert "\n" not in str(err.value)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(data, "hub_reachable", lambda timeout=3.0: False)
     with pytest.raises(ValueError, match=r"cannot load 'uoft-cs/cifar100'.*unreachable.*pass --data-dir"):
-        data.prepare_data({"dataset": "cifar100", "streaming": True})
+        data.prepare_data(data_config(dataset="cifar100", streaming=True))
     assert datasets.config.HF_HUB_OFFLINE is False  # offline mode was switched on only for the attempt
 
 
@@ -274,7 +275,7 @@ def test_normalize():
 
 
 def test_streaming_synthetic_epochs_workers_and_noise_match_map_style():
-    cfg = {"dataset": "synthetic", "synthetic_size": 600, "noise": "symmetric", "noise_rate": 0.4, "noise_seed": 1}
+    cfg = data_config(dataset="synthetic", synthetic_size=600, noise="symmetric", noise_rate=0.4, noise_seed=1)
     mapped_ds, _, mapped_info = data.prepare_data(cfg)
     mapped = data.to_tensors(mapped_ds)
     expected = sorted(zip((im.numpy().tobytes() for im in mapped["image"]), mapped["label"].tolist()))

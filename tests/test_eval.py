@@ -22,6 +22,7 @@ sys.path.insert(0, str(ROOT))
 import eval as ev  # noqa: E402
 import models  # noqa: E402
 import sweep  # noqa: E402
+from conftest import data_config  # noqa: E402
 
 
 def run_script(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
@@ -43,7 +44,7 @@ def fake_run(root: Path, method: str, noise: str, rate: float, seed: int, acc: f
     """A run folder as train.py writes it: config.json and metrics.jsonl with 5 evaluations ending at `acc`."""
     path = root / f"digits-{noise}-{rate:g}-{method}-eps{eps:g}-seed{seed}"
     path.mkdir(parents=True)
-    cfg = {"dataset": "digits", "noise": noise, "noise_rate": rate, "method": method, "eps": eps, "seed": seed,
+    cfg = data_config() | {"dataset": "digits", "noise": noise, "noise_rate": rate, "method": method, "eps": eps, "seed": seed,
            "exp_base": 10.0, "model": "digits_cnn", "num_classes": 10, "in_channels": 1, "max_steps": steps,
            "total_steps": steps, "batch_size": 128, "lr": 0.1}
     (path / "config.json").write_text(json.dumps(cfg))
