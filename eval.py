@@ -298,9 +298,55 @@ def finished_runs(paths: Sequence[str]) -> list[Run]:
     return runs
 
 
+def mean_std_text(values: Sequence[float]) -> str:
+    """'66.6 ± 0.3' (sample std) for several values, '66.6' for one."""
+    mean = statistics.fmean(values)
+    return f"{mean:.1f}" if len(values) == 1 else f"{mean:.1f} ± {statistics.stdev(values):.1f}"
+
+
+def budget_table(runs: Sequence[Run]) -> str:
+    """Rows = methods; per (setting, budget T): final test accuracy and noisy_fit (memorisation), % over seeds."""
+    groups: dict[tuple, list[Run]] = {}
+    for r in runs:
+        key = (str(r.config.get("method", "?")), setting_of(r.config), int(r.config.get("max_steps", 0)))
+        groups.setdefault(key, []).append(r)
+    columns = sorted({k[1:] for k in groups}, key=lambda c: (setting_sort_key(c[0]), c[1]))
+    methods = sorted({k[0] for k in groups}, key=lambda m: method_sort_key((m, None)))
+    acc = {k: [100.0 * float(r.metrics[-1]["test_acc"]) for r in g] for k, g in groups.items()}
+    fit = {k: [100.0 * float(r.metrics[-1]["noisy_fit"]) for r in g if r.metrics[-1].get("noisy_fit") is not None]
+           for k, g in groups.items()}
+    best = {c: max(round(statistics.fmean(v), 1) for k, v in acc.items() if k[1:] == c) for c in columns}
+    seeds = sorted({len(g) for g in groups.values()})
+    lines = [f"Final clean test accuracy (%) and noisy_fit (% of the flipped training labels the final model "
+             f"predicts, i.e. memorised) after T steps: mean ± sample std over {'-'.join(map(str, seeds))} seeds; "
+             "best accuracy per column in bold.", "",
+             "| Method | " + " | ".join(f"{noise_label(*c[0][1:])} T={c[1]} {what}" for c in columns
+                                       for what in ("test acc", "noisy_fit")) + " |",
+             "|---|" + "---:|" * (2 * len(columns))]
+    for m in methods:
+        texts = []
+        for c in columns:
+            k = (m, *c)
+            if k not in acc:
+                texts += ["–", "–"]
+                continue
+            text = mean_std_text(acc[k])
+            texts += [f"**{text}**" if round(statistics.fmean(acc[k]), 1) == best[c] else text,
+                      mean_std_text(fit[k]) if fit[k] else "–"]
+        lines.append(f"| {method_label(m)} | " + " | ".join(texts) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def table_main(args: argparse.Namespace) -> None:
     """--table: print the Markdown table, optionally write it (--out) and a CSV (--csv)."""
-    cells = collect_cells(finished_runs(args.runs), best_eps=args.best_eps)
+    runs = finished_runs(args.runs)
+    if len({r.config.get("max_steps") for r in runs}) > 1:  # several budgets: one column pair per budget
+        text = budget_table(runs)
+        print(text, end="")
+        if args.out:
+            Path(args.out).write_text(text)
+        return
+    cells = collect_cells(runs, best_eps=args.best_eps)
     text = markdown_table(cells, best_eps=args.best_eps)
     print(text, end="")
     if args.out:
