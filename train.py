@@ -288,33 +288,44 @@ def predict(model, loader, accelerator: Accelerator, info, channels_last: bool) 
     return [torch.cat(cols) for cols in zip(*outs)]
 
 
+# The label audit's early window: evaluations within the first AUDIT_EPOCHS passes over the training
+# split, before the network memorises the noisy labels (it fits the clean ones first; Arpit et al. 2017).
+AUDIT_EPOCHS = 30
+
+
 class TrainingDynamics:
     """Per-row sums over evaluations of the training-eval predictions, the label audit's input (eval.py).
 
     margin_sum[i] = sum_e (z_y - max_{k != y} z_k) (the area under the margin, Pleiss et al. 2020),
-    prob_sum[i] = sum_e softmax(z), count[i] = evaluations of row i; z = fp32 logits of the
-    un-augmented image, y = the given (noisy) label; rows are the training split's rows (a stream:
-    positions in the evaluated subset). Every process holds the same gathered sums, on the device.
+    count[i] = evaluations of row i, over the whole run; early_prob_sum[i] = sum_e softmax(z) and
+    early_count[i] over the evaluations of the first AUDIT_EPOCHS epochs (at least the first one).
+    z = fp32 logits of the un-augmented image, y = the given (noisy) label; rows are the training
+    split's rows (a stream: positions in the evaluated subset). Every process holds the same
+    gathered sums, on the device.
     """
 
     def __init__(self, labels: torch.Tensor, num_classes: int, device: torch.device):
         self.label = labels.to(device)
         self.margin_sum = torch.zeros(len(labels), device=device)
-        self.prob_sum = torch.zeros(len(labels), num_classes, device=device)
         self.count = torch.zeros(len(labels), dtype=torch.int64, device=device)
+        self.early_prob_sum = torch.zeros(len(labels), num_classes, device=device)
+        self.early_count = torch.zeros(len(labels), dtype=torch.int64, device=device)
 
     @torch.no_grad()
-    def update(self, logits: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor) -> None:
-        """Add one evaluation's margins and probabilities at `rows` (no host sync)."""
+    def update(self, logits: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, epochs: float) -> None:
+        """Add one evaluation's margins (and, within the early window, probabilities) at `rows` (no host sync)."""
         z = logits.float()
         given = z.gather(1, labels[:, None]).squeeze(1)
         other = z.scatter(1, labels[:, None], float("-inf")).amax(1)
         self.margin_sum.index_add_(0, rows, given - other)
-        self.prob_sum.index_add_(0, rows, z.softmax(1))
         self.count.index_add_(0, rows, torch.ones_like(rows))
+        if epochs <= AUDIT_EPOCHS or not self.early_count.any():
+            self.early_prob_sum.index_add_(0, rows, z.softmax(1))
+            self.early_count.index_add_(0, rows, torch.ones_like(rows))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"margin_sum": self.margin_sum, "prob_sum": self.prob_sum, "count": self.count}
+        return {"margin_sum": self.margin_sum, "count": self.count, "early_prob_sum": self.early_prob_sum,
+                "early_count": self.early_count}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         for name, value in state.items():
@@ -328,7 +339,7 @@ class TrainingDynamics:
 
 
 def evaluate(model, test_loader, train_eval_loader, accelerator, info, channels_last: bool,
-             dynamics: TrainingDynamics | None = None, known_noise: bool = True) -> dict:
+             dynamics: TrainingDynamics | None = None, known_noise: bool = True, epochs: float = 0.0) -> dict:
     """Clean test accuracy/loss, the training dynamics and, with known noise, the paper's Figure 3 metrics."""
     logits, labels = predict(model, test_loader, accelerator, info, channels_last)
     metrics = {"test_acc": (logits.argmax(1) == labels).float().mean().item(),
@@ -337,7 +348,7 @@ def evaluate(model, test_loader, train_eval_loader, accelerator, info, channels_
     if train_eval_loader is not None:
         logits, label, clean, noisy, rows = predict(model, train_eval_loader, accelerator, info, channels_last)
         if dynamics is not None:
-            dynamics.update(logits, label, rows)
+            dynamics.update(logits, label, rows, epochs)
         if not known_noise:
             return metrics
         pred, ent = logits.argmax(1), normalized_entropy(logits)
@@ -496,7 +507,8 @@ def main(argv: list[str] | None = None) -> None:
             n = max(state["n_sum"], 1)
             metrics = {"step": step, "lr": lr, "train_loss": loss_sum.item() / n, "epsilon": eps_sum.item() / n}
             metrics |= evaluate(model, test_loader, train_eval_loader, accelerator, info, channels_last,
-                                dynamics, known_noise=args.noise != "none")
+                                dynamics, known_noise=args.noise != "none",
+                                epochs=step * args.batch_size / len(dynamics.label) if dynamics is not None else 0.0)
             metrics["process_steps"] = accelerator.gather(torch.tensor([step], device=device)).tolist()
             loss_sum.zero_(), eps_sum.zero_()
             state["n_sum"] = 0
