@@ -608,6 +608,8 @@ def read_dynamics(run_dir: Path, train_ds: Any) -> dict[str, torch.Tensor] | Non
             dyn = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError) as e:
         raise ValueError(f"cannot read {path} ({e}): the file is damaged") from None
+    if not {"label", "early_prob_sum", "early_count", "margin_sum", "count"} <= dyn.keys():
+        return None  # written by an earlier train.py
     n = len(train_ds)
     if meta.get("rows") == "stream_subset":
         row_of = {k: i for i, k in enumerate(train_ds["example_key"])}
@@ -709,8 +711,8 @@ def audit_main(args: argparse.Namespace) -> None:
         scored, how = dyn["early_count"] > 0, "the mean prediction over the early evaluations (training dynamics)"
     else:
         if args.score == "dynamics" and accelerator.is_main_process:
-            print(f"notice: {run_dir} has no dynamics.safetensors (trained before the audit kept training dynamics, or "
-                  f"with --train-eval-size 0): ranking by the final model, which misses the labels it has memorised",
+            print(f"notice: {run_dir} has no usable dynamics.safetensors (trained before the audit kept training dynamics, "
+                  f"or with --train-eval-size 0): ranking by the final model, which misses the labels it has memorised",
                   file=sys.stderr)
         columns["predicted_label"], columns["label_quality"] = columns["final_predicted_label"], columns["final_label_quality"]
         scored, how = torch.ones_like(labels, dtype=torch.bool), "the final model"
