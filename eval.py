@@ -11,14 +11,29 @@ Four uses:
     python eval.py --table RUN_DIR_OR_PARENT... [--out table.md] [--csv table.csv] [--best-eps]
         The paper's Table 4 layout: rows = methods, columns = noise kind and rate, cells = final
         test accuracy (%) as mean +- std over seeds, best cell per column in bold.
-    python eval.py --audit RUN_DIR [--out label_issues.csv]
-        Run the model over the (noisy) training split and list the examples whose given label it
-        contradicts, ranked by score = p(predicted class) - p(given label).
+    python eval.py --audit RUN_DIR [--out label_issues.csv] [--relabel PATH] [--drop PATH] [--score final]
+        Which training labels are wrong: every training example ranked by label_quality from the
+        training dynamics train.py kept (dynamics.safetensors), worst first, with is_label_issue;
+        --relabel / --drop write a label file for `train.py --noise file --noise-file PATH`.
 
 Definitions (all on softmax outputs p, C classes):
 - entropy: mean over examples of H(p) / log C, in [0, 1].
 - ECE (Guo et al. 2017): 15 equal-width bins over the confidence max_k p_k, bin b = (b/15, (b+1)/15];
   ECE = sum_b |B_b|/N * |accuracy(B_b) - mean confidence(B_b)|.
+- audit score (training dynamics; Pleiss et al. 2020 and the early-learning effect, Arpit et al. 2017):
+  train.py scores the un-augmented training split at every evaluation. Over the evaluations e of the
+  first 30 epochs (train.AUDIT_EPOCHS; at least the first evaluation), before the network memorises
+  the noisy labels, p_bar_i = mean_e softmax(z_i^e). label_quality_i = p_bar_i[y_i] (y = the given
+  label; cleanlab's self-confidence, averaged over training), predicted_label_i = argmax_k p_bar_i[k],
+  is_label_issue_i = predicted_label_i != y_i: the threshold needs no clean labels (the number
+  flagged is the estimated number of wrong labels). aum_i = mean over all evaluations of
+  z_i[y_i] - max_{k != y_i} z_i[k] (the area under the margin) is a column. With --score final, or
+  a run without dynamics.safetensors, the final model's softmax p replaces p_bar (final_* columns
+  always hold it); a model that memorised the noise agrees with it there. corrected_label and eps
+  are ProSelfLC's target class and eps_i at t = T from the final model.
+- label files (--relabel / --drop): CSV `key,label` for every training example, keyed by
+  example_key (noise.py), so row order does not matter; flagged examples get predicted_label, or
+  -1, which drops the example from the training set.
 - table std: the sample standard deviation (ddof=1) over the seeds of a cell; a single seed shows
   its value alone. Bold marks every cell whose mean, rounded to the printed 0.1, is the column best.
 """
