@@ -312,14 +312,14 @@ class TrainingDynamics:
         self.early_count = torch.zeros(len(labels), dtype=torch.int64, device=device)
 
     @torch.no_grad()
-    def update(self, logits: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, epochs: float) -> None:
-        """Add one evaluation's margins (and, within the early window, probabilities) at `rows` (no host sync)."""
+    def update(self, logits: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, early: bool) -> None:
+        """Add one evaluation's margins (and, in the early window, probabilities) at `rows` (no host sync)."""
         z = logits.float()
         given = z.gather(1, labels[:, None]).squeeze(1)
         other = z.scatter(1, labels[:, None], float("-inf")).amax(1)
         self.margin_sum.index_add_(0, rows, given - other)
         self.count.index_add_(0, rows, torch.ones_like(rows))
-        if epochs <= AUDIT_EPOCHS or not self.early_count.any():
+        if early:
             self.early_prob_sum.index_add_(0, rows, z.softmax(1))
             self.early_count.index_add_(0, rows, torch.ones_like(rows))
 
@@ -339,7 +339,7 @@ class TrainingDynamics:
 
 
 def evaluate(model, test_loader, train_eval_loader, accelerator, info, channels_last: bool,
-             dynamics: TrainingDynamics | None = None, known_noise: bool = True, epochs: float = 0.0) -> dict:
+             dynamics: TrainingDynamics | None = None, known_noise: bool = True, early: bool = True) -> dict:
     """Clean test accuracy/loss, the training dynamics and, with known noise, the paper's Figure 3 metrics."""
     logits, labels = predict(model, test_loader, accelerator, info, channels_last)
     metrics = {"test_acc": (logits.argmax(1) == labels).float().mean().item(),
@@ -348,7 +348,7 @@ def evaluate(model, test_loader, train_eval_loader, accelerator, info, channels_
     if train_eval_loader is not None:
         logits, label, clean, noisy, rows = predict(model, train_eval_loader, accelerator, info, channels_last)
         if dynamics is not None:
-            dynamics.update(logits, label, rows, epochs)
+            dynamics.update(logits, label, rows, early)
         if not known_noise:
             return metrics
         pred, ent = logits.argmax(1), normalized_entropy(logits)
@@ -508,7 +508,8 @@ def main(argv: list[str] | None = None) -> None:
             metrics = {"step": step, "lr": lr, "train_loss": loss_sum.item() / n, "epsilon": eps_sum.item() / n}
             metrics |= evaluate(model, test_loader, train_eval_loader, accelerator, info, channels_last,
                                 dynamics, known_noise=args.noise != "none",
-                                epochs=step * args.batch_size / len(dynamics.label) if dynamics is not None else 0.0)
+                                early=dynamics is None or step <= args.eval_every
+                                or step * args.batch_size <= AUDIT_EPOCHS * len(dynamics.label))
             metrics["process_steps"] = accelerator.gather(torch.tensor([step], device=device)).tolist()
             loss_sum.zero_(), eps_sum.zero_()
             state["n_sum"] = 0

@@ -90,6 +90,18 @@ def test_dynamics_of_a_clean_run_and_its_audit(tmp_path: Path) -> None:
     assert "precision=" not in proc.stdout and len(read_rows(out / "label_issues.csv")) == n
 
 
+def test_a_streamed_run_is_audited_by_example_key(tmp_path: Path) -> None:
+    import train
+
+    out = tmp_path / "stream"
+    assert train.cli(["--cpu", *SYNTHETIC, "--streaming", "--max-steps", "10", "--eval-every", "5", "--noise",
+                      "symmetric", "--noise-rate", "0.4", "--output-dir", str(out)]) == 0
+    proc = run_script("eval.py", "--audit", str(out), "--cpu")
+    assert proc.returncode == 0 and not proc.stderr.strip(), proc.stderr
+    rows = read_rows(out / "label_issues.csv")
+    assert len(rows) == 128 and len({r["key"] for r in rows}) == 128  # the whole (small) stream, each example once
+
+
 def test_two_processes_gather_every_example_once(tmp_path: Path) -> None:
     out = tmp_path / "ddp"
     proc = run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", "train.py",
