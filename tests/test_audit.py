@@ -99,7 +99,7 @@ def test_a_streamed_run_is_audited_by_example_key(tmp_path: Path) -> None:
     proc = run_script("eval.py", "--audit", str(out), "--cpu")
     assert proc.returncode == 0 and not proc.stderr.strip(), proc.stderr
     rows = read_rows(out / "label_issues.csv")
-    assert len(rows) == 128 and len({r["key"] for r in rows}) == 128  # the whole (small) stream, each example once
+    assert len(rows) == 160 and len({r["key"] for r in rows}) == 160  # the whole (small) stream, each example once
 
 
 def test_two_processes_gather_every_example_once(tmp_path: Path) -> None:
@@ -109,7 +109,7 @@ def test_two_processes_gather_every_example_once(tmp_path: Path) -> None:
                       "--noise-rate", "0.4", "--output-dir", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     dyn = load_file(str(out / "dynamics.safetensors"))
-    assert torch.equal(dyn["count"], torch.full_like(dyn["count"], 2))  # 128 rows over 2 processes: none twice, none lost
+    assert torch.equal(dyn["count"], torch.full((160,), 2))  # 160 rows over 2 processes: none twice, none lost
 
 
 def test_resume_restores_the_statistics_exactly(tmp_path: Path) -> None:
