@@ -768,7 +768,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--plot", action="store_true", help="plot the learning dynamics of the runs to --out (PNG)")
     mode.add_argument("--table", action="store_true", help="print the Table 4 style Markdown table of final accuracies")
-    mode.add_argument("--audit", action="store_true", help="list training examples whose given label the model contradicts")
+    mode.add_argument("--audit", action="store_true", help="rank the training labels by the training dynamics; write label_issues.csv")
     p.add_argument("--out", help="output file: the PNG (--plot, default dynamics.png), the Markdown (--table), "
                                  "the CSV (--audit, default RUN_DIR/label_issues.csv)")
     p.add_argument("--csv", help="--table: also write the cells as CSV to this file")

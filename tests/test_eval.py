@@ -107,6 +107,16 @@ def test_table_cells_means_stds_and_bold(grid: Path, tmp_path: Path) -> None:
     assert float(c["mean_acc"]) == pytest.approx(61.0) and float(c["std_acc"]) == pytest.approx(2**0.5, abs=1e-4)
 
 
+def test_budget_table_shows_accuracy_and_memorisation_per_budget(tmp_path: Path) -> None:
+    for steps, acc in ((300, 0.90), (1500, 0.70)):
+        for seed in (0, 1):
+            fake_run(tmp_path / f"T{steps}", "cce", "symmetric", 0.4, seed, acc + seed / 100, steps=steps)
+    rows = table_rows(ev.budget_table(ev.finished_runs([str(tmp_path)])))
+    assert rows["Method"] == ["symmetric r=0.4 T=300 test acc", "symmetric r=0.4 T=300 noisy_fit",
+                              "symmetric r=0.4 T=1500 test acc", "symmetric r=0.4 T=1500 noisy_fit"]
+    assert rows["CCE"] == ["**90.5 ± 0.7**", "50.0 ± 0.0", "**70.5 ± 0.7**", "50.0 ± 0.0"]
+
+
 def test_table_eps_rows_and_best_eps(tmp_path: Path) -> None:
     for eps, acc in ((0.125, 0.55), (0.5, 0.59)):
         fake_run(tmp_path, "ls", "symmetric", 0.4, 0, acc, eps=eps)
