@@ -10,6 +10,10 @@ Sections:
 - input: training-input images/s (load, noise, decode, batch, augment, normalise) vs an upper bound.
 - train: train.py's Accelerate loop vs a plain PyTorch loop; ResNet-44 step at batch 256 on CPU.
 - eval: eval.py's Accelerate evaluation vs a bare forward loop.
+- audit (not in the default run; needs requirements-bench.txt): precision, recall and F1 of
+  eval.py --audit (training dynamics and final model) and of cleanlab with 5-fold out-of-sample
+  probabilities, digits at 40% symmetric and pair-flip noise, 300 and 1,500 steps; the time cost of
+  the training dynamics.
 - gpu: images/s of the whole ResNet-44 bf16 training step with the on-device pipeline, eager and
   compiled (CUDA only; the paper's 30,000 x 256 run takes 7.68M images).
 """
@@ -297,6 +301,83 @@ def bench_eval(quick: bool) -> list[dict]:
              "ratio": t_bare / t_eval, "note": "ratio = bare forward loop time / eval.py time"}]
 
 
+# ----------------------------------------------------------------------------------------------- audit
+
+
+def audit_digits_run(out: Path, noise_kind: str, method: str, steps: int, extra: tuple[str, ...] = ()) -> float:
+    """Train one digits run at 40% noise (seconds of wall time); the run folder holds dynamics.safetensors."""
+    start = time.perf_counter()
+    subprocess.run([sys.executable, str(ROOT / "train.py"), "--cpu", "--noise", noise_kind, "--noise-rate", "0.4",
+                    "--method", method, "--max-steps", str(steps), "--eval-every", "50", "--save-every", str(10 * steps),
+                    "--overwrite", "--output-dir", str(out), *extra], check=True, capture_output=True, cwd=ROOT)
+    return time.perf_counter() - start
+
+
+def audit_scores(run: Path, score: str) -> tuple[float, float]:
+    """(precision, recall) that `eval.py --audit --score SCORE` prints against the real flips."""
+    import re
+
+    proc = subprocess.run([sys.executable, str(ROOT / "eval.py"), "--audit", str(run), "--cpu", "--score", score,
+                           "--out", str(run / f"issues-{score}.csv")], check=True, capture_output=True, text=True, cwd=ROOT)
+    found = re.search(r"precision=([0-9.]+) recall=([0-9.]+)", proc.stdout)
+    return float(found.group(1)), float(found.group(2))
+
+
+def cleanlab_scores(noise_kind: str) -> dict[str, tuple[float, float]]:
+    """cleanlab.filter.find_label_issues on 5-fold out-of-sample probabilities of sklearn classifiers, digits pixels."""
+    from cleanlab.filter import find_label_issues
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.svm import SVC
+
+    train, _, _ = data.prepare_data({"dataset": "digits", "noise": noise_kind, "noise_rate": 0.4})
+    t = data.to_tensors(train)
+    x, y, noisy = t["image"].reshape(len(t["label"]), -1).float().numpy() / 16, t["label"].numpy(), t["is_noisy"].numpy()
+    out = {}
+    for name, clf in (("SVC rbf", SVC(probability=True, random_state=0)), ("kNN k=15", KNeighborsClassifier(15)),
+                      ("logistic regression", LogisticRegression(max_iter=2000))):
+        probs = cross_val_predict(clf, x, y, cv=StratifiedKFold(5, shuffle=True, random_state=0), method="predict_proba")
+        flagged = find_label_issues(y, probs)
+        hit = int((flagged & noisy).sum())
+        out[name] = (hit / max(int(flagged.sum()), 1), hit / int(noisy.sum()))
+    return out
+
+
+def f1(precision: float, recall: float) -> float:
+    """Harmonic mean of precision and recall."""
+    return 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+
+
+def bench_audit(quick: bool) -> list[dict]:
+    """Label audit on digits, 40% noise: F1 of eval.py --audit (training dynamics; final model) vs cleanlab 5-fold."""
+    budgets = (300,) if quick else (300, 1500)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for noise_kind in ("symmetric", "pairflip"):
+            for method in ("proselflc", "cce"):
+                for steps in budgets:
+                    run = Path(tmp) / f"{noise_kind}-{method}-{steps}"
+                    audit_digits_run(run, noise_kind, method, steps)
+                    for score, what in (("dynamics", "training dynamics"), ("final", "final model")):
+                        p, r = audit_scores(run, score)
+                        rows.append({"name": f"eval.py --audit ({what}), {method} T={steps}, {noise_kind} 0.4",
+                                     "value": f1(p, r), "unit": "F1", "ratio": None, "note": f"precision {p:.3f}, recall {r:.3f}"})
+            for name, (p, r) in cleanlab_scores(noise_kind).items():
+                rows.append({"name": f"cleanlab find_label_issues, 5-fold {name}, {noise_kind} 0.4", "value": f1(p, r),
+                             "unit": "F1", "ratio": None, "note": f"precision {p:.3f}, recall {r:.3f}"})
+        # the cost: the training-split evaluation and its statistics, against the same run without them
+        with_stats, without = [], []
+        for _ in range(1 if quick else 3):  # interleaved, medians
+            with_stats.append(audit_digits_run(Path(tmp) / "cost", "symmetric", "proselflc", 300))
+            without.append(audit_digits_run(Path(tmp) / "cost", "symmetric", "proselflc", 300, ("--train-eval-size", "0")))
+    a, b = statistics.median(with_stats), statistics.median(without)
+    rows.append({"name": "digits run, 300 steps, evaluating every 50: with the training dynamics", "value": a, "unit": "s",
+                 "ratio": (a - b) / b, "note": "ratio = extra time / time of the same run with --train-eval-size 0 "
+                                               "(also pays the Figure 3 metrics; the process start-up is in both)"})
+    return rows
+
+
 # ------------------------------------------------------------------------------------------------- gpu
 
 
@@ -340,7 +421,8 @@ def bench_gpu(quick: bool) -> list[dict]:
 
 # ------------------------------------------------------------------------------------------------ main
 
-SECTIONS = {"losses": bench_losses, "input": bench_input, "train": bench_train, "eval": bench_eval, "gpu": bench_gpu}
+SECTIONS = {"losses": bench_losses, "input": bench_input, "train": bench_train, "eval": bench_eval, "gpu": bench_gpu,
+            "audit": bench_audit}
 
 
 def markdown(results: dict[str, list[dict]], command: str, seconds: float) -> str:
@@ -361,7 +443,8 @@ def markdown(results: dict[str, list[dict]], command: str, seconds: float) -> st
                   "| what | value | unit | ratio | note |", "|---|---:|---|---:|---|"]
         for r in rows:
             ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}"
-            lines.append(f"| {r['name']} | {r['value']:,.1f} | {r['unit']} | {ratio} | {r['note']} |")
+            value = f"{r['value']:.3f}" if r["unit"] == "F1" else f"{r['value']:,.1f}"
+            lines.append(f"| {r['name']} | {value} | {r['unit']} | {ratio} | {r['note']} |")
         lines.append("")
     if "gpu" in results and not torch.cuda.is_available():
         lines += ["No GPU figures yet: this machine has no CUDA device. On one, `python bench.py --only gpu "

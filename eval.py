@@ -11,14 +11,29 @@ Four uses:
     python eval.py --table RUN_DIR_OR_PARENT... [--out table.md] [--csv table.csv] [--best-eps]
         The paper's Table 4 layout: rows = methods, columns = noise kind and rate, cells = final
         test accuracy (%) as mean +- std over seeds, best cell per column in bold.
-    python eval.py --audit RUN_DIR [--out label_issues.csv]
-        Run the model over the (noisy) training split and list the examples whose given label it
-        contradicts, ranked by score = p(predicted class) - p(given label).
+    python eval.py --audit RUN_DIR [--out label_issues.csv] [--relabel PATH] [--drop PATH] [--score final]
+        Which training labels are wrong: every training example ranked by label_quality from the
+        training dynamics train.py kept (dynamics.safetensors), worst first, with is_label_issue;
+        --relabel / --drop write a label file for `train.py --noise file --noise-file PATH`.
 
 Definitions (all on softmax outputs p, C classes):
 - entropy: mean over examples of H(p) / log C, in [0, 1].
 - ECE (Guo et al. 2017): 15 equal-width bins over the confidence max_k p_k, bin b = (b/15, (b+1)/15];
   ECE = sum_b |B_b|/N * |accuracy(B_b) - mean confidence(B_b)|.
+- audit score (training dynamics; Pleiss et al. 2020 and the early-learning effect, Arpit et al. 2017):
+  train.py scores the un-augmented training split at every evaluation. Over the evaluations e of the
+  first 30 epochs (train.AUDIT_EPOCHS; at least the first evaluation), before the network memorises
+  the noisy labels, p_bar_i = mean_e softmax(z_i^e). label_quality_i = p_bar_i[y_i] (y = the given
+  label; cleanlab's self-confidence, averaged over training), predicted_label_i = argmax_k p_bar_i[k],
+  is_label_issue_i = predicted_label_i != y_i: the threshold needs no clean labels (the number
+  flagged is the estimated number of wrong labels). aum_i = mean over all evaluations of
+  z_i[y_i] - max_{k != y_i} z_i[k] (the area under the margin) is a column. With --score final, or
+  a run without dynamics.safetensors, the final model's softmax p replaces p_bar (final_* columns
+  always hold it); a model that memorised the noise agrees with it there. corrected_label and eps
+  are ProSelfLC's target class and eps_i at t = T from the final model.
+- label files (--relabel / --drop): CSV `key,label` for every training example, keyed by
+  example_key (noise.py), so row order does not matter; flagged examples get predicted_label, or
+  -1, which drops the example from the training set.
 - table std: the sample standard deviation (ddof=1) over the seeds of a cell; a single seed shows
   its value alone. Bold marks every cell whose mean, rounded to the printed 0.1, is the column best.
 """
@@ -44,6 +59,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from safetensors import SafetensorError
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -301,9 +317,55 @@ def finished_runs(paths: Sequence[str]) -> list[Run]:
     return runs
 
 
+def mean_std_text(values: Sequence[float]) -> str:
+    """'66.6 ± 0.3' (sample std) for several values, '66.6' for one."""
+    mean = statistics.fmean(values)
+    return f"{mean:.1f}" if len(values) == 1 else f"{mean:.1f} ± {statistics.stdev(values):.1f}"
+
+
+def budget_table(runs: Sequence[Run]) -> str:
+    """Rows = methods; per (setting, budget T): final test accuracy and noisy_fit (memorisation), % over seeds."""
+    groups: dict[tuple, list[Run]] = {}
+    for r in runs:
+        key = (str(r.config.get("method", "?")), setting_of(r.config), int(r.config.get("max_steps", 0)))
+        groups.setdefault(key, []).append(r)
+    columns = sorted({k[1:] for k in groups}, key=lambda c: (setting_sort_key(c[0]), c[1]))
+    methods = sorted({k[0] for k in groups}, key=lambda m: method_sort_key((m, None)))
+    acc = {k: [100.0 * float(r.metrics[-1]["test_acc"]) for r in g] for k, g in groups.items()}
+    fit = {k: [100.0 * float(r.metrics[-1]["noisy_fit"]) for r in g if r.metrics[-1].get("noisy_fit") is not None]
+           for k, g in groups.items()}
+    best = {c: max(round(statistics.fmean(v), 1) for k, v in acc.items() if k[1:] == c) for c in columns}
+    seeds = sorted({len(g) for g in groups.values()})
+    lines = [f"Final clean test accuracy (%) and noisy_fit (% of the flipped training labels the final model "
+             f"predicts, i.e. memorised) after T steps: mean ± sample std over {'-'.join(map(str, seeds))} seeds; "
+             "best accuracy per column in bold.", "",
+             "| Method | " + " | ".join(f"{noise_label(*c[0][1:])} T={c[1]} {what}" for c in columns
+                                       for what in ("test acc", "noisy_fit")) + " |",
+             "|---|" + "---:|" * (2 * len(columns))]
+    for m in methods:
+        texts = []
+        for c in columns:
+            k = (m, *c)
+            if k not in acc:
+                texts += ["–", "–"]
+                continue
+            text = mean_std_text(acc[k])
+            texts += [f"**{text}**" if round(statistics.fmean(acc[k]), 1) == best[c] else text,
+                      mean_std_text(fit[k]) if fit[k] else "–"]
+        lines.append(f"| {method_label(m)} | " + " | ".join(texts) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def table_main(args: argparse.Namespace) -> None:
     """--table: print the Markdown table, optionally write it (--out) and a CSV (--csv)."""
-    cells = collect_cells(finished_runs(args.runs), best_eps=args.best_eps)
+    runs = finished_runs(args.runs)
+    if len({r.config.get("max_steps") for r in runs}) > 1:  # several budgets: one column pair per budget
+        text = budget_table(runs)
+        print(text, end="")
+        if args.out:
+            Path(args.out).write_text(text)
+        return
+    cells = collect_cells(runs, best_eps=args.best_eps)
     text = markdown_table(cells, best_eps=args.best_eps)
     print(text, end="")
     if args.out:
@@ -546,59 +608,111 @@ def corrected_targets(logits: torch.Tensor, labels: torch.Tensor, cfg: dict[str,
     return eps, target.argmax(dim=1)
 
 
-def audit_rows(logits: torch.Tensor, labels: torch.Tensor, cfg: dict[str, Any]) -> tuple[list[int], dict[str, torch.Tensor]]:
-    """Indices of the examples whose given label the model contradicts, ranked by score, and per-example columns.
-
-    score = p(predicted class) - p(given label): > 0 exactly when the prediction differs from the
-    given label, 1 when the model is certain of another class and gives the label no mass.
-    """
+def final_model_columns(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The final model's view: its predicted class and its p(given label) per training example."""
     probs = F.softmax(logits.float(), dim=1)
-    confidence, predicted = probs.max(dim=1)
-    given_prob = probs.gather(1, labels[:, None]).squeeze(1)
-    columns = {"predicted_label": predicted, "confidence": confidence, "given_label_prob": given_prob,
-               "score": confidence - given_prob}
-    if cfg.get("method") == "proselflc":
-        columns["epsilon"], columns["corrected_label"] = corrected_targets(logits, labels, cfg)
-    flagged = torch.nonzero(predicted != labels).squeeze(1)
-    order = torch.argsort(columns["score"][flagged], descending=True, stable=True)
-    return flagged[order].tolist(), columns
+    return {"final_predicted_label": probs.argmax(dim=1), "final_label_quality": probs.gather(1, labels[:, None]).squeeze(1)}
 
 
-def audit_summary(flagged: list[int], columns: dict[str, torch.Tensor], train: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Precision and recall of the flagged list against the real flips, and how many flips the model recovers."""
+def read_dynamics(run_dir: Path, train_ds: Any) -> dict[str, torch.Tensor] | None:
+    """dynamics.safetensors scattered onto the rows of the map-style training split (None if the run has none).
+
+    A streamed run's rows are positions in its evaluated subset; their example keys (in the file's
+    metadata) place them in the split. Rows never evaluated get count 0.
+    """
+    path = run_dir / "dynamics.safetensors"
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            dyn = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"cannot read {path} ({e}): the file is damaged") from None
+    if not {"label", "early_prob_sum", "early_count", "margin_sum", "count"} <= dyn.keys():
+        return None  # written by an earlier train.py
+    n = len(train_ds)
+    if meta.get("rows") == "stream_subset":
+        row_of = {k: i for i, k in enumerate(train_ds["example_key"])}
+        keys = json.loads(meta["keys"])
+        if any(k not in row_of for k in keys):
+            raise ValueError(f"{path}: examples of the run are not in the training split: pass the run's --dataset")
+        rows = torch.tensor([row_of[k] for k in keys], dtype=torch.int64)
+    else:
+        rows = torch.arange(len(dyn["label"]))
+        if len(rows) != n:
+            raise ValueError(f"{path} has {len(rows)} rows but the training split has {n}: pass the run's --dataset")
+    out = {k: torch.zeros((n, *v.shape[1:]), dtype=v.dtype).index_copy(0, rows, v) for k, v in dyn.items()}
+    return out
+
+
+def dynamics_columns(dyn: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The audit's score per row: p_bar = mean softmax over the early evaluations, predicted = argmax p_bar,
+    label_quality = p_bar[given], aum = mean margin over all evaluations."""
+    early = dyn["early_prob_sum"] / dyn["early_count"].clamp(min=1)[:, None].float()
+    given = dyn["label"].long()
+    return {"predicted_label": early.argmax(dim=1), "label_quality": early.gather(1, given[:, None]).squeeze(1),
+            "aum": dyn["margin_sum"] / dyn["count"].clamp(min=1).float()}
+
+
+def audit_rows(columns: dict[str, torch.Tensor], labels: torch.Tensor, scored: torch.Tensor) -> tuple[list[int], torch.Tensor]:
+    """(every scored row ranked by label_quality, worst first; is_label_issue = predicted_label != given label)."""
+    is_issue = (columns["predicted_label"] != labels) & scored
+    rows = torch.nonzero(scored).squeeze(1)
+    order = torch.argsort(columns["label_quality"][rows], stable=True)
+    return rows[order].tolist(), is_issue
+
+
+def audit_summary(is_issue: torch.Tensor, columns: dict[str, torch.Tensor], train: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Precision and recall of the flagged rows against the real flips, and how many flips the prediction recovers."""
     is_noisy = train["is_noisy"].bool()
-    hit = is_noisy[flagged].sum().item() if flagged else 0
-    n_noisy = int(is_noisy.sum())
+    flagged, n_noisy = int(is_issue.sum()), int(is_noisy.sum())
+    hit = int((is_issue & is_noisy).sum())
     summary = {
-        "flagged": len(flagged), "noisy": n_noisy, "noise_rate": n_noisy / len(is_noisy),
-        "precision": hit / len(flagged) if flagged else 0.0,
+        "flagged": flagged, "noisy": n_noisy, "noise_rate": n_noisy / len(is_noisy),
+        "precision": hit / flagged if flagged else 0.0,
         "recall": hit / n_noisy if n_noisy else 0.0,
         "recovered": float((columns["predicted_label"][is_noisy] == train["clean_label"][is_noisy]).float().mean()) if n_noisy else 0.0,
     }
-    if "corrected_label" in columns and n_noisy:
+    if n_noisy:
         summary["corrected_recovered"] = float((columns["corrected_label"][is_noisy] == train["clean_label"][is_noisy]).float().mean())
     return summary
 
 
-def write_audit_csv(path: Path, flagged: list[int], keys: list[Any], key_name: str, train: dict[str, torch.Tensor],
+AUDIT_COLUMNS = ("index", "key", "given_label", "predicted_label", "is_label_issue", "label_quality", "aum",
+                 "corrected_label", "eps", "final_predicted_label", "final_label_quality")
+
+
+def write_audit_csv(path: Path, ranked: list[int], keys: list[str], train: dict[str, torch.Tensor],
                     columns: dict[str, torch.Tensor], known_noise: bool) -> None:
-    """One CSV row per flagged example, best-ranked first; `key_name` is the key column or 'index' (row in the split)."""
-    header = ["rank", key_name, "given_label", "predicted_label", "confidence", "given_label_prob", "score"]
-    header += [c for c in ("epsilon", "corrected_label") if c in columns]
+    """One CSV row per scored training example, worst label_quality first (cleanlab's column names plus ours)."""
+    header = ["rank", *(c for c in AUDIT_COLUMNS if c in columns or c in ("index", "key", "given_label"))]
     header += ["clean_label", "is_noisy"] if known_noise else []
+    values = {**columns, "given_label": train["label"], "clean_label": train["clean_label"], "is_noisy": train["is_noisy"]}
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(header)
-        for rank, i in enumerate(flagged, 1):
-            row = [rank, keys[i], int(train["label"][i])]
+        for rank, i in enumerate(ranked, 1):
+            row: list[Any] = [rank, i, keys[i]]
             for c in header[3:]:
-                v = train[c][i] if c in ("clean_label", "is_noisy") else columns[c][i]
+                v = values[c][i]
                 row.append(f"{float(v):.4f}" if v.is_floating_point() else int(v))
             w.writerow(row)
 
 
+def write_label_file(path: Path, keys: list[str], labels: torch.Tensor, is_issue: torch.Tensor,
+                     new_labels: torch.Tensor | None) -> None:
+    """A `train.py --noise file --noise-file PATH` file, `key,label` for every training example: the flagged
+    ones relabelled to `new_labels`, or (None) given label -1, which drops them from the training set."""
+    out = torch.where(is_issue, new_labels if new_labels is not None else torch.full_like(labels, -1), labels)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["key", "label"])
+        w.writerows(zip(keys, out.tolist()))
+
+
 def audit_main(args: argparse.Namespace) -> None:
-    """--audit RUN_DIR: rank the training examples whose given label the model contradicts; write a CSV."""
+    """--audit RUN_DIR: rank the training labels by the training dynamics (or the final model); write the CSVs."""
     run_dir = single_run_dir(args.runs, "--audit")
     cfg = run_config(run_dir, args)
     # Map-style even for a streamed run: the audit needs every training example once, in a stable order.
@@ -606,30 +720,46 @@ def audit_main(args: argparse.Namespace) -> None:
     model = load_model(run_dir, cfg, info)
     accelerator = Accelerator(cpu=args.cpu, mixed_precision="no")
     train = data.to_tensors(train_ds)
+    labels = train["label"]
     logits = predict(model, train["image"], info, accelerator, args.batch_size)
-    flagged, columns = audit_rows(logits, train["label"], cfg)
-    key_column = cfg.get("key_column")
-    if key_column and key_column in train_ds.column_names:
-        key_name, keys = key_column, list(train_ds[key_column])
+    columns = final_model_columns(logits, labels)
+    columns["eps"], columns["corrected_label"] = corrected_targets(logits, labels, cfg)
+    dyn = read_dynamics(run_dir, train_ds) if args.score == "dynamics" else None
+    if dyn is not None:
+        if not torch.equal(dyn["label"][dyn["count"] > 0], labels[dyn["count"] > 0]):
+            raise ValueError(f"{run_dir}: the training labels differ from the run's: pass the run's --dataset and noise files")
+        columns |= dynamics_columns(dyn)
+        scored, how = dyn["early_count"] > 0, "the mean prediction over the early evaluations (training dynamics)"
     else:
-        key_name, keys = "index", list(range(len(logits)))  # the row in the training split, in stored order
+        if args.score == "dynamics" and accelerator.is_main_process:
+            print(f"notice: {run_dir} has no usable dynamics.safetensors (trained before the audit kept training dynamics, "
+                  f"or with --train-eval-size 0): ranking by the final model, which misses the labels it has memorised",
+                  file=sys.stderr)
+        columns["predicted_label"], columns["label_quality"] = columns["final_predicted_label"], columns["final_label_quality"]
+        scored, how = torch.ones_like(labels, dtype=torch.bool), "the final model"
+    ranked, is_issue = audit_rows(columns, labels, scored)
+    columns["is_label_issue"] = is_issue
+    keys = [str(k) for k in train_ds["example_key"]]
     known_noise = (cfg.get("noise") or "none") != "none"
     if accelerator.is_main_process:
         out = Path(args.out) if args.out else run_dir / "label_issues.csv"
-        write_audit_csv(out, flagged, keys, key_name, train, columns, known_noise)
-        print(f"{len(flagged)} of {len(logits)} training labels contradicted by the model "
-              f"(ranked by p(predicted) - p(given)); wrote {out}")
-        for rank, i in enumerate(flagged[: args.top], 1):
-            extra = f" corrected={int(columns['corrected_label'][i])} eps={float(columns['epsilon'][i]):.3f}" if "epsilon" in columns else ""
-            print(f"{rank:4d}. {key_name}={keys[i]} given={int(train['label'][i])} predicted={int(columns['predicted_label'][i])} "
-                  f"confidence={float(columns['confidence'][i]):.3f} score={float(columns['score'][i]):.3f}{extra}")
+        write_audit_csv(out, ranked, keys, train, columns, known_noise)
+        print(f"{int(is_issue.sum())} of {int(scored.sum())} training labels flagged as label issues by {how}: "
+              f"its predicted class differs from the given label; wrote {out}")
+        for rank, i in enumerate([i for i in ranked if is_issue[i]][: args.top], 1):
+            print(f"{rank:4d}. key={keys[i]} given={int(labels[i])} predicted={int(columns['predicted_label'][i])} "
+                  f"label_quality={float(columns['label_quality'][i]):.3f} corrected={int(columns['corrected_label'][i])} "
+                  f"eps={float(columns['eps'][i]):.3f}")
+        for path, new in ((args.relabel, columns["predicted_label"]), (args.drop, None)):
+            if path:
+                write_label_file(Path(path), keys, labels, is_issue, new)
+                print(f"wrote {path}: train.py --noise file --noise-file {path} trains on the "
+                      f"{'relabelled' if new is not None else 'remaining'} labels")
         if known_noise:
-            s = audit_summary(flagged, columns, train)
-            line = (f"against the real flips ({s['noisy']} noisy, rate {s['noise_rate']:.3f}): precision={s['precision']:.3f} "
-                    f"recall={s['recall']:.3f}; clean label recovered by the prediction for {s['recovered']:.3f} of the flips")
-            if "corrected_recovered" in s:
-                line += f", by ProSelfLC's corrected target for {s['corrected_recovered']:.3f}"
-            print(line)
+            s = audit_summary(is_issue, columns, train)
+            print(f"against the real flips ({s['noisy']} noisy, rate {s['noise_rate']:.3f}): precision={s['precision']:.3f} "
+                  f"recall={s['recall']:.3f}; clean label recovered by the prediction for {s['recovered']:.3f} of the flips, "
+                  f"by ProSelfLC's corrected target for {s['corrected_recovered']:.3f}")
     accelerator.end_training()
 
 
@@ -644,7 +774,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--plot", action="store_true", help="plot the learning dynamics of the runs to --out (PNG)")
     mode.add_argument("--table", action="store_true", help="print the Table 4 style Markdown table of final accuracies")
-    mode.add_argument("--audit", action="store_true", help="list training examples whose given label the model contradicts")
+    mode.add_argument("--audit", action="store_true", help="rank the training labels by the training dynamics; write label_issues.csv")
     p.add_argument("--out", help="output file: the PNG (--plot, default dynamics.png), the Markdown (--table), "
                                  "the CSV (--audit, default RUN_DIR/label_issues.csv)")
     p.add_argument("--csv", help="--table: also write the cells as CSV to this file")
@@ -654,6 +784,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-dir", help="evaluation/--audit: a local copy of the data (see train.py --data-dir)")
     p.add_argument("--batch-size", type=int, default=500, help="evaluation/--audit batch size per process")
     p.add_argument("--top", type=int, default=10, help="--audit: how many ranked examples to print")
+    p.add_argument("--score", choices=("dynamics", "final"), default="dynamics",
+                   help="--audit: rank by the training dynamics (default) or by the final model's predictions")
+    p.add_argument("--relabel", metavar="PATH", help="--audit: write a label file with the flagged labels set to the predicted class")
+    p.add_argument("--drop", metavar="PATH", help="--audit: write a label file without the flagged examples (label -1)")
     p.add_argument("--cpu", action="store_true", help="evaluate on the CPU even when a GPU is present")
     args = p.parse_args(argv)
     if not args.runs:

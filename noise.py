@@ -15,6 +15,7 @@ The result has `label` (noisy: the training target), `clean_label`, `is_noisy` a
 
 from __future__ import annotations
 
+import csv
 import functools
 import hashlib
 import os
@@ -24,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401 - pa.compute in the drop filter
 
 NOISE_KINDS = ("none", "symmetric", "asymmetric", "pairflip", "file")
 PAIR_PRESETS = ("cifar10", "cifar100", "synthetic")
@@ -321,14 +323,54 @@ def load_noise_file(path: str, noise_key: str | None = None) -> tuple[np.ndarray
     raise ValueError(f"noise file {path} has unknown type {ext!r}: use .pt (CIFAR-N), .npy, .csv or .parquet")
 
 
+def load_file_keys(path: str) -> np.ndarray | None:
+    """The `key` column of a .csv/.parquet label file as strings (eval.py --relabel/--drop writes one), else None."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".csv":
+        import pyarrow.csv as pcsv
+
+        with open(path, newline="") as f:
+            names = next(csv.reader(f), [])
+        if "key" not in names:
+            return None
+        table = pcsv.read_csv(path, convert_options=pcsv.ConvertOptions(column_types={"key": pa.string()}))
+    elif ext == ".parquet":
+        import pyarrow.parquet as pq
+
+        if "key" not in pq.read_schema(path).names:
+            return None
+        table = pq.read_table(path, columns=["key"])
+    else:
+        return None
+    return np.asarray([str(k) for k in table.column("key").to_pylist()], dtype=object)
+
+
+def labels_by_key(file_keys: np.ndarray, file_labels: np.ndarray, keys: np.ndarray, key_column: str | None,
+                  path: str) -> np.ndarray:
+    """The file's labels in the dataset's order, matched by example key (as noise.json and eval.py write it)."""
+    as_u64 = (lambda k: _blake64(k.encode())) if key_column else (lambda k: int(k, 16))
+    try:
+        fk = np.fromiter((as_u64(k) for k in file_keys), dtype=np.uint64, count=len(file_keys))
+    except ValueError:
+        raise ValueError(f"noise file {path}: its key column holds no example keys of this dataset "
+                         "(16 hex digits, or the --key-column values)") from None
+    order = np.argsort(fk, kind="stable")
+    pos = np.minimum(np.searchsorted(fk[order], keys), len(fk) - 1)
+    missing = int(np.sum(fk[order][pos] != keys))
+    if missing:
+        raise ValueError(f"noise file {path} has no row for {missing} of the {len(keys)} training examples: "
+                         "write it for this dataset (eval.py --audit --relabel/--drop does)")
+    return file_labels[order][pos]
+
+
 def _check_file_labels(
     noisy: np.ndarray, clean_file: np.ndarray | None, clean: np.ndarray, num_classes: int, path: str
 ) -> None:
-    """Raise ValueError unless the file matches the dataset: same length, labels in range, same clean labels."""
+    """Raise ValueError unless the file matches the dataset: same length, labels in range (-1: drop), same clean labels."""
     if len(noisy) != len(clean):
         raise ValueError(f"noise file {path} has {len(noisy)} labels but the train split has {len(clean)} examples")
-    if noisy.min(initial=0) < 0 or noisy.max(initial=0) >= num_classes:
-        raise ValueError(f"noise file {path} has labels outside [0, {num_classes})")
+    if noisy.min(initial=0) < -1 or noisy.max(initial=0) >= num_classes:
+        raise ValueError(f"noise file {path} has labels outside [0, {num_classes}) (or -1, which drops the example)")
     if clean_file is not None and len(clean_file) == len(clean):
         wrong = np.flatnonzero(clean_file != clean)
         if len(wrong):
@@ -452,10 +494,15 @@ def add_label_noise(
     streaming = isinstance(ds, datasets.IterableDataset)
     if kind == "file":
         file_labels, file_clean = load_noise_file(noise_file, noise_key)
+        file_row_keys = load_file_keys(noise_file)
         if streaming:
             keys, clean = _stream_file_keys(ds, key_column, label_column)
         else:
             clean = np.asarray(ds.with_format("arrow")[label_column].to_numpy(), dtype=np.int64)
+            if file_row_keys is not None:
+                keys = example_keys(ds.select_columns([key_column or "image"]).with_format("arrow")[:], key_column)
+        if file_row_keys is not None:  # keyed rows (any order): place them in the dataset's order
+            file_labels = labels_by_key(file_row_keys, file_labels, keys, key_column, noise_file)
         _check_file_labels(file_labels, file_clean, clean, num_classes, noise_file)
         if streaming:
             # sorted once so each batch finds its file rows by binary search; with duplicate
@@ -485,6 +532,8 @@ def add_label_noise(
     by_index = kind == "file" and not streaming
     features = _noise_features(ds.features, label_column)
     mapped = ds.with_format("arrow").map(fn, batched=True, batch_size=1000, with_indices=by_index, features=features)
+    if file_labels is not None and np.any(file_labels < 0):  # label -1: the example leaves the training set
+        mapped = mapped.filter(lambda t: pa.compute.greater_equal(t.column("label"), 0), batched=True, batch_size=1000)
     return mapped.with_format(None)
 
 

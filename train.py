@@ -603,14 +603,69 @@ def predict(model, loader, accelerator: Accelerator, info, channels_last: bool) 
     return [torch.cat(cols) for cols in zip(*outs)]
 
 
-def evaluate(model, test_loader, train_eval_loader, accelerator, info, channels_last: bool) -> dict:
-    """Clean test accuracy/loss and, with noise, the paper's Figure 3 metrics on the training subset."""
+# The label audit's early window: evaluations within the first AUDIT_EPOCHS passes over the training
+# split, before the network memorises the noisy labels (it fits the clean ones first; Arpit et al. 2017).
+AUDIT_EPOCHS = 30
+
+
+class TrainingDynamics:
+    """Per-row sums over evaluations of the training-eval predictions, the label audit's input (eval.py).
+
+    margin_sum[i] = sum_e (z_y - max_{k != y} z_k) (the area under the margin, Pleiss et al. 2020),
+    count[i] = evaluations of row i, over the whole run; early_prob_sum[i] = sum_e softmax(z) and
+    early_count[i] over the evaluations of the first AUDIT_EPOCHS epochs (at least the first one).
+    z = fp32 logits of the un-augmented image, y = the given (noisy) label; rows are the training
+    split's rows (a stream: positions in the evaluated subset). Every process holds the same
+    gathered sums, on the device.
+    """
+
+    def __init__(self, labels: torch.Tensor, num_classes: int, device: torch.device):
+        self.label = labels.to(device)
+        self.margin_sum = torch.zeros(len(labels), device=device)
+        self.count = torch.zeros(len(labels), dtype=torch.int64, device=device)
+        self.early_prob_sum = torch.zeros(len(labels), num_classes, device=device)
+        self.early_count = torch.zeros(len(labels), dtype=torch.int64, device=device)
+
+    @torch.no_grad()
+    def update(self, logits: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, early: bool) -> None:
+        """Add one evaluation's margins (and, in the early window, probabilities) at `rows` (no host sync)."""
+        z = logits.float()
+        given = z.gather(1, labels[:, None]).squeeze(1)
+        other = z.scatter(1, labels[:, None], float("-inf")).amax(1)
+        self.margin_sum.index_add_(0, rows, given - other)
+        self.count.index_add_(0, rows, torch.ones_like(rows))
+        if early:
+            self.early_prob_sum.index_add_(0, rows, z.softmax(1))
+            self.early_count.index_add_(0, rows, torch.ones_like(rows))
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"margin_sum": self.margin_sum, "count": self.count, "early_prob_sum": self.early_prob_sum,
+                "early_count": self.early_count}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for name, value in state.items():
+            getattr(self, name).copy_(value)
+
+    def save(self, path: Path, keys: list[str] | None) -> None:
+        """dynamics.safetensors: the sums, count and given label per row; a stream's subset keys in the metadata."""
+        tensors = {k: v.cpu().contiguous() for k, v in (self.state_dict() | {"label": self.label}).items()}
+        meta = {"rows": "split"} if keys is None else {"rows": "stream_subset", "keys": json.dumps(keys)}
+        save_file(tensors, str(path), metadata=meta)
+
+
+def evaluate(model, test_loader, train_eval_loader, accelerator, info, channels_last: bool,
+             dynamics: TrainingDynamics | None = None, known_noise: bool = True, early: bool = True) -> dict:
+    """Clean test accuracy/loss, the training dynamics and, with known noise, the paper's Figure 3 metrics."""
     logits, labels = predict(model, test_loader, accelerator, info, channels_last)
     metrics = {"test_acc": (logits.argmax(1) == labels).float().mean().item(),
                "test_loss": F.cross_entropy(logits, labels).item(),
                "test_examples": len(labels)}
     if train_eval_loader is not None:
-        logits, label, clean, noisy = predict(model, train_eval_loader, accelerator, info, channels_last)
+        logits, label, clean, noisy, rows = predict(model, train_eval_loader, accelerator, info, channels_last)
+        if dynamics is not None:
+            dynamics.update(logits, label, rows, early)
+        if not known_noise:
+            return metrics
         pred, ent = logits.argmax(1), normalized_entropy(logits)
         mean = lambda x, mask: x[mask].float().mean().item() if mask.any() else float("nan")  # noqa: E731
         metrics |= {"clean_fit": mean(pred == label, ~noisy), "noisy_fit": mean(pred == label, noisy),
@@ -662,21 +717,26 @@ def main(argv: list[str] | None = None) -> None:
     test = data.to_tensors(test_ds)
     test_loader = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(test["image"], test["label"]), batch_size=1024)
+    eval_keys = None  # a stream's subset is audited by its example keys
     if args.streaming:
-        train_eval = data.to_tensors(data.materialise(train_ds.take(args.train_eval_size))) if args.train_eval_size else None
+        subset = data.materialise(train_ds.take(args.train_eval_size)) if args.train_eval_size else None
+        train_eval = data.to_tensors(subset) | {"index": torch.arange(len(subset))} if subset is not None else None
+        eval_keys = list(subset["example_key"]) if subset is not None else None
         train_images = None
     else:
         train = data.to_tensors(train_ds)
         train_images, train_labels = train["image"].to(device), train["label"].to(device)
         n_eval = len(train["label"]) if args.train_eval_size is None else min(args.train_eval_size, len(train["label"]))
         pick = torch.randperm(len(train["label"]), generator=torch.Generator().manual_seed(0))[:n_eval]
-        train_eval = {k: v[pick] for k, v in train.items()} if n_eval else None
+        train_eval = {k: v[pick] for k, v in train.items()} | {"index": pick} if n_eval else None
         if len(train["label"]) < args.batch_size:
             raise ValueError(f"--batch-size {args.batch_size} exceeds the {len(train['label'])} training examples")
-    train_eval_loader = None
-    if train_eval is not None and args.noise != "none":
-        cols = [train_eval[k] for k in ("image", "label", "clean_label", "is_noisy")]
+    train_eval_loader = dynamics = None
+    if train_eval is not None:  # also without synthetic noise: the audit is for labels whose noise is unknown
+        cols = [train_eval[k] for k in ("image", "label", "clean_label", "is_noisy", "index")]
         train_eval_loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*cols), batch_size=1024)
+        dynamics = TrainingDynamics(train_eval["label"] if args.streaming else train["label"], info.num_classes, device)
+        accelerator.register_for_checkpointing(dynamics)
 
     # ---- model, optimizer, loss
     set_seed(args.seed)
@@ -769,7 +829,10 @@ def main(argv: list[str] | None = None) -> None:
         if step % args.eval_every == 0 or step == args.max_steps:
             n = max(state["n_sum"], 1)
             metrics = {"step": step, "lr": lr, "train_loss": loss_sum.item() / n, "epsilon": eps_sum.item() / n}
-            metrics |= evaluate(model, test_loader, train_eval_loader, accelerator, info, channels_last)
+            metrics |= evaluate(model, test_loader, train_eval_loader, accelerator, info, channels_last,
+                                dynamics, known_noise=args.noise != "none",
+                                early=dynamics is None or step <= args.eval_every
+                                or step * args.batch_size <= AUDIT_EPOCHS * len(dynamics.label))
             metrics["process_steps"] = accelerator.gather(torch.tensor([step], device=device)).tolist()
             loss_sum.zero_(), eps_sum.zero_()
             state["n_sum"] = 0
@@ -793,6 +856,8 @@ def main(argv: list[str] | None = None) -> None:
         weights = {k: v.detach().float().contiguous().cpu() if v.is_floating_point() else v.detach().contiguous().cpu()
                    for k, v in accelerator.unwrap_model(model, keep_torch_compile=False).state_dict().items()}
         try:
+            if dynamics is not None:  # before the model, whose file marks the run finished
+                dynamics.save(out / "dynamics.safetensors", eval_keys)
             save_file(weights, str(out / "model.safetensors"))
         except OSError as e:
             (out / "model.safetensors").unlink(missing_ok=True)  # a partial file would look like a finished run

@@ -108,6 +108,16 @@ def test_table_cells_means_stds_and_bold(grid: Path, tmp_path: Path) -> None:
     assert float(c["mean_acc"]) == pytest.approx(61.0) and float(c["std_acc"]) == pytest.approx(2**0.5, abs=1e-4)
 
 
+def test_budget_table_shows_accuracy_and_memorisation_per_budget(tmp_path: Path) -> None:
+    for steps, acc in ((300, 0.90), (1500, 0.70)):
+        for seed in (0, 1):
+            fake_run(tmp_path / f"T{steps}", "cce", "symmetric", 0.4, seed, acc + seed / 100, steps=steps)
+    rows = table_rows(ev.budget_table(ev.finished_runs([str(tmp_path)])))
+    assert rows["Method"] == ["symmetric r=0.4 T=300 test acc", "symmetric r=0.4 T=300 noisy_fit",
+                              "symmetric r=0.4 T=1500 test acc", "symmetric r=0.4 T=1500 noisy_fit"]
+    assert rows["CCE"] == ["**90.5 ± 0.7**", "50.0 ± 0.0", "**70.5 ± 0.7**", "50.0 ± 0.0"]
+
+
 def test_table_eps_rows_and_best_eps(tmp_path: Path) -> None:
     for eps, acc in ((0.125, 0.55), (0.5, 0.59)):
         fake_run(tmp_path, "ls", "symmetric", 0.4, 0, acc, eps=eps)
@@ -218,15 +228,15 @@ def test_audit_finds_the_flipped_labels(digits_run: tuple[Path, float], tmp_path
     assert 0.3 < rate < 0.5 and precision > rate + 0.3 and recall > 0.5
     with open(out) as f:
         rows = list(csv.DictReader(f))
-    scores = [float(r["score"]) for r in rows]
-    assert scores == sorted(scores, reverse=True) and all(s > 0 for s in scores)  # ranked, all contradicted
-    assert all(r["given_label"] != r["predicted_label"] for r in rows)
-    assert {"corrected_label", "epsilon", "clean_label", "is_noisy"} <= set(rows[0])
-    # the printed precision is the CSV's fraction of real flips
-    assert sum(r["is_noisy"] == "1" for r in rows) / len(rows) == pytest.approx(precision, abs=1e-3)
+    flagged = [r for r in rows if r["is_label_issue"] == "1"]
+    assert all(r["given_label"] != r["predicted_label"] for r in flagged)
+    assert {"corrected_label", "eps", "clean_label", "is_noisy", "key", "label_quality"} <= set(rows[0])
+    # the printed precision is the CSV's fraction of real flips among the flagged rows
+    assert sum(r["is_noisy"] == "1" for r in flagged) / len(flagged) == pytest.approx(precision, abs=1e-3)
     # at the end of training (g(T) ~ 1) a confident contradiction moves ProSelfLC's target to the prediction
-    confident = [r for r in rows if float(r["confidence"]) > 0.9 and float(r["given_label_prob"]) < 0.05]
-    assert confident and all(r["corrected_label"] == r["predicted_label"] for r in confident)
+    confident = [r for r in rows if float(r["final_label_quality"]) < 0.05 and r["final_predicted_label"] != r["given_label"]
+                 and float(r["eps"]) > 0.9]
+    assert confident and all(r["corrected_label"] == r["final_predicted_label"] for r in confident)
 
 
 # ----------------------------------------------------------------------------- bad input

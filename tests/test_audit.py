@@ -1,0 +1,204 @@
+"""The label audit from training dynamics: the statistics train.py keeps (shape, once per example on two
+processes, exact on resume), the audit that still finds the flips after the model memorised them, the
+label files it writes for the retrain, and its bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import data
+import noise
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+SYNTHETIC = ["--dataset", "synthetic", "--synthetic-size", "160", "--model", "digits_cnn", "--batch-size", "32"]
+
+
+def run_script(*args: str) -> subprocess.CompletedProcess:
+    import os
+
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env={**os.environ, **ENV}, capture_output=True,
+                          text=True, timeout=300)
+
+
+def precision_recall(stdout: str) -> tuple[float, float]:
+    found = re.search(r"precision=([0-9.]+) recall=([0-9.]+)", stdout)
+    assert found, stdout
+    return float(found.group(1)), float(found.group(2))
+
+
+@pytest.fixture(scope="module")
+def small_digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """400 training and 120 test digits as a local save_to_disk folder: small enough to memorise 40% noise fast."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+    names = [str(d) for d in range(10)]
+    folder = tmp_path_factory.mktemp("data") / "small_digits"
+    datasets.DatasetDict({
+        "train": data.pixel_dataset(images[:400], digits.target[:400], names),
+        "test": data.pixel_dataset(images[1500:1620], digits.target[1500:1620], names),
+    }).save_to_disk(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def long_run(small_digits: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """CCE, 40% symmetric noise, trained long enough (96 epochs) to memorise most flipped labels."""
+    out = tmp_path_factory.mktemp("long") / "run"
+    proc = run_script("train.py", "--cpu", "--dataset", str(small_digits), "--method", "cce", "--noise", "symmetric",
+                      "--noise-rate", "0.4", "--batch-size", "32", "--max-steps", "1200", "--eval-every", "25",
+                      "--save-every", "100000", "--output-dir", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+# ----------------------------------------------------------------------------- the statistics in train.py
+
+
+def test_dynamics_of_a_clean_run_and_its_audit(tmp_path: Path) -> None:
+    import train
+
+    out = tmp_path / "clean"
+    assert train.cli(["--cpu", *SYNTHETIC, "--max-steps", "20", "--eval-every", "10", "--output-dir", str(out)]) == 0
+    dyn = load_file(str(out / "dynamics.safetensors"))
+    n = len(data.to_tensors(data.prepare_data({"dataset": "synthetic", "synthetic_size": 160})[0])["label"])
+    assert dyn["margin_sum"].shape == (n,) and dyn["early_prob_sum"].shape == (n, 10)
+    assert torch.equal(dyn["count"], torch.full((n,), 2)) and torch.equal(dyn["early_count"], dyn["count"])
+    assert torch.allclose(dyn["early_prob_sum"].sum(1), torch.full((n,), 2.0))  # two softmax rows per example
+    # without synthetic noise the audit still ranks the labels, with nothing known to compare against
+    proc = run_script("eval.py", "--audit", str(out), "--cpu")
+    assert proc.returncode == 0 and not proc.stderr.strip(), proc.stderr
+    assert "precision=" not in proc.stdout and len(read_rows(out / "label_issues.csv")) == n
+
+
+def test_a_streamed_run_is_audited_by_example_key(tmp_path: Path) -> None:
+    import train
+
+    out = tmp_path / "stream"
+    assert train.cli(["--cpu", *SYNTHETIC, "--streaming", "--max-steps", "10", "--eval-every", "5", "--noise",
+                      "symmetric", "--noise-rate", "0.4", "--output-dir", str(out)]) == 0
+    proc = run_script("eval.py", "--audit", str(out), "--cpu")
+    assert proc.returncode == 0 and not proc.stderr.strip(), proc.stderr
+    rows = read_rows(out / "label_issues.csv")
+    assert len(rows) == 160 and len({r["key"] for r in rows}) == 160  # the whole (small) stream, each example once
+
+
+def test_two_processes_gather_every_example_once(tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    proc = run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", "train.py",
+                      "--cpu", *SYNTHETIC, "--max-steps", "20", "--eval-every", "10", "--noise", "symmetric",
+                      "--noise-rate", "0.4", "--output-dir", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    dyn = load_file(str(out / "dynamics.safetensors"))
+    assert torch.equal(dyn["count"], torch.full((160,), 2))  # 160 rows over 2 processes: none twice, none lost
+
+
+def test_resume_restores_the_statistics_exactly(tmp_path: Path) -> None:
+    import train
+
+    flags = ["--cpu", "--deterministic", *SYNTHETIC, "--max-steps", "40", "--eval-every", "10", "--save-every", "20",
+             "--noise", "symmetric", "--noise-rate", "0.4"]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert train.cli([*flags, "--output-dir", str(whole)]) == 0
+    shutil.copytree(whole, cut)
+    for name in ("model.safetensors", "dynamics.safetensors"):
+        (cut / name).unlink()  # as if killed after the checkpoint at step 20
+    config = json.loads((cut / "config.json").read_text()) | {"output_dir": str(cut)}
+    (cut / "config.json").write_text(json.dumps(config))
+    assert train.cli([*flags, "--output-dir", str(cut), "--resume", "latest"]) == 0
+    a, b = load_file(str(whole / "dynamics.safetensors")), load_file(str(cut / "dynamics.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert int(b["count"][0]) == 4  # two evaluations before the checkpoint, two after
+
+
+# ----------------------------------------------------------------------------- the audit after memorisation
+
+
+def test_audit_finds_the_flips_the_final_model_has_memorised(long_run: Path, tmp_path: Path) -> None:
+    final = run_script("eval.py", "--audit", str(long_run), "--cpu", "--score", "final", "--out", str(tmp_path / "f.csv"))
+    assert final.returncode == 0, final.stderr
+    _, final_recall = precision_recall(final.stdout)
+    assert final_recall < 0.5  # the final model fits most flipped labels: it cannot see them any more
+    proc = run_script("eval.py", "--audit", str(long_run), "--cpu")
+    assert proc.returncode == 0, proc.stderr
+    precision, recall = precision_recall(proc.stdout)
+    assert precision > 0.8 and recall > 0.85  # 40% of the labels are flips
+    rows = read_rows(long_run / "label_issues.csv")
+    assert len(rows) == 400 and [int(r["rank"]) for r in rows] == list(range(1, 401))
+    quality = [float(r["label_quality"]) for r in rows]
+    assert quality == sorted(quality)  # worst first
+    assert all((r["is_label_issue"] == "1") == (r["given_label"] != r["predicted_label"]) for r in rows)
+    assert {"key", "given_label", "predicted_label", "is_label_issue", "label_quality", "corrected_label", "eps",
+            "aum", "final_label_quality"} <= set(rows[0])
+
+
+def test_relabel_and_drop_files_feed_train_py(long_run: Path, small_digits: Path, tmp_path: Path) -> None:
+    relabel, drop = tmp_path / "relabel.csv", tmp_path / "drop.csv"
+    proc = run_script("eval.py", "--audit", str(long_run), "--cpu", "--relabel", str(relabel), "--drop", str(drop))
+    assert proc.returncode == 0, proc.stderr
+    issues = {r["key"]: r for r in read_rows(long_run / "label_issues.csv")}
+    flagged = {k: int(r["predicted_label"]) for k, r in issues.items() if r["is_label_issue"] == "1"}
+    cfg = {"dataset": str(small_digits), "noise": "symmetric", "noise_rate": 0.4}
+    before, _, _ = data.prepare_data(cfg)
+    keys, given = list(before["example_key"]), list(before["label"])
+    # rows shuffled: the file is keyed by the example key, not by its order
+    lines = relabel.read_text().splitlines()
+    relabel.write_text("\n".join([lines[0], *np.random.default_rng(0).permutation(lines[1:])]) + "\n")
+    after, _, _ = data.prepare_data({**cfg, "noise": "file", "noise_file": str(relabel)})
+    assert list(after["example_key"]) == keys
+    changed = {k for k, a, b in zip(keys, given, after["label"]) if a != b}
+    assert flagged and changed == {k for k in flagged if flagged[k] != int(issues[k]["given_label"])}
+    assert all(lab == flagged.get(k, g) for k, g, lab in zip(keys, given, after["label"]))
+    kept, _, _ = data.prepare_data({**cfg, "noise": "file", "noise_file": str(drop)})
+    assert sorted(kept["example_key"]) == sorted(k for k in keys if k not in flagged)
+    out = tmp_path / "retrain"
+    proc = run_script("train.py", "--cpu", "--dataset", str(small_digits), "--noise", "file", "--noise-file", str(drop),
+                      "--batch-size", "32", "--max-steps", "4", "--eval-every", "4", "--output-dir", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert load_file(str(out / "dynamics.safetensors"))["label"].shape == (len(keys) - len(flagged),)
+
+
+def test_a_label_file_missing_examples_is_refused(small_digits: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.csv"
+    bad.write_text("key,label\n0123456789abcdef,3\n")
+    with pytest.raises(ValueError, match="no row for 400 of the 400"):
+        data.prepare_data({"dataset": str(small_digits), "noise": "file", "noise_file": str(bad)})
+    assert noise.load_file_keys(str(bad)).tolist() == ["0123456789abcdef"]  # hex keys stay strings
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_audit_without_statistics_falls_back_with_one_notice(long_run: Path, tmp_path: Path) -> None:
+    old = tmp_path / "old"
+    shutil.copytree(long_run, old, ignore=shutil.ignore_patterns("dynamics.safetensors", "checkpoints"))
+    proc = run_script("eval.py", "--audit", str(old), "--cpu")
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("notice: ") and "final model" in lines[0], proc.stderr
+    assert "by the final model" in proc.stdout
+
+
+def test_audit_of_a_missing_run_is_one_error_line(tmp_path: Path) -> None:
+    proc = run_script("eval.py", "--audit", str(tmp_path / "nope"), "--cpu")
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "nope" in lines[0], proc.stderr
