@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 import data
 import noise
+from conftest import data_config
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
@@ -80,7 +81,7 @@ def test_dynamics_of_a_clean_run_and_its_audit(tmp_path: Path) -> None:
     out = tmp_path / "clean"
     assert train.cli(["--cpu", *SYNTHETIC, "--max-steps", "20", "--eval-every", "10", "--output-dir", str(out)]) == 0
     dyn = load_file(str(out / "dynamics.safetensors"))
-    n = len(data.to_tensors(data.prepare_data({"dataset": "synthetic", "synthetic_size": 160})[0])["label"])
+    n = len(data.to_tensors(data.prepare_data(data_config(dataset="synthetic", synthetic_size=160))[0])["label"])
     assert dyn["margin_sum"].shape == (n,) and dyn["early_prob_sum"].shape == (n, 10)
     assert torch.equal(dyn["count"], torch.full((n,), 2)) and torch.equal(dyn["early_count"], dyn["count"])
     assert torch.allclose(dyn["early_prob_sum"].sum(1), torch.full((n,), 2.0))  # two softmax rows per example
@@ -157,7 +158,7 @@ def test_relabel_and_drop_files_feed_train_py(long_run: Path, small_digits: Path
     assert proc.returncode == 0, proc.stderr
     issues = {r["key"]: r for r in read_rows(long_run / "label_issues.csv")}
     flagged = {k: int(r["predicted_label"]) for k, r in issues.items() if r["is_label_issue"] == "1"}
-    cfg = {"dataset": str(small_digits), "noise": "symmetric", "noise_rate": 0.4}
+    cfg = data_config(dataset=str(small_digits), noise="symmetric", noise_rate=0.4)
     before, _, _ = data.prepare_data(cfg)
     keys, given = list(before["example_key"]), list(before["label"])
     # rows shuffled: the file is keyed by the example key, not by its order
@@ -181,7 +182,7 @@ def test_a_label_file_missing_examples_is_refused(small_digits: Path, tmp_path: 
     bad = tmp_path / "bad.csv"
     bad.write_text("key,label\n0123456789abcdef,3\n")
     with pytest.raises(ValueError, match="no row for 400 of the 400"):
-        data.prepare_data({"dataset": str(small_digits), "noise": "file", "noise_file": str(bad)})
+        data.prepare_data(data_config(dataset=str(small_digits), noise="file", noise_file=str(bad)))
     assert noise.load_file_keys(str(bad)).tolist() == ["0123456789abcdef"]  # hex keys stay strings
 
 
