@@ -529,3 +529,82 @@ def test_bad_logits_and_labels_raise():
         with pytest.raises(ValueError, match="floating-point"):
             fn(y.view(6, 1).expand(6, C), y, step=1)
         assert torch.isfinite(fn(z, y.int(), step=1))  # other integer dtypes are fine
+
+
+# ------------------------------------------------------------------- torch.compile, later variant, ELR
+@pytest.mark.parametrize("method", METHODS)
+def test_compiles_fullgraph_equal_to_eager(method):
+    """torch.compile(fullgraph=True): no graph break, the same loss, gradient, eps and running targets; a new step recompiles at most once."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    z, y, _ = _data(n=4, dtype=torch.float32)
+    rows = torch.tensor([0, 2, 3, 5])
+    eager = build_loss(method, C, total_steps=T, **_extra(method))
+    compiled = build_loss(method, C, total_steps=T, **_extra(method))
+    fn = torch.compile(compiled, fullgraph=True, backend=os.environ.get("LOSSES_COMPILE_BACKEND", "aot_eager"))
+    for step in (10, 11, 12):
+        want, got = eager(z, y, step=step, index=rows), fn(z, y, step=step, index=rows)
+        assert torch.allclose(got, want, atol=1e-6), (method, step)
+        assert torch.allclose(_grad(got, z), _grad(want, z), atol=1e-6), (method, step)
+    assert torch.allclose(torch.as_tensor(compiled.last_epsilon), torch.as_tensor(eager.last_epsilon), atol=1e-6)
+    if method == "elr":
+        assert torch.allclose(compiled.elr_targets, eager.elr_targets, atol=1e-6) and compiled.elr_targets.abs().sum() > 0
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2  # step 11 makes the int step dynamic, no more
+
+
+def test_later_variant_eps_and_target_by_hand():
+    """proselflc_t: p_T = softmax(z / 0.5), eps = g(t) max_k p_T, q~ = (1 - eps) q + eps p_T, no gradient through q~."""
+    z = torch.tensor([[2.0, 0.0, -1.0], [0.5, 1.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([1, 2])
+    fn = build_loss("proselflc_t", 3, total_steps=100)  # T0 0.5, trust maxp, exp_base 10, transit 0.5
+    assert (fn.temperature, fn.trust) == (0.5, "maxp")
+    g = 1 / (1 + math.exp(-10 * (80 / 100 - 0.5)))
+    rows = [[math.exp(v / 0.5) for v in row] for row in ([2.0, 0.0, -1.0], [0.5, 1.0, 0.0])]
+    p_t = [[e / sum(row) for e in row] for row in rows]
+    eps = [g * max(row) for row in p_t]
+    q_tilde = [[(1 - e) * (k == label) + e * pk for k, pk in enumerate(row)] for e, row, label in zip(eps, p_t, (1, 2))]
+    assert torch.allclose(fn.target(z, y, step=80), torch.tensor(q_tilde, dtype=torch.float64), atol=1e-12)
+    loss = fn(z, y, step=80)
+    assert torch.allclose(fn.last_epsilon, torch.tensor(eps, dtype=torch.float64), atol=1e-12)
+    # the target is a constant: dH(q~, p)/dz = (p - q~) / N
+    p = torch.softmax(z, 1).detach()
+    assert torch.allclose(_grad(loss, z), (p - torch.tensor(q_tilde, dtype=torch.float64)) / 2, atol=1e-12)
+    # the same variant through proselflc's flags, and trust="entropy" keeps Eq. 10's l(p)
+    same = build_loss("proselflc", 3, total_steps=100, temperature=0.5, trust="maxp")
+    assert torch.allclose(same(z, y, step=80), loss, atol=1e-14)
+    ent = build_loss("proselflc_t", 3, total_steps=100, trust="entropy")
+    ent(z, y, step=80)
+    assert torch.allclose(ent.last_epsilon, g * local_trust(torch.tensor(p_t, dtype=torch.float64)), atol=1e-12)
+
+
+def test_elr_loss_and_running_targets_over_three_steps_by_hand():
+    """ELR: t_i <- beta t_i + (1 - beta) p^_i / sum p^_i, then CE + lambda log(1 - <t_i, p_i>), p clamped to [1e-4, 1 - 1e-4]."""
+    beta, lam = 0.7, 3.0
+    fn = build_loss("elr", 3, num_examples=4, elr_beta=beta, elr_lambda=lam).double()
+    assert fn.elr_targets.shape == (4, 3) and not fn.elr_targets.any()
+    targets = [[0.0] * 3 for _ in range(4)]
+    batches = [([[1.0, 0.0, -1.0], [0.0, 3.0, 0.5]], [0, 1], [0, 2]),
+               ([[0.2, 0.1, 12.0], [2.0, 2.0, 0.0]], [2, 0], [2, 0]),  # p of row 2 hits the clamp
+               ([[0.5, -0.5, 1.5], [-1.0, 0.0, 1.0]], [0, 1], [0, 3])]
+    for logits, labels, index in batches:
+        per_example = []
+        for row, label, i in zip(logits, labels, index):
+            e = [math.exp(v - max(row)) for v in row]
+            p = [min(max(v / sum(e), 1e-4), 1 - 1e-4) for v in e]
+            targets[i] = [beta * t + (1 - beta) * pk / sum(p) for t, pk in zip(targets[i], p)]
+            ce = -math.log(e[label] / sum(e))
+            per_example.append(ce + lam * math.log(1 - sum(t * pk for t, pk in zip(targets[i], p))))
+        loss = fn(torch.tensor(logits, dtype=torch.float64), torch.tensor(labels), step=0, index=torch.tensor(index))
+        assert loss.item() == pytest.approx(sum(per_example) / 2, abs=1e-12)
+        assert torch.allclose(fn.elr_targets, torch.tensor(targets, dtype=torch.float64), atol=1e-12)
+    assert fn.elr_targets.sum(1).tolist() == pytest.approx([1 - beta**3, 0.0, 1 - beta**2, 1 - beta])  # updates per row
+    # defaults by number of classes; ELR needs its rows
+    assert (build_loss("elr", 10, num_examples=1).elr_beta, build_loss("elr", 10, num_examples=1).elr_lambda) == (0.7, 3.0)
+    assert (build_loss("elr", 100, num_examples=1).elr_beta, build_loss("elr", 100, num_examples=1).elr_lambda) == (0.9, 7.0)
+    assert (build_loss("sce", 10).alpha, build_loss("sce", 10).beta, build_loss("sce", 12).alpha) == (0.1, 1.0, 6.0)
+    with pytest.raises(ValueError, match="elr needs num_examples"):
+        build_loss("elr", 3)
+    with pytest.raises(ValueError, match="elr needs index=rows"):
+        fn(torch.zeros(2, 3, dtype=torch.float64), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"index 4 is out of range \[0, 4\)"):
+        fn(torch.zeros(2, 3, dtype=torch.float64), torch.tensor([0, 1]), index=torch.tensor([0, 4]))
