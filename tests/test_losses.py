@@ -545,7 +545,8 @@ def test_compiles_fullgraph_equal_to_eager(method):
     for step in (10, 11, 12):
         want, got = eager(z, y, step=step, index=rows), fn(z, y, step=step, index=rows)
         assert torch.allclose(got, want, atol=1e-6), (method, step)
-        assert torch.allclose(_grad(got, z), _grad(want, z), atol=1e-6), (method, step)
+        grads = [torch.autograd.grad(loss, z)[0] for loss in (got, want)]  # no retain_graph: inductor donates buffers
+        assert torch.allclose(*grads, atol=1e-6), (method, step)
     assert torch.allclose(torch.as_tensor(compiled.last_epsilon), torch.as_tensor(eager.last_epsilon), atol=1e-6)
     if method == "elr":
         assert torch.allclose(compiled.elr_targets, eager.elr_targets, atol=1e-6) and compiled.elr_targets.abs().sum() > 0
