@@ -161,12 +161,6 @@ def proselflc_epsilon(probs: Tensor, step: int | float | Tensor, total_steps: in
     return global_trust(step, total_steps, exp_base, transit) * local_trust(probs, trust)
 
 
-def corrected_target(probs: Tensor, labels: Tensor, eps: Tensor) -> Tensor:
-    """q~ = (1 - eps_i) q + eps_i p: the ProSelfLC target of class ids [N] given p [N, C] and eps_i [N]."""
-    q = F.one_hot(labels.long(), probs.shape[1]).to(probs.dtype)
-    return (1.0 - eps).unsqueeze(1) * q + eps.unsqueeze(1) * probs
-
-
 # ---------------------------------------------------------------------------- module
 class TrainingLoss(torch.nn.Module):
     """loss = module(logits [N, C], labels [N] ids or [N, C] soft, step=t, index=rows); see the module docstring."""
