@@ -1,4 +1,4 @@
-"""Tests for losses.py: the paper's formulas (Table 1, Eq. 10, Table 2), the fused gradients, numerics, errors."""
+"""Tests for losses.py: the paper's formulas (Table 1, Eq. 10, Table 2), plain-autograd gradients, numerics, errors, compile, ELR."""
 
 from __future__ import annotations
 
@@ -249,7 +249,7 @@ def test_gradient_semantics_and_variants():
 
 
 def test_boothard_ties_take_the_first_argmax():
-    """Tied maxima: the hard target is the first of them, like Tensor.argmax (the fused argmax is a masked amax)."""
+    """Tied maxima: the hard target is the first of them, like Tensor.argmax."""
     z = torch.tensor([[2.0, 5.0, 5.0, 1.0], [3.0, 3.0, 3.0, 3.0], [0.0, 1.0, 2.0, 7.0], [7.0, 1.0, 2.0, 7.0]],
                      dtype=torch.float64, requires_grad=True)
     y = torch.tensor([0, 3, 1, 2])
