@@ -78,6 +78,7 @@ def loss_fraction_rows(step_time: float, device: torch.device, quick: bool, sync
     rows = []
     for compiled in (False, True):
         for name, loss in loss_calls(100, 256, device, compiled).items():
+            torch._dynamo.reset()  # the methods share TrainingLoss.forward: each gets its own compile budget
             for _ in range(5):  # warm-up, compilation included
                 torch.autograd.grad(loss(logits, labels), logits)
             t = median_time(lambda: torch.autograd.grad(loss(logits, labels), logits), repeats, calls, sync=sync)
