@@ -84,8 +84,8 @@ def loss_fraction_rows(step_time: float, device: torch.device, quick: bool, sync
             t = median_time(lambda: torch.autograd.grad(loss(logits, labels), logits), repeats, calls, sync=sync)
             rows.append({"name": f"{name}, {'torch.compile' if compiled else 'eager'}, logits (256, 100) "
                                  f"{str(logits_dtype).removeprefix('torch.')}, {device.type}",
-                         "value": t * 1e6, "unit": "us", "ratio": t / step_time,
-                         "note": "ratio = fraction of a ResNet-44 batch-256 training step (goal < 0.01)"})
+                         "value": 100 * t / step_time, "unit": "% of a step", "ratio": None,
+                         "note": f"{t * 1e6:,.0f} us per call; goal < 1% of a ResNet-44 batch-256 training step"})
     return rows
 
 
@@ -368,7 +368,8 @@ def markdown(results: dict[str, list[dict]], command: str, seconds: float) -> st
                   "| what | value | unit | ratio | note |", "|---|---:|---|---:|---|"]
         for r in rows:
             ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}"
-            lines.append(f"| {r['name']} | {r['value']:,.1f} | {r['unit']} | {ratio} | {r['note']} |")
+            value = f"{r['value']:,.3f}" if r["unit"].startswith("%") else f"{r['value']:,.1f}"
+            lines.append(f"| {r['name']} | {value} | {r['unit']} | {ratio} | {r['note']} |")
         lines.append("")
     if "gpu" in results and not torch.cuda.is_available():
         lines += ["No GPU figures yet: this machine has no CUDA device. On one, `python bench.py --only gpu "
