@@ -6,7 +6,8 @@
     python bench.py --only gpu           # on a CUDA machine: ResNet-44 bf16 training throughput
 
 Sections:
-- losses: forward+backward of every method vs F.cross_entropy, logits (256, 100) and (64, 1000).
+- losses: forward+backward of every method, eager and compiled, as a fraction of a ResNet-44 batch-256
+  training step on CPU (logits (256, 100)).
 - input: training-input images/s (load, noise, decode, batch, augment, normalise) vs an upper bound.
 - train: train.py's Accelerate loop vs a plain PyTorch loop; ResNet-44 step at batch 256 on CPU.
 - eval: eval.py's Accelerate evaluation vs a bare forward loop.
@@ -15,14 +16,14 @@ Sections:
   probabilities, digits at 40% symmetric and pair-flip noise, 300 and 1,500 steps; the time cost of
   the training dynamics.
 - gpu: images/s of the whole ResNet-44 bf16 training step with the on-device pipeline, eager and
-  compiled (CUDA only; the paper's 30,000 x 256 run takes 7.68M images).
+  compiled (CUDA only; the paper's 30,000 x 256 run takes 7.68M images), and every loss's
+  forward+backward (bf16 logits, eager and compiled) as a fraction of the eager step.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import math
 import os
 import platform
 import statistics
@@ -61,53 +62,61 @@ def median_time(fn: Callable[[], object], repeats: int, inner: int = 1, sync: Ca
 # ---------------------------------------------------------------------------------------------- losses
 
 
-def plain_proselflc(logits: torch.Tensor, labels: torch.Tensor, g: float) -> torch.Tensor:
-    """The straightforward autograd ProSelfLC (reference row): q~ built densely, H(q~, p) by autograd."""
-    logp = torch.log_softmax(logits, 1)
-    p = logp.exp()
-    eps = (g * (1 + (p * logp).sum(1) / math.log(logits.shape[1]))).detach().unsqueeze(1)
-    target = (1 - eps) * F.one_hot(labels, logits.shape[1]).to(logp.dtype) + eps * p
-    return -(target * logp).sum(1).mean()
-
-
-def loss_times(n: int, c: int, repeats: int, calls: int) -> dict[str, float]:
-    """Median seconds per forward+backward call of every loss for logits (n, c), measured interleaved."""
-    total = 1000  # ProSelfLC at t = T/2
-    gen = torch.Generator().manual_seed(0)
-    logits = (3.0 * torch.randn(n, c, generator=gen)).requires_grad_()
-    labels = torch.randint(0, c, (n,), generator=gen)
-    calls_by_name = {"F.cross_entropy": lambda z, y: F.cross_entropy(z, y)}
+def loss_calls(c: int, n: int, device: torch.device, compiled: bool) -> dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+    """Every method's loss as fn(logits, labels) at ProSelfLC's t = T/2 (ELR on random rows of 50,000), eager or compiled."""
+    total, rows = 30_000, torch.randperm(50_000, device=device)[:n]
+    calls = {}
     for m in losses.METHODS:
-        fn = losses.build_loss(m, c, total_steps=total)
-        calls_by_name[m] = lambda z, y, fn=fn: fn(z, y, step=total // 2)
-    calls_by_name["proselflc, plain autograd (reference)"] = lambda z, y: plain_proselflc(z, y, 0.5)
-    for loss in calls_by_name.values():  # warm-up
-        for _ in range(calls // 2):
-            torch.autograd.grad(loss(logits, labels), logits)
-    times: dict[str, list[float]] = {name: [] for name in calls_by_name}
-    for _ in range(repeats):  # interleaved: load drift on the machine hits every loss alike
-        for name, loss in calls_by_name.items():
-            times[name].append(median_time(lambda: torch.autograd.grad(loss(logits, labels), logits), 1, calls))
-    return {name: statistics.median(ts) for name, ts in times.items()}
+        fn = losses.build_loss(m, c, total_steps=total, num_examples=50_000 if m == "elr" else None).to(device)
+        fn = torch.compile(fn, fullgraph=True) if compiled else fn
+        calls[m] = lambda z, y, fn=fn: fn(z, y, step=total // 2, index=rows)
+    return calls
+
+
+def loss_fraction_rows(step_time: float, device: torch.device, quick: bool, sync: Callable[[], None],
+                       logits_dtype: torch.dtype = torch.float32) -> list[dict]:
+    """Each method's forward+backward on logits (256, 100), eager and compiled, as a fraction of step_time."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    logits = (3.0 * torch.randn(256, 100, generator=gen, device=device)).to(logits_dtype).requires_grad_()
+    labels = torch.randint(0, 100, (256,), generator=gen, device=device)
+    repeats, calls = (3, 20) if quick else (7, 50)
+    rows = []
+    for compiled in (False, True):
+        for name, loss in loss_calls(100, 256, device, compiled).items():
+            torch._dynamo.reset()  # the methods share TrainingLoss.forward: each gets its own compile budget
+            for _ in range(5):  # warm-up, compilation included
+                torch.autograd.grad(loss(logits, labels), logits)
+            t = median_time(lambda: torch.autograd.grad(loss(logits, labels), logits), repeats, calls, sync=sync)
+            rows.append({"name": f"{name}, {'torch.compile' if compiled else 'eager'}, logits (256, 100) "
+                                 f"{str(logits_dtype).removeprefix('torch.')}, {device.type}",
+                         "value": 100 * t / step_time, "unit": "% of a step", "ratio": None,
+                         "note": f"{t * 1e6:,.0f} us per call; goal < 1% of a ResNet-44 batch-256 training step"})
+    return rows
+
+
+def resnet44_cpu_step_time(quick: bool) -> float:
+    """Seconds per ResNet-44 (100 classes) fp32 channels_last training step at batch 256 on CPU, with F.cross_entropy."""
+    torch.manual_seed(0)
+    model = models.build_model("resnet44", 100).to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    x = torch.randn(256, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 100, (256,))
+
+    def step() -> None:
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    return median_time(step, repeats=3 if quick else 5)
 
 
 def bench_losses(quick: bool) -> list[dict]:
-    """Every method's forward+backward on CPU as a ratio to F.cross_entropy; 1 thread and the default count."""
-    repeats, calls = (5, 30) if quick else (9, 100)
-    default_threads = torch.get_num_threads()
-    rows = []
-    try:
-        for threads in sorted({1, default_threads}):
-            torch.set_num_threads(threads)
-            for n, c in ((256, 100), (64, 1000)):
-                medians = loss_times(n, c, repeats, calls)
-                for name, med in medians.items():
-                    rows.append({"name": f"{name}, logits ({n}, {c}), {threads} thread(s)", "value": med * 1e6,
-                                 "unit": "us", "ratio": med / medians["F.cross_entropy"],
-                                 "note": "goal <= 2.0" if name in losses.METHODS else ""})
-    finally:
-        torch.set_num_threads(default_threads)
-    return rows
+    """Every method's forward+backward on CPU, eager and torch.compile, as a fraction of a ResNet-44 batch-256 step."""
+    step_time = resnet44_cpu_step_time(quick)
+    rows = [{"name": "ResNet-44 training step, batch 256, CPU, fp32 channels_last (the baseline)", "value": step_time * 1e3,
+             "unit": "ms/step", "ratio": 1.0, "note": "F.cross_entropy inside"}]
+    return rows + loss_fraction_rows(step_time, torch.device("cpu"), quick, sync=lambda: None)
 
 
 # ----------------------------------------------------------------------------------------------- input
@@ -416,7 +425,7 @@ def bench_gpu(quick: bool) -> list[dict]:
         rows.append({"name": f"ResNet-44 bf16 training step, batch 256, {torch.cuda.get_device_name()}, "
                              f"{'torch.compile' if compiled else 'eager'}", "value": batch / t, "unit": "images/s",
                      "ratio": base / t, "note": f"30,000 x 256 run: {30_000 * t / 60:.1f} min of steps"})
-    return rows
+    return rows + loss_fraction_rows(base, device, quick, sync=torch.cuda.synchronize, logits_dtype=torch.bfloat16)
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -443,7 +452,7 @@ def markdown(results: dict[str, list[dict]], command: str, seconds: float) -> st
                   "| what | value | unit | ratio | note |", "|---|---:|---|---:|---|"]
         for r in rows:
             ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}"
-            value = f"{r['value']:.3f}" if r["unit"] == "F1" else f"{r['value']:,.1f}"
+            value = f"{r['value']:,.3f}" if r["unit"] == "F1" or r["unit"].startswith("%") else f"{r['value']:,.1f}"
             lines.append(f"| {r['name']} | {value} | {r['unit']} | {ratio} | {r['note']} |")
         lines.append("")
     if "gpu" in results and not torch.cuda.is_available():

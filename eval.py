@@ -68,14 +68,15 @@ import losses
 import models
 
 # Table 4 order: the baselines reported from SL first, then the paper's own trained results.
-METHOD_ORDER = ("boothard", "gce", "sce", "cce", "ls", "cp", "bootsoft", "proselflc")
+# ELR (later work) and ProSelfLC's later variant follow it.
+METHOD_ORDER = ("boothard", "gce", "sce", "cce", "ls", "cp", "bootsoft", "proselflc", "elr", "proselflc_t")
 METHOD_LABELS = {
     "cce": "CCE", "ls": "LS", "cp": "CP", "bootsoft": "Boot-soft", "boothard": "Boot-hard",
-    "gce": "GCE", "sce": "SL (SCE)", "proselflc": "ProSelfLC",
+    "gce": "GCE", "sce": "SL (SCE)", "proselflc": "ProSelfLC", "elr": "ELR", "proselflc_t": "ProSelfLC (later, T0)",
 }
 METHOD_COLORS = {  # ProSelfLC stands out in red; the other methods keep their colour in every plot
     "proselflc": "tab:red", "cce": "black", "ls": "tab:blue", "cp": "tab:orange", "bootsoft": "tab:green",
-    "boothard": "tab:purple", "gce": "tab:brown", "sce": "tab:pink",
+    "boothard": "tab:purple", "gce": "tab:brown", "sce": "tab:pink", "elr": "tab:olive", "proselflc_t": "darkred",
 }
 EPS_METHODS = ("ls", "cp", "bootsoft", "boothard")  # methods whose fixed eps the paper tunes
 NOISE_ORDER = ("none", "asymmetric", "symmetric", "pairflip", "file")  # Table 4: asymmetric first
@@ -520,9 +521,8 @@ def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, n_bins
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     """test_acc, test_loss (mean cross entropy), entropy (mean H(p)/log C) and ece from fp32 logits."""
     logits = logits.float()
-    log_p = F.log_softmax(logits, dim=1)
-    probs = log_p.exp()
-    entropy = -(probs * log_p).sum(dim=1) / math.log(logits.shape[1])
+    probs = F.softmax(logits, dim=1)
+    entropy = losses.normalized_entropy(probs)
     return {
         "test_acc": float((logits.argmax(dim=1) == labels).float().mean()),
         "test_loss": float(F.cross_entropy(logits, labels)),
@@ -595,17 +595,13 @@ def recorded_test_acc(run_dir: Path) -> float | None:
 
 
 def corrected_targets(logits: torch.Tensor, labels: torch.Tensor, cfg: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """ProSelfLC at the end of training: eps_i (step = T) and argmax_k of (1 - eps_i) q + eps_i p.
-
-    With the `temperature` variant, p = softmax(logits / T0) both for eps_i and inside the target,
-    as in losses.py.
-    """
-    temperature = cfg.get("temperature")
-    probs = F.softmax(logits.float() / (float(temperature) if temperature else 1.0), dim=1)
+    """ProSelfLC at the end of training (step = T): eps_i and argmax_k of losses.py's target q~ of the run's settings."""
     total = int(cfg["total_steps"])
-    eps = losses.proselflc_epsilon(probs, total, total, float(cfg.get("exp_base", 10.0)), float(cfg.get("transit", 0.5)))
-    target = (1 - eps)[:, None] * F.one_hot(labels, probs.shape[1]).float() + eps[:, None] * probs
-    return eps, target.argmax(dim=1)
+    loss_fn = losses.build_loss(cfg["method"], logits.shape[1], total_steps=total, exp_base=cfg.get("exp_base"),
+                                transit=cfg.get("transit"), temperature=cfg.get("temperature"), trust=cfg.get("trust"))
+    with torch.no_grad():
+        target = loss_fn.target(logits.float(), labels, step=total)
+    return loss_fn.last_epsilon, target.argmax(dim=1)
 
 
 def final_model_columns(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:

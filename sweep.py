@@ -18,10 +18,11 @@ At the end: OUTPUT_ROOT/table.md and table.csv (eval.py --table) and OUTPUT_ROOT
 
 Presets:
 - paper: CIFAR-100, ResNet-44, 30,000 steps (train.py's defaults = Section 5.1), methods CCE, LS, CP,
-  Boot-soft, ProSelfLC (add gce sce with --methods), asymmetric r = 0.2/0.3/0.4 and symmetric
+  Boot-soft, ProSelfLC, and what came after it: ELR (beta 0.9, lambda 7 for 100 classes) and
+  ProSelfLC's later variant proselflc_t (T0 0.5, trust maxp) (add gce sce with --methods), asymmetric r = 0.2/0.3/0.4 and symmetric
   r = 0.2/0.4/0.6; LS, CP and Boot-soft at eps 0.125, 0.25 and 0.5 with the best reported per cell
   (as the paper does); ProSelfLC's exp_base per setting as in the paper (CVPR version): clean 10;
-  symmetric 20/40/60%: 14/12/8; asymmetric 20/30/40%: 14/10/8. 66 runs for one seed.
+  symmetric 20/40/60%: 14/12/8; asymmetric 20/30/40%: 14/10/8. 78 runs for one seed.
 - digits: digits_cnn on scikit-learn's 8x8 digits on the CPU, 40% symmetric noise, every method in
   losses.METHODS (CCE, LS, CP, Boot-soft, Boot-hard, GCE, SCE, ProSelfLC, and ELR where it exists) at
   eps 0.25, seeds 0 and 1, at a short (300 steps) and a long (1,500 steps) budget (--budgets): 32
@@ -53,7 +54,7 @@ ROOT = Path(__file__).resolve().parent
 
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": dict(
-        dataset="cifar100", model="resnet44", methods=("cce", "ls", "cp", "bootsoft", "proselflc"),
+        dataset="cifar100", model="resnet44", methods=("cce", "ls", "cp", "bootsoft", "proselflc", "elr", "proselflc_t"),
         settings=(("asymmetric", 0.2), ("asymmetric", 0.3), ("asymmetric", 0.4),
                   ("symmetric", 0.2), ("symmetric", 0.4), ("symmetric", 0.6)),
         seeds=(0,), eps=(0.125, 0.25, 0.5), exp_base=PAPER_EXP_BASE, train_args=(), budgets=(None,),

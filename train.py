@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import atexit
 import json
-import math
 import os
 import platform
 import shutil
@@ -139,10 +138,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     m.add_argument("--exp-base", type=float, help="ProSelfLC exp_base (default: the paper's for the setting, else 10)")
     m.add_argument("--transit", type=float, help=f"ProSelfLC: g(t) = 0.5 at t = transit * T ({by_recipe('transit')})")
     m.add_argument("--gce-q", type=float, help=f"({by_recipe('gce_q')})")
-    m.add_argument("--alpha", type=float, help="SCE alpha (CIFAR-10: 0.1, else 6.0)")
-    m.add_argument("--beta", type=float, help="SCE beta (CIFAR-10: 1.0, else 0.1)")
+    m.add_argument("--alpha", type=float, help="SCE alpha (10 classes: 0.1, else 6.0)")
+    m.add_argument("--beta", type=float, help="SCE beta (10 classes: 1.0, else 0.1)")
     m.add_argument("--detach-target", action="store_true", help="no gradient through p inside the target")
-    m.add_argument("--temperature", type=float, help="ProSelfLC variant: eps and target from softmax(logits / T0), detached")
+    m.add_argument("--temperature", type=float, help="ProSelfLC's later variant: eps and target from softmax(logits / T0), "
+                                                     "detached (proselflc_t default 0.5)")
+    m.add_argument("--trust", choices=losses.TRUSTS, help="ProSelfLC's local trust: 1 - H(p)/log C (entropy, proselflc's "
+                                                          "default) or max_k p_k (maxp, proselflc_t's default)")
+    m.add_argument("--elr-beta", type=float, help="ELR running-target momentum (10 classes: 0.7; 100 or more: 0.9; else 0.7)")
+    m.add_argument("--elr-lambda", type=float, help="ELR regulariser weight (10 classes: 3; 100 or more: 7; else 3)")
     o = p.add_argument_group("optimisation")
     o.add_argument("--max-steps", type=int, help=f"optimizer steps T ({by_recipe('max_steps')})")
     o.add_argument("--batch-size", type=int, help=f"global batch size ({by_recipe('batch_size')})")
@@ -213,10 +217,6 @@ def fill_defaults(args: argparse.Namespace) -> None:
     if args.exp_base is None:
         paper = PAPER_EXP_BASE.get((args.noise, round(args.noise_rate, 2))) if args.dataset == "cifar100" else None
         args.exp_base = paper or 10.0
-    if args.alpha is None or args.beta is None:
-        alpha, beta = (0.1, 1.0) if args.dataset == "cifar10" else (6.0, 0.1)
-        args.alpha = alpha if args.alpha is None else args.alpha
-        args.beta = beta if args.beta is None else args.beta
     if args.train_eval_size is None and args.streaming:
         args.train_eval_size = 10_000
     if args.output_dir is None:
@@ -256,6 +256,8 @@ def check_args(args: argparse.Namespace, world_size: int) -> list[int]:
     if args.resize is not None and args.image_size is not None and args.image_size > args.resize:
         raise ValueError(f"--image-size {args.image_size} must not exceed --resize {args.resize}: the crop lies "
                          "inside the warped image")
+    if args.method == "elr" and args.streaming and not args.key_column:
+        raise ValueError("--method elr with --streaming needs --key-column: an integer id column giving each example's row")
     if not 0.0 <= args.noise_rate < 1.0:
         raise ValueError(f"--noise-rate must be in [0, 1), got {args.noise_rate}")
     if args.noise == "none" and args.noise_rate:
@@ -585,8 +587,33 @@ def streaming_batches(train_ds, per_process_batch: int, seed: int, rank: int, wo
 
 def normalized_entropy(logits: torch.Tensor) -> torch.Tensor:
     """H(p) / log C per example."""
-    logp = F.log_softmax(logits.float(), dim=1)
-    return -(logp.exp() * logp).sum(1) / math.log(logits.shape[1])
+    return losses.normalized_entropy(F.softmax(logits.float(), dim=1))
+
+
+def build_loss(args: argparse.Namespace, num_classes: int, num_examples: int | None) -> losses.TrainingLoss:
+    """The --method loss; the values it resolved (by method and number of classes) go back into args for config.json."""
+    loss_fn = losses.build_loss(args.method, num_classes, total_steps=args.max_steps, eps=args.eps, exp_base=args.exp_base,
+                                transit=args.transit, q=args.gce_q, alpha=args.alpha, beta=args.beta,
+                                detach_target=args.detach_target, temperature=args.temperature, trust=args.trust,
+                                elr_beta=args.elr_beta, elr_lambda=args.elr_lambda,
+                                num_examples=num_examples)
+    for key in ("alpha", "beta", "temperature", "trust", "elr_beta", "elr_lambda"):
+        setattr(args, key, getattr(loss_fn, key))
+    return loss_fn
+
+
+def stream_num_rows(train_ds, key_column: str) -> int:
+    """1 + the largest integer id in a stream's key column (one pass over that column alone)."""
+    ids = [row[key_column] for row in train_ds.select_columns([key_column])]
+    if not ids or not all(isinstance(i, int) and i >= 0 for i in ids):
+        raise ValueError(f"--key-column {key_column} must hold non-negative integer ids for --method elr")
+    return max(ids) + 1
+
+
+def sync_running_targets(accelerator: Accelerator, loss_fn: losses.TrainingLoss, rows: torch.Tensor) -> None:
+    """ELR: every process writes the rows its step updated into every copy, so all processes hold the same targets."""
+    if accelerator.num_processes > 1:
+        loss_fn.elr_targets[accelerator.gather(rows)] = accelerator.gather(loss_fn.elr_targets[rows])
 
 
 @torch.no_grad()
@@ -745,9 +772,14 @@ def main(argv: list[str] | None = None) -> None:
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    loss_fn = losses.build_loss(args.method, info.num_classes, total_steps=args.max_steps, eps=args.eps,
-                                exp_base=args.exp_base, transit=args.transit, q=args.gce_q, alpha=args.alpha,
-                                beta=args.beta, detach_target=args.detach_target, temperature=args.temperature)
+    num_examples = None
+    if args.method == "elr":  # ELR's rows: the map-style split's rows, or a stream's --key-column ids
+        num_examples = stream_num_rows(train_ds, args.key_column) if args.streaming else len(train_labels)
+    loss_fn = build_loss(args, info.num_classes, num_examples).to(device)
+    if args.method == "elr":  # the running targets are training state: save_state/load_state carry them
+        accelerator.register_for_checkpointing(loss_fn)
+    if args.compile:  # the model is compiled by prepare (dynamo_backend); the loss is compiled here
+        loss_fn = torch.compile(loss_fn)
     model, optimizer, test_loader, train_eval_loader = accelerator.prepare(model, optimizer, test_loader, train_eval_loader)
 
     config = run_config(args, info, world, device)
@@ -795,6 +827,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.streaming:
             batch = next(batches)
             images, labels = batch["image"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
+            idx = batch["index"].to(device) if "index" in batch else torch.full_like(labels, -1)
         else:
             idx = next(batches).view(world, accum * micro)[rank]
             images, labels = train_images[idx], train_labels[idx]
@@ -803,9 +836,9 @@ def main(argv: list[str] | None = None) -> None:
         x = data.normalize(data.augment_batch(images, info.pad, info.flip, generator=g), info.mean, info.std)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        for xs, ys in zip(x.split(micro), labels.split(micro)):
+        for xs, ys, rows in zip(x.split(micro), labels.split(micro), idx.split(micro)):
             with accelerator.accumulate(model):
-                loss = loss_fn(model(xs), ys, step=t)
+                loss = loss_fn(model(xs), ys, step=t, index=rows)
                 accelerator.backward(loss)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -813,6 +846,8 @@ def main(argv: list[str] | None = None) -> None:
             eps = loss_fn.last_epsilon
             eps_sum += (eps.float().mean() if torch.is_tensor(eps) else eps) / accum
             bad_step = torch.where(torch.isfinite(loss.detach()) | (bad_step >= 0), bad_step, t)
+        if args.method == "elr":
+            sync_running_targets(accelerator, loss_fn, idx)
         state["n_sum"] += 1
         step = t + 1
 

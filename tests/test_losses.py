@@ -1,8 +1,9 @@
-"""Tests for losses.py: the paper's formulas (Table 1, Eq. 10, Table 2), the fused gradients, numerics, errors."""
+"""Tests for losses.py: the paper's formulas (Table 1, Eq. 10, Table 2), plain-autograd gradients, numerics, errors, compile, ELR."""
 
 from __future__ import annotations
 
 import ast
+import functools
 import math
 import os
 import shutil
@@ -17,6 +18,8 @@ import torch.nn.functional as F
 
 import losses
 from losses import METHODS, build_loss, global_trust, local_trust, proselflc_epsilon
+
+PAPER_METHODS = ("cce", "ls", "cp", "bootsoft", "boothard", "proselflc", "gce", "sce")  # the reference below
 
 C = 5  # classes in the small float64 tests
 T = 100  # total steps
@@ -93,24 +96,36 @@ def _fused(method: str, z, labels, trust, step=None, **hp):
     fn = build_loss(method, z.shape[1], total_steps=T, **hp)
     if method in ("cce", "ls", "gce", "sce"):
         return fn(z, labels, step=step)
-    g = losses.global_trust(step, T) if method == "proselflc" else None
-    eps = None if method == "proselflc" else fn.eps
-    return losses._TargetCE.apply(z, trust, labels, fn._kind, eps, g, fn._sign, fn.temperature or 1.0,
-                                  fn.reduction, [])
+    q = F.one_hot(labels, z.shape[1]).to(z.dtype) if labels.dim() == 1 else labels
+    logp = torch.log_softmax(z, 1)
+    p_fixed = torch.softmax(trust / (fn.temperature or 1.0), 1)
+    r = p_fixed if fn.temperature is not None or fn.detach_target else logp.exp()
+    if method == "boothard":
+        r = F.one_hot(trust.argmax(1), z.shape[1]).to(z.dtype)
+    eps = fn.epsilon(p_fixed, step).unsqueeze(1) if method == "proselflc" else fn.eps
+    per = -(((1 - eps) * q + (-eps if method == "cp" else eps) * r) * logp).sum(1)
+    return {"mean": per.mean(), "sum": per.sum(), "none": per}[fn.reduction]
+
+
+def _extra(method: str, n: int = 6) -> dict:
+    """What build_loss needs beyond the common arguments: ELR's number of training rows."""
+    return {"num_examples": n} if method == "elr" else {}
 
 
 # ------------------------------------------------------------------------------ API
 def test_methods_and_module_api():
-    assert METHODS == ("cce", "ls", "cp", "bootsoft", "boothard", "proselflc", "gce", "sce")
+    assert METHODS == ("cce", "ls", "cp", "bootsoft", "boothard", "proselflc", "proselflc_t", "gce", "sce", "elr")
     z, y, _ = _data()
+    rows = torch.arange(6)
     for method in METHODS:
-        fn = build_loss(method, C, total_steps=T)
+        fn = build_loss(method, C, total_steps=T, **_extra(method))
         assert isinstance(fn, torch.nn.Module)
-        loss = fn(z, y, step=10)
+        loss = fn(z, y, step=10, index=rows)
         assert loss.shape == () and loss.requires_grad and torch.isfinite(loss)
-        assert torch.equal(fn(z, y, step=10), loss)  # deterministic
-        per_example = build_loss(method, C, total_steps=T, reduction="none")(z, y, step=10)
-        summed = build_loss(method, C, total_steps=T, reduction="sum")(z, y, step=10)
+        if method != "elr":  # ELR's running targets move with every call
+            assert torch.equal(fn(z, y, step=10), loss)  # deterministic
+        per_example = build_loss(method, C, total_steps=T, reduction="none", **_extra(method))(z, y, step=10, index=rows)
+        summed = build_loss(method, C, total_steps=T, reduction="sum", **_extra(method))(z, y, step=10, index=rows)
         assert per_example.shape == (6,)
         assert torch.allclose(per_example.mean(), loss, atol=1e-14)
         assert torch.allclose(per_example.sum(), summed, atol=1e-13)
@@ -119,7 +134,7 @@ def test_methods_and_module_api():
 def test_all_hparam_keys_accepted_none_means_default_unused_ignored():
     z, y, _ = _data()
     every = {k: None for k in losses.HPARAMS}
-    for method in METHODS:
+    for method in PAPER_METHODS:
         a = build_loss(method, C, total_steps=T, **every)(z, y, step=50)
         b = build_loss(method, C, total_steps=T)(z, y, step=50)
         assert torch.equal(a, b)
@@ -170,7 +185,7 @@ def test_table1_identities_float64_value_and_grad():
         assert torch.allclose(_grad(ours, z), _grad(ref, z), atol=1e-12, rtol=0)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", PAPER_METHODS)
 def test_fused_backward_equals_plain_autograd_reference(method):
     """Value and gradient of every method and variant, class ids and soft labels, every reduction."""
     variants = VARIANTS if method in SELF_TARGET else ({},)
@@ -190,7 +205,7 @@ def test_fused_backward_equals_plain_autograd_reference(method):
                     assert torch.allclose(g_ours, g_ref, atol=1e-12, rtol=1e-10), (method, hp, reduction)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", PAPER_METHODS)
 def test_gradcheck_every_method(method):
     """torch.autograd.gradcheck in float64; eps_i, detached targets and argmax come from fixed logits."""
     variants = VARIANTS if method in SELF_TARGET else ({},)
@@ -234,7 +249,7 @@ def test_gradient_semantics_and_variants():
 
 
 def test_boothard_ties_take_the_first_argmax():
-    """Tied maxima: the hard target is the first of them, like Tensor.argmax (the fused argmax is a masked amax)."""
+    """Tied maxima: the hard target is the first of them, like Tensor.argmax."""
     z = torch.tensor([[2.0, 5.0, 5.0, 1.0], [3.0, 3.0, 3.0, 3.0], [0.0, 1.0, 2.0, 7.0], [7.0, 1.0, 2.0, 7.0]],
                      dtype=torch.float64, requires_grad=True)
     y = torch.tensor([0, 3, 1, 2])
@@ -251,8 +266,11 @@ def test_soft_one_hot_labels_equal_class_ids():
     z, y, q = _data(n=8, seed=6)
     for method in METHODS:
         for reduction in ("mean", "none"):
-            fn = build_loss(method, C, total_steps=T, reduction=reduction)
-            a, b = fn(z, y, step=60), fn(z, q, step=60)
+            fn = build_loss(method, C, total_steps=T, reduction=reduction, **_extra(method, 8))
+            state = {k: v.clone() for k, v in fn.state_dict().items()}  # ELR: both calls start from the same targets
+            a = fn(z, y, step=60, index=torch.arange(8))
+            fn.load_state_dict(state)
+            b = fn(z, q, step=60, index=torch.arange(8))
             assert torch.allclose(a, b, atol=1e-12), method
             assert torch.allclose(_grad(a, z), _grad(b, z), atol=1e-12), method
 
@@ -351,11 +369,7 @@ def test_proselflc_epsilon_and_last_epsilon():
     # an accelerator step stays a tensor (no host sync): g(t) is then a 0-dim tensor
     g_t = global_trust(torch.tensor(75), T)
     assert isinstance(g_t, torch.Tensor) and g_t.item() == pytest.approx(global_trust(75, T), rel=1e-6)
-    sink: list = []
-    loss_g = losses._TargetCE.apply(z, None, y, "entropy", None, g_t, 1.0, 1.0, "mean", sink)
-    assert torch.allclose(loss_g, loss_int, atol=1e-7)
-    assert torch.allclose(_grad(loss_g, z), _grad(loss_int, z), atol=1e-7)
-    assert torch.allclose(sink[0].squeeze(1), eps, atol=1e-7)
+    assert torch.allclose(proselflc_epsilon(p, torch.tensor(75), T), eps, atol=1e-7)
     assert build_loss("bootsoft", C, eps=0.3).last_epsilon == 0.3
     for method in ("cce", "gce", "sce"):
         fn = build_loss(method, C)
@@ -369,7 +383,7 @@ def test_finite_for_extreme_logits_in_every_dtype(dtype):
     z = torch.tensor([[1e4, -1e4, 0.0, 5.0, -3.0], [-1e4, 1e4, 1e4, -1e4, 0.0],
                       [0.0, 0.0, 0.0, 0.0, 0.0], [-1e4, -1e4, -1e4, -1e4, 1e4]], dtype=dtype)
     y = torch.tensor([1, 0, 2, 4])
-    for method in METHODS:
+    for method in PAPER_METHODS:
         for hp in VARIANTS if method in SELF_TARGET else ({},):
             z_leaf = z.clone().requires_grad_()
             fn = build_loss(method, C, total_steps=T, **hp)
@@ -390,7 +404,7 @@ def test_finite_under_autocast(dtype):
         model.zero_grad()
         with torch.autocast("cpu", dtype=dtype):
             logits = model(x)
-            loss = build_loss(method, C, total_steps=T)(logits, y, step=60)
+            loss = build_loss(method, C, total_steps=T, **_extra(method, 32))(logits, y, step=60, index=torch.arange(32))
         assert logits.dtype == dtype and loss.dtype == torch.float32
         loss.backward()
         assert torch.isfinite(loss) and torch.isfinite(model.weight.grad).all(), method
@@ -404,8 +418,8 @@ def test_copied_alone_runs_every_method(tmp_path: Path):
         from losses import METHODS, build_loss
         z, y = torch.randn(8, 10, requires_grad=True), torch.randint(0, 10, (8,))
         for method in METHODS:
-            fn = build_loss(method, 10, total_steps=100)
-            loss = fn(z, y, step=50)
+            fn = build_loss(method, 10, total_steps=100, num_examples=8 if method == "elr" else None)
+            loss = fn(z, y, step=50, index=torch.arange(8))
             loss.backward()
             assert torch.isfinite(loss) and torch.isfinite(z.grad).all()
             print(method, round(loss.item(), 4))
@@ -427,7 +441,7 @@ def test_imports_only_torch_and_the_standard_library():
 
 def test_no_grad_forward_and_backward_modes():
     z, y, _ = _data(n=6, seed=9)
-    for method in METHODS:
+    for method in PAPER_METHODS:
         fn = build_loss(method, C, total_steps=T)
         with torch.no_grad():
             value = fn(z, y, step=30)
@@ -436,10 +450,9 @@ def test_no_grad_forward_and_backward_modes():
             fn(z, y, step=30).backward()
         assert torch.isfinite(z.grad).all()
         z.grad = None
-        if method != "cce":  # F.cross_entropy supports double backward; the fused Functions do not
-            loss = fn(z, y, step=30)
-            with pytest.raises(RuntimeError, match="double backward"):
-                torch.autograd.grad(loss, z, create_graph=True)
+        # plain autograd: double backward works (the former fused autograd.Functions refused it)
+        grad = torch.autograd.grad(fn(z, y, step=30), z, create_graph=True)[0]
+        assert grad.requires_grad and torch.isfinite(torch.autograd.grad(grad.square().sum(), z)[0]).all()
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -456,6 +469,7 @@ def test_unknown_method_lists_valid_names():
     ({"temperature": 0.0}, r"temperature=0\.0"), ({"detach_target": "yes"}, "detach_target='yes'"),
     ({"reduction": "avg"}, "reduction='avg'"), ({"eps": True}, "eps=True"),
     ({"epsilon": 0.1}, "unknown loss hyperparameter.*epsilon"),
+    ({"trust": "max"}, "trust='max'"), ({"elr_beta": 1.5}, r"elr_beta=1\.5"), ({"elr_lambda": -1}, "elr_lambda=-1"),
 ])
 def test_bad_hparams_raise_naming_the_value(hp, match):
     with pytest.raises(ValueError, match=match):
@@ -492,7 +506,8 @@ def test_bad_sizes_and_steps_raise():
 def test_bad_logits_and_labels_raise():
     z, y, q = _data()
     for method in METHODS:
-        fn = build_loss(method, C, total_steps=T)
+        fn = build_loss(method, C, total_steps=T, **_extra(method))
+        fn = functools.partial(fn, index=torch.arange(6))  # ELR's rows; the other methods ignore them
         with pytest.raises(ValueError, match=rf"class id {C} is out of range \[0, {C}\)"):
             fn(z, torch.tensor([0, 1, 2, 3, 4, C]), step=1)
         with pytest.raises(ValueError, match=r"class id -1 is out of range"):
@@ -514,3 +529,83 @@ def test_bad_logits_and_labels_raise():
         with pytest.raises(ValueError, match="floating-point"):
             fn(y.view(6, 1).expand(6, C), y, step=1)
         assert torch.isfinite(fn(z, y.int(), step=1))  # other integer dtypes are fine
+
+
+# ------------------------------------------------------------------- torch.compile, later variant, ELR
+@pytest.mark.parametrize("method", METHODS)
+def test_compiles_fullgraph_equal_to_eager(method):
+    """torch.compile(fullgraph=True): no graph break, the same loss, gradient, eps and running targets; a new step recompiles at most once."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    z, y, _ = _data(n=4, dtype=torch.float32)
+    rows = torch.tensor([0, 2, 3, 5])
+    eager = build_loss(method, C, total_steps=T, **_extra(method))
+    compiled = build_loss(method, C, total_steps=T, **_extra(method))
+    fn = torch.compile(compiled, fullgraph=True, backend=os.environ.get("LOSSES_COMPILE_BACKEND", "aot_eager"))
+    for step in (10, 11, 12):
+        want, got = eager(z, y, step=step, index=rows), fn(z, y, step=step, index=rows)
+        assert torch.allclose(got, want, atol=1e-6), (method, step)
+        grads = [torch.autograd.grad(loss, z)[0] for loss in (got, want)]  # no retain_graph: inductor donates buffers
+        assert torch.allclose(*grads, atol=1e-6), (method, step)
+    assert torch.allclose(torch.as_tensor(compiled.last_epsilon), torch.as_tensor(eager.last_epsilon), atol=1e-6)
+    if method == "elr":
+        assert torch.allclose(compiled.elr_targets, eager.elr_targets, atol=1e-6) and compiled.elr_targets.abs().sum() > 0
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2  # step 11 makes the int step dynamic, no more
+
+
+def test_later_variant_eps_and_target_by_hand():
+    """proselflc_t: p_T = softmax(z / 0.5), eps = g(t) max_k p_T, q~ = (1 - eps) q + eps p_T, no gradient through q~."""
+    z = torch.tensor([[2.0, 0.0, -1.0], [0.5, 1.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([1, 2])
+    fn = build_loss("proselflc_t", 3, total_steps=100)  # T0 0.5, trust maxp, exp_base 10, transit 0.5
+    assert (fn.temperature, fn.trust) == (0.5, "maxp")
+    g = 1 / (1 + math.exp(-10 * (80 / 100 - 0.5)))
+    rows = [[math.exp(v / 0.5) for v in row] for row in ([2.0, 0.0, -1.0], [0.5, 1.0, 0.0])]
+    p_t = [[e / sum(row) for e in row] for row in rows]
+    eps = [g * max(row) for row in p_t]
+    q_tilde = [[(1 - e) * (k == label) + e * pk for k, pk in enumerate(row)] for e, row, label in zip(eps, p_t, (1, 2))]
+    assert torch.allclose(fn.target(z, y, step=80), torch.tensor(q_tilde, dtype=torch.float64), atol=1e-12)
+    loss = fn(z, y, step=80)
+    assert torch.allclose(fn.last_epsilon, torch.tensor(eps, dtype=torch.float64), atol=1e-12)
+    # the target is a constant: dH(q~, p)/dz = (p - q~) / N
+    p = torch.softmax(z, 1).detach()
+    assert torch.allclose(_grad(loss, z), (p - torch.tensor(q_tilde, dtype=torch.float64)) / 2, atol=1e-12)
+    # the same variant through proselflc's flags, and trust="entropy" keeps Eq. 10's l(p)
+    same = build_loss("proselflc", 3, total_steps=100, temperature=0.5, trust="maxp")
+    assert torch.allclose(same(z, y, step=80), loss, atol=1e-14)
+    ent = build_loss("proselflc_t", 3, total_steps=100, trust="entropy")
+    ent(z, y, step=80)
+    assert torch.allclose(ent.last_epsilon, g * local_trust(torch.tensor(p_t, dtype=torch.float64)), atol=1e-12)
+
+
+def test_elr_loss_and_running_targets_over_three_steps_by_hand():
+    """ELR: t_i <- beta t_i + (1 - beta) p^_i / sum p^_i, then CE + lambda log(1 - <t_i, p_i>), p clamped to [1e-4, 1 - 1e-4]."""
+    beta, lam = 0.7, 3.0
+    fn = build_loss("elr", 3, num_examples=4, elr_beta=beta, elr_lambda=lam).double()
+    assert fn.elr_targets.shape == (4, 3) and not fn.elr_targets.any()
+    targets = [[0.0] * 3 for _ in range(4)]
+    batches = [([[1.0, 0.0, -1.0], [0.0, 3.0, 0.5]], [0, 1], [0, 2]),
+               ([[0.2, 0.1, 12.0], [2.0, 2.0, 0.0]], [2, 0], [2, 0]),  # p of row 2 hits the clamp
+               ([[0.5, -0.5, 1.5], [-1.0, 0.0, 1.0]], [0, 1], [0, 3])]
+    for logits, labels, index in batches:
+        per_example = []
+        for row, label, i in zip(logits, labels, index):
+            e = [math.exp(v - max(row)) for v in row]
+            p = [min(max(v / sum(e), 1e-4), 1 - 1e-4) for v in e]
+            targets[i] = [beta * t + (1 - beta) * pk / sum(p) for t, pk in zip(targets[i], p)]
+            ce = -math.log(e[label] / sum(e))
+            per_example.append(ce + lam * math.log(1 - sum(t * pk for t, pk in zip(targets[i], p))))
+        loss = fn(torch.tensor(logits, dtype=torch.float64), torch.tensor(labels), step=0, index=torch.tensor(index))
+        assert loss.item() == pytest.approx(sum(per_example) / 2, abs=1e-12)
+        assert torch.allclose(fn.elr_targets, torch.tensor(targets, dtype=torch.float64), atol=1e-12)
+    assert fn.elr_targets.sum(1).tolist() == pytest.approx([1 - beta**3, 0.0, 1 - beta**2, 1 - beta])  # updates per row
+    # defaults by number of classes; ELR needs its rows
+    assert (build_loss("elr", 10, num_examples=1).elr_beta, build_loss("elr", 10, num_examples=1).elr_lambda) == (0.7, 3.0)
+    assert (build_loss("elr", 100, num_examples=1).elr_beta, build_loss("elr", 100, num_examples=1).elr_lambda) == (0.9, 7.0)
+    assert (build_loss("sce", 10).alpha, build_loss("sce", 10).beta, build_loss("sce", 12).alpha) == (0.1, 1.0, 6.0)
+    with pytest.raises(ValueError, match="elr needs num_examples"):
+        build_loss("elr", 3)
+    with pytest.raises(ValueError, match="elr needs index=rows"):
+        fn(torch.zeros(2, 3, dtype=torch.float64), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"index 4 is out of range \[0, 4\)"):
+        fn(torch.zeros(2, 3, dtype=torch.float64), torch.tensor([0, 1]), index=torch.tensor([0, 4]))

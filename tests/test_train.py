@@ -3,6 +3,7 @@ refuses bad input with one line."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -207,3 +208,53 @@ def test_resume_with_other_hyperparameters_is_refused(tmp_path, capsys):
     assert train.cli([*flags, "--resume", "latest", "--method", "cce"]) == 2
     err = capsys.readouterr().err
     assert "started with other settings" in err and "--method 'proselflc' -> 'cce'" in err
+
+
+def elr_targets_of(checkpoint: Path) -> torch.Tensor:
+    """The running targets train.py registered for checkpointing (Accelerate's custom_checkpoint_0.pkl)."""
+    return torch.load(checkpoint / "custom_checkpoint_0.pkl", weights_only=True)["elr_targets"]
+
+
+def test_elr_on_two_cpu_processes_keeps_one_set_of_running_targets(tmp_path):
+    """Each process updates its own rows; after every step all copies hold every process's rows."""
+    out = tmp_path / "elr-ddp"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518",
+         "train.py", "--cpu", "--method", "elr", "--max-steps", "3", "--eval-every", "3", "--save-every", "2",
+         "--noise", "symmetric", "--noise-rate", "0.2", "--output-dir", str(out)],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    config = json.loads((out / "config.json").read_text())
+    assert (config["elr_beta"], config["elr_lambda"]) == (0.7, 3.0)  # 10 classes
+    targets = elr_targets_of(out / "checkpoints" / "step_000002")  # process 0's copy
+    batches = train.map_style_batches(len(targets), config["batch_size"], config["seed"], 0, "cpu")
+    seen = torch.zeros(len(targets), dtype=torch.bool)
+    for _ in range(2):  # both processes' halves of the first two global batches
+        seen[next(batches)] = True
+    assert torch.equal(targets.sum(1) > 0, seen)
+    assert torch.allclose(targets[seen].sum(1), torch.tensor(0.3), atol=1e-6)  # one update each: (1 - beta)
+
+
+def test_elr_resumed_from_a_checkpoint_equals_an_uninterrupted_run(tmp_path):
+    """The running targets are restored with the checkpoint: the resumed run ends byte-identical."""
+    flags = ["--cpu", "--deterministic", *SYNTHETIC, "--method", "elr", "--max-steps", "8", "--eval-every", "4",
+             "--save-every", "4", "--noise", "symmetric", "--noise-rate", "0.4"]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert train.cli([*flags, "--output-dir", str(whole)]) == 0
+    assert elr_targets_of(whole / "checkpoints" / "step_000004").sum() > 0
+    # the state a kill right after the step-4 checkpoint leaves behind
+    (cut / "checkpoints").mkdir(parents=True)
+    shutil.copytree(whole / "checkpoints" / "step_000004", cut / "checkpoints" / "step_000004")
+    config = json.loads((whole / "config.json").read_text())
+    (cut / "config.json").write_text(json.dumps({**config, "output_dir": str(cut)}))
+    (cut / "metrics.jsonl").write_text((whole / "metrics.jsonl").read_text().splitlines()[0] + "\n")
+    assert train.cli([*flags, "--output-dir", str(cut), "--resume", "latest"]) == 0
+    assert read_metrics(cut) == read_metrics(whole)
+    a, b = load_file(str(whole / "model.safetensors")), load_file(str(cut / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_elr_streaming_without_a_key_column_is_an_error(tmp_path, capsys):
+    rc = train.cli(["--cpu", *SYNTHETIC, "--streaming", "--method", "elr", "--output-dir", str(tmp_path / "s")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "--method elr with --streaming needs --key-column" in err[0], err
