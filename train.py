@@ -28,7 +28,7 @@ import datasets
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
@@ -69,6 +69,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d.add_argument("--noise-file", help="real noisy labels: CIFAR-N .pt, .npy, .csv or .parquet")
     d.add_argument("--noise-key", help="which labels of --noise-file, e.g. worse_label")
     d.add_argument("--noise-pairs", help="asymmetric pairs 'a:b,b:a,...' or a preset (cifar10, cifar100, synthetic)")
+    d.add_argument("--in-memory", choices=("auto", "yes", "no"), default="auto",
+                   help="input path: yes decodes the training split once into memory (one image size), no decodes "
+                        "per batch in DataLoader workers; auto: in memory when one size and under 4 GiB decoded")
+    d.add_argument("--resize", type=int, default=256, help="photos (decode per batch): warp to resize x resize")
+    d.add_argument("--image-size", type=int, default=224, help="photos: random (training) or centre crop of this size")
+    d.add_argument("--augment", choices=("paper", "rrc"), default="paper",
+                   help="photos: paper = warp, random crop, flip (Section 5.1); rrc = RandomResizedCrop + flip")
+    d.add_argument("--num-workers", type=int, help="DataLoader decoding processes per process (default: cores, at most 4)")
+    d.add_argument("--max-bad-fraction", type=float, default=0.01,
+                   help="stop when more than this fraction of the training images is unreadable (they are skipped)")
     d.add_argument("--train-eval-size", type=int,
                    help="training examples scored at each evaluation for the clean/noisy-subset metrics "
                         "(default: all of a map-style split, 10,000 of a stream; 0 turns it off)")
@@ -245,29 +255,6 @@ def run_config(args: argparse.Namespace, info, world_size: int, device: torch.de
             "total_steps": args.max_steps, "world_size": world_size, "versions": versions, "git_commit": commit}
 
 
-def map_style_batches(num_examples: int, global_batch: int, seed: int, start_step: int, device):
-    """Global batches of indices from start_step on: a permutation per epoch drawn from (seed, epoch), so a resume is exact."""
-    steps_per_epoch = num_examples // global_batch
-    epoch, first = divmod(start_step, steps_per_epoch)
-    while True:
-        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        perm = torch.randperm(num_examples, generator=g).to(device)
-        for i in range(first, steps_per_epoch):
-            yield perm[i * global_batch:(i + 1) * global_batch]
-        epoch, first = epoch + 1, 0
-
-
-def streaming_batches(train_ds, per_process_batch: int, seed: int, rank: int, world: int, start_step: int):
-    """Per-process batches from the stream, epoch after epoch; a resume skips the batches already seen."""
-    epoch, seen = 0, 0
-    while True:
-        for batch in data.stream_batches(train_ds, per_process_batch, seed, epoch, rank, world):
-            if seen >= start_step:
-                yield batch
-            seen += 1
-        epoch += 1
-
-
 def normalized_entropy(logits: torch.Tensor) -> torch.Tensor:
     """H(p) / log C per example."""
     logp = F.log_softmax(logits.float(), dim=1)
@@ -295,7 +282,7 @@ def evaluate(model, test_loader, train_eval_loader, accelerator, info, channels_
                "test_loss": F.cross_entropy(logits, labels).item(),
                "test_examples": len(labels)}
     if train_eval_loader is not None:
-        logits, label, clean, noisy = predict(model, train_eval_loader, accelerator, info, channels_last)
+        logits, label, clean, noisy, _ = predict(model, train_eval_loader, accelerator, info, channels_last)
         pred, ent = logits.argmax(1), normalized_entropy(logits)
         mean = lambda x, mask: x[mask].float().mean().item() if mask.any() else float("nan")  # noqa: E731
         metrics |= {"clean_fit": mean(pred == label, ~noisy), "noisy_fit": mean(pred == label, noisy),
@@ -332,24 +319,19 @@ def main(argv: list[str] | None = None) -> None:
 
     # ---- data: the test split clean and map-style; the training split noisy, held on the device
     train_ds, test_ds, info = data.prepare_data(vars(args))
-    test = data.to_tensors(test_ds)
-    test_loader = torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(test["image"], test["label"]), batch_size=1024)
-    if args.streaming:
-        train_eval = data.to_tensors(data.materialise(train_ds.take(args.train_eval_size))) if args.train_eval_size else None
-        train_images = None
-    else:
-        train = data.to_tensors(train_ds)
-        train_images, train_labels = train["image"].to(device), train["label"].to(device)
-        n_eval = len(train["label"]) if args.train_eval_size is None else min(args.train_eval_size, len(train["label"]))
-        pick = torch.randperm(len(train["label"]), generator=torch.Generator().manual_seed(0))[:n_eval]
-        train_eval = {k: v[pick] for k, v in train.items()} if n_eval else None
-        if len(train["label"]) < args.batch_size:
-            raise ValueError(f"--batch-size {args.batch_size} exceeds the {len(train['label'])} training examples")
+    args.input_path, args.resize, args.image_size = info.input_path, info.resize, info.image_size  # into config.json
+    workers = data.default_workers(world) if args.num_workers is None else args.num_workers
+    test_loader = data.eval_loader(data.eval_dataset(test_ds, info), info, workers)
+    # the training-split evaluation subset: from the map-style split, or the first examples of the stream
+    eval_ds = data.materialise(train_ds.take(args.train_eval_size)) if args.streaming and args.train_eval_size else train_ds
+    rows = data.train_eval_rows(eval_ds, args.train_eval_size) if not args.streaming or args.train_eval_size else None
     train_eval_loader = None
-    if train_eval is not None and args.noise != "none":
-        cols = [train_eval[k] for k in ("image", "label", "clean_label", "is_noisy")]
-        train_eval_loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*cols), batch_size=1024)
+    if rows is not None and (args.noise != "none" or info.clean_subset):
+        if info.clean_subset:
+            accelerator.print(f"clean_fit/noisy_fit are measured on the {len(rows)} training examples with a known "
+                              "clean label (clean_label_kv.txt)")
+        columns = ("image", "label", "clean_label", "is_noisy", "index")
+        train_eval_loader = data.eval_loader(data.eval_dataset(eval_ds, info, rows, columns), info, workers)
 
     # ---- model, optimizer, loss
     set_seed(args.seed)
@@ -393,10 +375,10 @@ def main(argv: list[str] | None = None) -> None:
 
     # ---- loop: t counts optimizer steps (ProSelfLC's t); T = --max-steps
     accum, micro = args.gradient_accumulation_steps, args.batch_size // (world * args.gradient_accumulation_steps)
-    if args.streaming:
-        batches = streaming_batches(train_ds, micro * accum, args.seed, rank, world, state["step"])
-    else:
-        batches = map_style_batches(len(train_labels), args.batch_size, args.seed, state["step"], device)
+    batches = data.TrainBatches(train_ds, info, args.batch_size, args.seed, rank, world, state["step"], device,
+                                num_workers=args.num_workers, max_bad_fraction=args.max_bad_fraction,
+                                key_column=args.key_column)
+    batch_iter = iter(batches)
     loss_sum = torch.tensor(state["loss_sum"], device=device)
     eps_sum = torch.tensor(state["eps_sum"], device=device)
     bad_step = torch.tensor(-1, device=device)
@@ -407,15 +389,8 @@ def main(argv: list[str] | None = None) -> None:
         lr = lr_at(t, args.lr, milestones)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        if args.streaming:
-            batch = next(batches)
-            images, labels = batch["image"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
-        else:
-            idx = next(batches).view(world, accum * micro)[rank]
-            images, labels = train_images[idx], train_labels[idx]
-        # augmentation randomness is a pure function of (seed, step, process): exact on resume
-        g = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + t * 1_009 + rank)
-        x = data.normalize(data.augment_batch(images, info.pad, info.flip, generator=g), info.mean, info.std)
+        batch = next(batch_iter)  # this process's augmented batch of step t
+        x, labels = data.normalize(batch["image"], info.mean, info.std), batch["label"]
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         for xs, ys in zip(x.split(micro), labels.split(micro)):
@@ -448,6 +423,7 @@ def main(argv: list[str] | None = None) -> None:
             metrics = {"step": step, "lr": lr, "train_loss": loss_sum.item() / n, "epsilon": eps_sum.item() / n}
             metrics |= evaluate(model, test_loader, train_eval_loader, accelerator, info, channels_last)
             metrics["process_steps"] = accelerator.gather(torch.tensor([step], device=device)).tolist()
+            metrics["bad_images"] = len(set(gather_object(sorted(batches.bad_files))))
             loss_sum.zero_(), eps_sum.zero_()
             state["n_sum"] = 0
             if metrics["test_acc"] > state["best_acc"]:
