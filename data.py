@@ -453,6 +453,8 @@ def standardize(ds: Any, image_column: str | None, label_column: str | None, key
         raise ValueError(
             f"image column {image_column!r} holds {image_type}: it must be an Image feature (pass --image-column)"
         )
+    if isinstance(ds, datasets.IterableDataset) and not raw:
+        ds = ds.cast_column("image", datasets.Image(decode=False))  # a stream of files would decode every image itself
     return ds
 
 
@@ -1233,11 +1235,13 @@ def prepare_data(cfg: Mapping[str, Any]) -> tuple[Any, Any, DatasetInfo]:
             "--noise file needs --noise-file PATH of an existing CIFAR-N .pt, .npy, .csv or .parquet file "
             f"(got {c['noise_file']!r})"
         )
+    if name == "clothing1m" and c["key_column"] is None:
+        c["key_column"] = "key"  # the release's image key: no hashing of a million files
     train, test = load_splits(c)
     num_classes = _num_classes(train, test)
     clean_subset = "has_clean_label" in _features(train) and c["noise"] == "none"
     if clean_subset:  # real noisy labels (Clothing1M): keep the known clean ones, key by the release's key
-        train = train.map(lambda b: {"example_key": b["key"]}, batched=True)
+        train = train.map(lambda keys: {"example_key": keys}, input_columns=c["key_column"], batched=True)
     else:
         train = noise.add_label_noise(
             train, c["noise"], c["noise_rate"], c["noise_seed"], num_classes, key_column=c["key_column"],
