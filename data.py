@@ -6,6 +6,8 @@ Sources (cfg["dataset"]):
   classes (coarse_label), generated in-process; any size / number of classes.
 - "cifar10", "cifar100": the Hub (uoft-cs/cifar10, uoft-cs/cifar100) or a local copy in
   cfg["data_dir"] (LOCAL_FORMATS).
+- "imagenet": the Hub (ILSVRC/imagenet-1k, validation as test) or an image folder of train/ and val/.
+- "clothing1m": the release in cfg["data_dir"] (clothing1m_splits): paths and labels, no image copied.
 - any other Hub id, or a local folder / parquet layout, with image_column / label_column.
 
 After loading every source has the standard columns `image` (an Image feature, or raw HWC uint8
@@ -13,10 +15,17 @@ bytes with an `image_shape` column), `label` (int), optionally `coarse_label` an
 The train split then gets label noise (noise.add_label_noise: `label` noisy, `clean_label`,
 `is_noisy`, `example_key`); the test split stays clean and map-style.
 
-Map-style training input: to_tensors decodes a split once into one uint8 [N,C,H,W] tensor (held in
-memory); train.py indexes it with a permutation per epoch and calls augment_batch + normalize on
-the device. Streaming: stream_batches shards (split_dataset_by_node after reshard, once), shuffles
-with a buffer and seed, set_epoch, and decodes in the stream (DataLoader workers).
+Training input: TrainBatches is the one batch source train.py loops over. It picks the path that
+prepare_data chose from the data (DatasetInfo.input_path, recorded in config.json):
+- memory: small data of one image size; to_tensors decodes the split once into one uint8
+  [N,C,H,W] tensor on the device, indexed with a permutation per epoch and augmented in batches
+  (augment_batch: pad, crop, flip).
+- decode: photos of any size; each batch is read from the memory-mapped Arrow split and decoded
+  in DataLoader workers with the paper's transform (photo_batch: warp to resize, random crop,
+  flip; or RandomResizedCrop), nothing decoded ahead of time.
+- stream: stream_batches shards (split_dataset_by_node after reshard, once), shuffles with a
+  buffer and seed, set_epoch, and decodes in DataLoader workers.
+Evaluation: eval_dataset gives the examples (decoded once in memory, or per batch with warp + centre crop).
 """
 
 from __future__ import annotations
@@ -78,7 +87,7 @@ MEMORY_BUDGET = 4 * 2**30  # decoded bytes of a training split that auto holds i
 SIZE_PROBE = 256  # images whose header sizes decide the path of a stream
 LOCAL_FORMATS = (
     "a save_to_disk folder (DatasetDict with train and test), a folder of parquet files "
-    "(train-*.parquet and test-*.parquet), an image folder (train/ and test/ with a subfolder per "
+    "(train-*.parquet and test-*.parquet), an image folder (train/ and test/ or val/, a subfolder per "
     "class), or the python-pickle folder cifar-10-batches-py / cifar-100-python"
 )
 STREAM_SHARDS = 64  # shards of an in-memory split turned into a stream (divisible by 1, 2, 4, 8 ...)
@@ -376,23 +385,13 @@ def materialise(stream: Any) -> Any:
     import datasets
 
     tables = list(stream.with_format("arrow").iter(batch_size=1000))
-    features = _features(stream)
+    features = noise.features_of(stream)
     table = pa.concat_tables(tables) if tables else features.arrow_schema.empty_table()
     return datasets.Dataset.from_dict({c: table.column(c) for c in table.column_names}, features=features)
 
 
 # ---------------------------------------------------------------------------------------------
 # Standard columns
-
-
-def _features(ds: Any) -> Any:
-    """Features of a Dataset/IterableDataset (read from the first rows if a stream does not know them)."""
-    import datasets
-
-    if ds.features is not None:
-        return ds.features
-    head = next(iter(ds.with_format("arrow").iter(batch_size=1)))
-    return datasets.Features.from_arrow_schema(head.schema)
 
 
 def _rename_table(table: pa.Table, mapping: dict[str, str]) -> pa.Table:
@@ -410,7 +409,7 @@ def _rename_columns(ds: Any, mapping: dict[str, str]) -> Any:
         return ds
     if isinstance(ds, datasets.Dataset):
         return ds.rename_columns(mapping)
-    features = _features(ds)
+    features = noise.features_of(ds)
     renamed = datasets.Features({mapping.get(c, c): f for c, f in features.items()})
     fn = functools.partial(_rename_table, mapping=mapping)
     return ds.with_format("arrow").map(fn, batched=True, batch_size=1000, features=renamed).with_format(None)
@@ -420,7 +419,7 @@ def standardize(ds: Any, image_column: str | None, label_column: str | None, key
     """Keep and rename to image, label (+ image_shape, coarse_label, key column); check their types."""
     import datasets
 
-    features = _features(ds)
+    features = noise.features_of(ds)
     columns = list(features)
     listing = ", ".join(columns)
     image_column = noise.find_image_column(features, image_column)
@@ -445,7 +444,7 @@ def standardize(ds: Any, image_column: str | None, label_column: str | None, key
     carried = ("image_shape", "coarse_label", "clean_label", "is_noisy", "has_clean_label", key_column)
     keep += [c for c in carried if c and c in features and c not in keep]
     ds = _rename_columns(ds.select_columns(keep), {image_column: "image", label_column: "label"})
-    image_type = _features(ds)["image"]
+    image_type = noise.features_of(ds)["image"]
     raw = isinstance(image_type, datasets.Value) and image_type.dtype in ("binary", "large_binary")
     if raw and "image_shape" not in keep:
         ds = ds.cast_column("image", datasets.Image())  # encoded bytes (PNG/JPEG) without the feature type
@@ -1077,7 +1076,7 @@ def _num_classes(train: Any, test: Any) -> int:
     """Classes from the ClassLabel feature, else 1 + the largest label id (a pass over a stream)."""
     import datasets
 
-    feature = _features(train)["label"]
+    feature = noise.features_of(train)["label"]
     if isinstance(feature, datasets.ClassLabel):
         return feature.num_classes
     largest = int(np.max(test.with_format("arrow")["label"].to_numpy(), initial=0))
@@ -1105,7 +1104,7 @@ def _header_shapes(table: pa.Table) -> set[tuple[int, int, int]]:
 
 def one_size(ds: Any, limit: int | None = None) -> tuple[int, int, int] | None:
     """The (H, W, C) every image of the split has (of the first `limit`), or None when they differ or one is unreadable."""
-    image_columns = [c for c in ("image", "image_shape") if c in _features(ds)]
+    image_columns = [c for c in ("image", "image_shape") if c in noise.features_of(ds)]
     part = ds.take(limit) if limit is not None else ds
     shapes: set = set()
     try:
@@ -1239,7 +1238,7 @@ def prepare_data(cfg: Mapping[str, Any]) -> tuple[Any, Any, DatasetInfo]:
         c["key_column"] = "key"  # the release's image key: no hashing of a million files
     train, test = load_splits(c)
     num_classes = _num_classes(train, test)
-    clean_subset = "has_clean_label" in _features(train) and c["noise"] == "none"
+    clean_subset = "has_clean_label" in noise.features_of(train) and c["noise"] == "none"
     if clean_subset:  # real noisy labels (Clothing1M): keep the known clean ones, key by the release's key
         train = train.map(lambda keys: {"example_key": keys}, input_columns=c["key_column"], batched=True)
     else:

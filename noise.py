@@ -396,7 +396,7 @@ def _noise_features(features: Any, label_column: str) -> Any:
     return out
 
 
-def _features(ds: Any) -> Any:
+def features_of(ds: Any) -> Any:
     """Features of a Dataset or IterableDataset (a stream that does not know them: from its first row's schema)."""
     from datasets import Features
 
@@ -442,7 +442,7 @@ def add_label_noise(
     import datasets
 
     check_noise_args(kind, rate)
-    features = _features(ds)
+    features = features_of(ds)
     columns = list(features)
     image_column = None if key_column else (find_image_column(features, image_column) or "image")
     for role, name in (("label", label_column), ("key", key_column), ("image", image_column)):
