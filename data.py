@@ -1205,6 +1205,18 @@ def clothing1m_splits(root: str) -> tuple[Any, Any]:
     return splits[0], splits[1]
 
 
+def train_eval_subset(train: Any, size: int | None) -> tuple[Any, torch.Tensor | None]:
+    """(map-style split, rows) scored for the clean/noisy metrics: rows of the training split
+    (train_eval_rows), or of the first `size` examples of a stream; rows None for none (size 0)."""
+    import datasets
+
+    if isinstance(train, datasets.IterableDataset):
+        if not size:
+            return train, None
+        train = materialise(train.take(size))
+    return train, train_eval_rows(train, size)
+
+
 def train_eval_rows(train: Any, size: int | None) -> torch.Tensor | None:
     """Rows of a map-style training split scored for the clean/noisy metrics: with has_clean_label only
     those (Clothing1M's overlap with clean_label_kv.txt), else a fixed random subset; None for none."""

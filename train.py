@@ -317,14 +317,12 @@ def main(argv: list[str] | None = None) -> None:
     out = prepare_output_dir(args, accelerator)
     ckpt = find_checkpoint(args.resume, out) if args.resume else None
 
-    # ---- data: the test split clean and map-style; the training split noisy, held on the device
+    # ---- data: the test split clean and map-style; the training split noisy, served by one batch source
     train_ds, test_ds, info = data.prepare_data(vars(args))
     args.input_path, args.resize, args.image_size = info.input_path, info.resize, info.image_size  # into config.json
     workers = data.default_workers(world) if args.num_workers is None else args.num_workers
     test_loader = data.eval_loader(data.eval_dataset(test_ds, info), info, workers)
-    # the training-split evaluation subset: from the map-style split, or the first examples of the stream
-    eval_ds = data.materialise(train_ds.take(args.train_eval_size)) if args.streaming and args.train_eval_size else train_ds
-    rows = data.train_eval_rows(eval_ds, args.train_eval_size) if not args.streaming or args.train_eval_size else None
+    eval_ds, rows = data.train_eval_subset(train_ds, args.train_eval_size)  # for the Figure 3 metrics
     train_eval_loader = None
     if rows is not None and (args.noise != "none" or info.clean_subset):
         if info.clean_subset:
@@ -376,7 +374,7 @@ def main(argv: list[str] | None = None) -> None:
     # ---- loop: t counts optimizer steps (ProSelfLC's t); T = --max-steps
     accum, micro = args.gradient_accumulation_steps, args.batch_size // (world * args.gradient_accumulation_steps)
     batches = data.TrainBatches(train_ds, info, args.batch_size, args.seed, rank, world, state["step"], device,
-                                num_workers=args.num_workers, max_bad_fraction=args.max_bad_fraction,
+                                num_workers=workers, max_bad_fraction=args.max_bad_fraction,
                                 key_column=args.key_column)
     batch_iter = iter(batches)
     loss_sum = torch.tensor(state["loss_sum"], device=device)
