@@ -78,7 +78,7 @@ CFG_DEFAULTS: dict[str, Any] = {
     "synthetic_size": 10_000,  # train examples; the test split has a fifth as many
     "synthetic_classes": 10,
     # photos: which input path, and the paper's transform (Section 5.1 (2))
-    "in_memory": "auto",  # auto: in memory when the images have one size and fit MEMORY_BUDGET decoded
+    "in_memory": "auto",  # auto: in memory when the images have one size <= image_size and fit MEMORY_BUDGET
     "resize": 256,  # decode path: warp to resize x resize
     "image_size": 224,  # decode path: random (train) / centre (eval) crop of image_size x image_size
     "augment": "paper",  # paper: warp, crop, flip; rrc: RandomResizedCrop + flip
@@ -1117,18 +1117,20 @@ def one_size(ds: Any, limit: int | None = None) -> tuple[int, int, int] | None:
     return next(iter(shapes), None)
 
 
-def choose_input_path(train: Any, in_memory: str) -> tuple[str, bool]:
-    """(input path, photo transform?) from the data: memory when the images have one size and the decoded
-    split fits MEMORY_BUDGET (in_memory yes/no overrides), else decode; a stream stays a stream,
-    with the photo transform unless its first SIZE_PROBE images have one size."""
+def choose_input_path(train: Any, in_memory: str, image_size: int) -> tuple[str, bool]:
+    """(input path, photo transform?) from the data: memory when the images have one size, no larger than
+    image_size (nothing to warp and crop), and the decoded split fits MEMORY_BUDGET (in_memory yes/no
+    overrides), else decode; a stream stays a stream, with the photo transform unless its first
+    SIZE_PROBE images have one such size."""
     import datasets
 
+    small = lambda shape: shape is not None and max(shape[:2]) <= image_size  # noqa: E731
     if isinstance(train, datasets.IterableDataset):
-        return "stream", one_size(train, SIZE_PROBE) is None
+        return "stream", not small(one_size(train, SIZE_PROBE))
     if in_memory == "no":
         return "decode", True
     first = one_size(train.select(range(min(1, len(train)))))
-    if in_memory == "auto" and (first is None or len(train) * math.prod(first) > MEMORY_BUDGET):
+    if in_memory == "auto" and (not small(first) or len(train) * math.prod(first) > MEMORY_BUDGET):
         return "decode", True
     shape = one_size(train)
     if shape is not None:
@@ -1258,7 +1260,7 @@ def prepare_data(cfg: Mapping[str, Any]) -> tuple[Any, Any, DatasetInfo]:
             train, c["noise"], c["noise_rate"], c["noise_seed"], num_classes, key_column=c["key_column"],
             pairs=pairs, noise_file=c["noise_file"], noise_key=c["noise_key"],
         )
-    path, photo = choose_input_path(train, c["in_memory"])
+    path, photo = choose_input_path(train, c["in_memory"], c["image_size"])
     known = {v: k for k, v in HUB_IDS.items()}.get(name, name)  # "uoft-cs/cifar10" is cifar10 too
     if photo:
         size, channels, pad, resize = c["image_size"], 3, 0, c["resize"]

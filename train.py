@@ -71,7 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d.add_argument("--noise-pairs", help="asymmetric pairs 'a:b,b:a,...' or a preset (cifar10, cifar100, synthetic)")
     d.add_argument("--in-memory", choices=("auto", "yes", "no"), default="auto",
                    help="input path: yes decodes the training split once into memory (one image size), no decodes "
-                        "per batch in DataLoader workers; auto: in memory when one size and under 4 GiB decoded")
+                        "per batch in DataLoader workers; auto: in memory when one size, no larger than "
+                        "--image-size, and under 4 GiB decoded")
     d.add_argument("--resize", type=int, default=256, help="photos (decode per batch): warp to resize x resize")
     d.add_argument("--image-size", type=int, default=224, help="photos: random (training) or centre crop of this size")
     d.add_argument("--augment", choices=("paper", "rrc"), default="paper",
