@@ -3,6 +3,7 @@
     python bench.py                      # all CPU sections (about 10 minutes on 2 cores)
     python bench.py --quick              # short repeats, for a smoke run
     python bench.py --only losses,input  # some sections: losses, input, train, eval, gpu
+    python bench.py --only photo         # photos: decode per batch (generates JPEGs in /tmp once)
     python bench.py --only gpu           # on a CUDA machine: ResNet-44 bf16 training throughput
 
 Sections:
@@ -15,6 +16,8 @@ Sections:
   eval.py --audit (training dynamics and final model) and of cleanlab with 5-fold out-of-sample
   probabilities, digits at 40% symmetric and pair-flip noise, 300 and 1,500 steps; the time cost of
   the training dynamics.
+- photo: generated 500x375 JPEGs on the decode-per-batch path: the paper's transform per core vs a bare
+  PIL decode + resize, PIL's JPEG draft mode, 1 -> 2 DataLoader workers, peak memory on 2,000 vs 20,000 files.
 - gpu: images/s of the whole ResNet-44 bf16 training step with the on-device pipeline, eager and
   compiled (CUDA only; the paper's 30,000 x 256 run takes 7.68M images), and every loss's
   forward+backward (bf16 logits, eager and compiled) as a fraction of the eager step.
@@ -430,8 +433,166 @@ def bench_gpu(quick: bool) -> list[dict]:
 
 # ------------------------------------------------------------------------------------------------ main
 
+# ----------------------------------------------------------------------------------------------- photo
+
+
+def bench_photo_folder(n: int, size: tuple[int, int] = (500, 375), distinct: int = 2_000) -> str:
+    """An image folder of n JPEGs of `size` (train/, 2 classes, + test/ of 100) in /tmp, made once; beyond
+    `distinct` files the images are hard links of the first ones (the content does not matter for memory)."""
+    from PIL import Image, ImageDraw
+
+    folder = os.path.join(tempfile.gettempdir(), f"proselflc-bench-photos-{n}-{size[0]}x{size[1]}")
+    done = os.path.join(folder, "done")
+    if os.path.isfile(done):
+        return folder
+    rng = torch.Generator().manual_seed(0)
+    for split, count in (("train", n), ("test", 100)):
+        for i in range(count):
+            path = os.path.join(folder, split, f"class{i % 2}", f"{i:06d}.jpg")
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            if i >= distinct:
+                os.link(os.path.join(folder, split, f"class{i % 2}", f"{i % distinct:06d}.jpg"), path)
+                continue
+            # smooth photo-like content (gradient, shapes, mild noise) compresses like a photo, ~30 KB
+            c = torch.randint(0, 256, (6,), generator=rng).tolist()
+            im = Image.linear_gradient("L").resize(size).convert("RGB")
+            im = Image.merge("RGB", [band.point(lambda v, a=a: (v + a) % 256) for band, a in zip(im.split(), c[:3])])
+            draw = ImageDraw.Draw(im)
+            for _ in range(6):
+                x, y = torch.randint(0, size[0], (1,), generator=rng).item(), torch.randint(0, size[1], (1,), generator=rng).item()
+                draw.ellipse((x, y, x + size[0] // 4, y + size[1] // 4), fill=tuple(c[3:]))
+            im = Image.blend(im, Image.effect_noise(size, 20).convert("RGB"), 0.15)
+            im.save(path, quality=90)
+    Path(done).write_text("ok")
+    return folder
+
+
+def bare_decode_rate(paths: list[str]) -> float:
+    """images/s of the bound: PIL open + decode + resize to 256x256 + to array, one process."""
+    from PIL import Image
+
+    import numpy as np
+
+    start = time.perf_counter()
+    for p in paths:
+        with Image.open(p) as im:
+            np.asarray(im.convert("RGB").resize((256, 256), Image.BILINEAR))
+    return len(paths) / (time.perf_counter() - start)
+
+
+def transform_rate(table, info: data.DatasetInfo, batch: int) -> float:
+    """images/s of photo_batch (decode, warp, crop, flip, to uint8 NCHW) over an arrow table, one process."""
+    import numpy as np
+
+    start = time.perf_counter()
+    for i in range(0, len(table) - batch + 1, batch):
+        data.photo_batch(table.slice(i, batch), np.arange(i, i + batch), info, seed=0, key=(i,))
+    return (len(table) // batch * batch) / (time.perf_counter() - start)
+
+
+def loader_rate(train, info: data.DatasetInfo, workers: int, steps: int, batch: int) -> float:
+    """images/s of the decode-per-batch training source with `workers` DataLoader workers (after a warm-up batch)."""
+    it = iter(data.TrainBatches(train, info, batch, 0, 0, 1, 0, torch.device("cpu"), num_workers=workers))
+    next(it)
+    start = time.perf_counter()
+    for _ in range(steps):
+        next(it)
+    return steps * batch / (time.perf_counter() - start)
+
+
+def peak_rss_of_run(folder: str, tmp: str) -> float:
+    """Peak memory (MiB) of train.py and its DataLoader workers together: the sum of their proportional set
+    sizes (pages shared by the forked workers counted once), sampled every 50 ms."""
+    import psutil
+
+    cmd = [sys.executable, "train.py", "--cpu", "--dataset", folder, "--model", "digits_cnn", "--resize", "128",
+           "--image-size", "112", "--batch-size", "32", "--max-steps", "20", "--eval-every", "20",
+           "--num-workers", "2", "--train-eval-size", "0", "--output-dir", os.path.join(tmp, "run"), "--overwrite"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_CACHE": os.path.join(tmp, "hf")}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    root, peak = psutil.Process(proc.pid), 0
+    while proc.poll() is None:
+        try:
+            tree = [root, *root.children(recursive=True)]
+            peak = max(peak, sum(p.memory_full_info().pss for p in tree))
+        except psutil.Error:
+            pass
+        time.sleep(0.05)
+    if proc.returncode != 0:
+        raise RuntimeError(f"train.py failed: {proc.stderr.read()[-2000:]}")
+    return peak / 2**20
+
+
+def bench_photo(quick: bool) -> list[dict]:
+    """Photos on the decode-per-batch path: the paper's training transform per core vs a bare PIL decode + resize.
+
+    Generated JPEGs of ImageNet-like size (500x375) and, for PIL's JPEG draft mode, of 1000x750.
+    One torch thread; the figures were taken on a loaded, shared 2-core machine.
+    """
+    import datasets
+
+    datasets.disable_progress_bars()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    rows = []
+    try:
+        n = 400 if quick else 2_000
+        small, large = bench_photo_folder(2_000), bench_photo_folder(200, (1000, 750), 200)
+        cfg = {"dataset": small, "resize": 256, "image_size": 224}
+        train, _, info = data.prepare_data(cfg)
+        table = train.select(range(n)).with_format("arrow")[:]
+        paths = table.column("image").combine_chunks().field("path").to_pylist()
+        bound = paper = rrc = 0.0
+        for _ in range(2):  # interleaved, best of each: a busy neighbour hits all alike
+            bound = max(bound, bare_decode_rate(paths))
+            paper = max(paper, transform_rate(table, info, 64))
+            rrc = max(rrc, transform_rate(table, info._replace(augment="rrc"), 64))
+        rows += [
+            {"name": f"bound: PIL open + decode + resize to 256x256, 500x375 JPEGs (N={n})", "value": bound,
+             "unit": "images/s/core", "ratio": 1.0, "note": "baseline"},
+            {"name": "paper transform: decode, warp 256, random crop 224, flip, uint8 NCHW", "value": paper,
+             "unit": "images/s/core", "ratio": paper / bound,
+             "note": "goal ratio >= 0.8; resizes only the crop box (PIL box=), less work than the bound"},
+            {"name": "--augment rrc: decode, RandomResizedCrop 224, flip, uint8 NCHW", "value": rrc,
+             "unit": "images/s/core", "ratio": rrc / bound, "note": ""},
+        ]
+        big, _, big_info = data.prepare_data({**cfg, "dataset": large})
+        big_table = big.with_format("arrow")[:]
+        draft = full = 0.0
+        for _ in range(2):
+            data.JPEG_DRAFT = False
+            full = max(full, transform_rate(big_table, big_info, 50))
+            data.JPEG_DRAFT = True
+            draft = max(draft, transform_rate(big_table, big_info, 50))
+        rows += [
+            {"name": "paper transform, 1000x750 JPEGs, full-size decode (JPEG_DRAFT = False)", "value": full,
+             "unit": "images/s/core", "ratio": 1.0, "note": "baseline"},
+            {"name": "paper transform, 1000x750 JPEGs, PIL draft mode (DCT-scaled decode, the default)", "value": draft,
+             "unit": "images/s/core", "ratio": draft / full, "note": "why JPEG_DRAFT is on"},
+        ]
+        steps = 5 if quick else 20
+        one = loader_rate(train, info, 1, steps, 64)
+        two = loader_rate(train, info, 2, steps, 64)
+        rows += [
+            {"name": "decode-per-batch training source, 1 DataLoader worker, batch 64", "value": one,
+             "unit": "images/s", "ratio": 1.0, "note": "baseline"},
+            {"name": "decode-per-batch training source, 2 DataLoader workers", "value": two, "unit": "images/s",
+             "ratio": two / one, "note": f"goal near 2 on 2 idle cores; load average {os.getloadavg()[0]:.1f} here"},
+        ]
+        with tempfile.TemporaryDirectory() as tmp:
+            counts = (2_000,) if quick else (2_000, 20_000)
+            peaks = [peak_rss_of_run(bench_photo_folder(c), tmp) for c in counts]
+        for c, peak in zip(counts, peaks):
+            rows.append({"name": f"peak memory (PSS), train.py + 2 workers, 20 steps on {c:,} JPEGs", "value": peak,
+                         "unit": "MiB", "ratio": peak / peaks[0], "note": "goal: flat in the dataset size"})
+    finally:
+        data.JPEG_DRAFT = True
+        torch.set_num_threads(threads)
+    return rows
+
+
 SECTIONS = {"losses": bench_losses, "input": bench_input, "train": bench_train, "eval": bench_eval, "gpu": bench_gpu,
-            "audit": bench_audit}
+            "photo": bench_photo, "audit": bench_audit}
 
 
 def markdown(results: dict[str, list[dict]], command: str, seconds: float) -> str:
@@ -461,6 +622,23 @@ def markdown(results: dict[str, list[dict]], command: str, seconds: float) -> st
     return "\n".join(lines)
 
 
+def merge_sections(old: str, new: str, command: str) -> str:
+    """`old` BENCHMARKS.md with the sections of `new` replaced or appended (each marked with the command and
+    date that produced it); the other sections and the header stay as they were."""
+
+    def split(text: str) -> tuple[str, dict[str, str]]:
+        head, *parts = text.split("\n## ")
+        return head, {p.split("\n", 1)[0]: "## " + p for p in parts}
+
+    head, kept = split(old)
+    _, fresh = split(new)
+    for name, body in fresh.items():
+        title, rest = body.split("\n", 1)
+        kept[name] = f"{title}\n\nProduced by `{command}` on {datetime.date.today()}, {os.cpu_count()} CPU cores, " \
+                     f"load average {os.getloadavg()[0]:.1f} at the end (above 2: a loaded machine).\n{rest}"
+    return "\n".join([head.rstrip("\n") + "\n", *(body.rstrip("\n") + "\n" for body in kept.values())])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description="Benchmarks, written to BENCHMARKS.md.")
     p.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run, noisier figures)")
@@ -479,7 +657,11 @@ def main() -> None:
             ratio = "" if r["ratio"] is None else f"  ratio {r['ratio']:.2f}"
             print(f"  {r['name']}: {r['value']:,.1f} {r['unit']}{ratio}", flush=True)
     command = "python bench.py" + "".join(f" {a}" for a in sys.argv[1:])
-    Path(args.out).write_text(markdown(results, command, time.perf_counter() - start))
+    text = markdown(results, command, time.perf_counter() - start)
+    out = Path(args.out)
+    if out.exists() and set(sections) != set(SECTIONS):
+        text = merge_sections(out.read_text(), text, command)
+    out.write_text(text)
     print(f"wrote {args.out}")
 
 

@@ -6,6 +6,8 @@ Sources (cfg["dataset"]):
   classes (coarse_label), generated in-process; any size / number of classes.
 - "cifar10", "cifar100": the Hub (uoft-cs/cifar10, uoft-cs/cifar100) or a local copy in
   cfg["data_dir"] (LOCAL_FORMATS).
+- "imagenet": the Hub (ILSVRC/imagenet-1k, validation as test) or an image folder of train/ and val/.
+- "clothing1m": the release in cfg["data_dir"] (clothing1m_splits): paths and labels, no image copied.
 - any other Hub id, or a local folder / parquet layout, with image_column / label_column.
 
 After loading every source has the standard columns `image` (an Image feature, or raw HWC uint8
@@ -13,10 +15,17 @@ bytes with an `image_shape` column), `label` (int), optionally `coarse_label` an
 The train split then gets label noise (noise.add_label_noise: `label` noisy, `clean_label`,
 `is_noisy`, `example_key`); the test split stays clean and map-style.
 
-Map-style training input: to_tensors decodes a split once into one uint8 [N,C,H,W] tensor (held in
-memory); train.py indexes it with a permutation per epoch and calls augment_batch + normalize on
-the device. Streaming: stream_batches shards (split_dataset_by_node after reshard, once), shuffles
-with a buffer and seed, set_epoch, and decodes in the stream (DataLoader workers).
+Training input: TrainBatches is the one batch source train.py loops over. It picks the path that
+prepare_data chose from the data (DatasetInfo.input_path, recorded in config.json):
+- memory: small data of one image size; to_tensors decodes the split once into one uint8
+  [N,C,H,W] tensor on the device, indexed with a permutation per epoch and augmented in batches
+  (augment_batch: pad, crop, flip).
+- decode: photos of any size; each batch is read from the memory-mapped Arrow split and decoded
+  in DataLoader workers with the paper's transform (photo_batch: warp to resize, random crop,
+  flip; or RandomResizedCrop), nothing decoded ahead of time.
+- stream: stream_batches shards (split_dataset_by_node after reshard, once), shuffles with a
+  buffer and seed, set_epoch, and decodes in DataLoader workers.
+Evaluation: eval_dataset gives the examples (decoded once in memory, or per batch with warp + centre crop).
 """
 
 from __future__ import annotations
@@ -24,14 +33,19 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import itertools
+import math
 import os
 import pickle
 import re
 import socket
+import sys
+import weakref
 import urllib.parse
 from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 
+import einops
 import numpy as np
 import pyarrow as pa
 import torch
@@ -39,13 +53,15 @@ import torch.nn.functional as F
 
 import noise
 
-DATASETS = ("digits", "synthetic", "cifar10", "cifar100")
-HUB_IDS = {"cifar10": "uoft-cs/cifar10", "cifar100": "uoft-cs/cifar100"}
+DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "imagenet", "clothing1m")
+HUB_IDS = {"cifar10": "uoft-cs/cifar10", "cifar100": "uoft-cs/cifar100", "imagenet": "ILSVRC/imagenet-1k"}
 # Published per-channel statistics of the CIFAR training sets (fractions of 255).
 CIFAR_STATS = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
+# Photos (the decode-per-batch path) are normalised with ImageNet's statistics, as ImageNet weights expect.
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 # The keys prepare_data reads; their defaults are train.py's (RECIPES): pass train.resolve_args(...) or config.json.
 CFG_KEYS = (
     "dataset", "data_dir", "streaming",
@@ -56,10 +72,16 @@ CFG_KEYS = (
     "noise_pairs",  # None: the dataset's preset (cifar10, cifar100, synthetic)
     "synthetic_size",  # train examples; the test split has a fifth as many
     "synthetic_classes",
+    "in_memory",  # auto: in memory when the images have one size <= image_size and fit MEMORY_BUDGET
+    "resize",  # photo path: warp to resize x resize
+    "image_size",  # photo path: random (train) / centre (eval) crop of image_size x image_size
+    "augment",  # photo path: paper (warp, crop, flip) or rrc (RandomResizedCrop + flip)
 )
+MEMORY_BUDGET = 4 * 2**30  # decoded bytes of a training split that auto holds in memory
+SIZE_PROBE = 256  # images whose header sizes decide the path of a stream
 LOCAL_FORMATS = (
     "a save_to_disk folder (DatasetDict with train and test), a folder of parquet files "
-    "(train-*.parquet and test-*.parquet), an image folder (train/ and test/ with a subfolder per "
+    "(train-*.parquet and test-*.parquet), an image folder (train/ and test/ or val/, a subfolder per "
     "class), or the python-pickle folder cifar-10-batches-py / cifar-100-python"
 )
 STREAM_SHARDS = 64  # shards of an in-memory split turned into a stream (divisible by 1, 2, 4, 8 ...)
@@ -80,6 +102,10 @@ class DatasetInfo(NamedTuple):
     pad: int  # augmentation padding: 4 for 32x32, 1 for 8x8 digits
     flip: bool  # horizontal flips (False for digits)
     pairs_preset: str | None  # asymmetric noise pairs preset: "cifar10", "cifar100", "synthetic" or None
+    input_path: str = "memory"  # memory (decoded once), decode (per batch, in workers) or stream
+    resize: int = 0  # > 0: images are decoded per example with the photo transform (warp to resize, crop image_size)
+    augment: str = "pad"  # pad (pad-crop-flip in batches), paper or rrc
+    clean_subset: bool = False  # clean labels are known for a subset only (Clothing1M): has_clean_label column
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,7 +127,6 @@ def pixel_dataset(
 ) -> Any:
     """In-memory Dataset from uint8 [N,H,W,C]: image (raw bytes), image_shape, label, coarse_label."""
     import datasets
-    from datasets.table import InMemoryTable
 
     n = len(images)
     shape = pa.array([list(images.shape[1:])] * n, type=pa.list_(pa.int32()))
@@ -114,8 +139,7 @@ def pixel_dataset(
     if coarse is not None:
         columns["coarse_label"] = pa.array(coarse, pa.int64())
         features["coarse_label"] = datasets.Value("int64")
-    table = pa.table(columns, schema=features.arrow_schema)
-    return datasets.Dataset(InMemoryTable(table), info=datasets.DatasetInfo(features=features))
+    return datasets.Dataset.from_dict(columns, features=features)
 
 
 def digits_splits() -> tuple[Any, Any]:
@@ -327,7 +351,7 @@ def load_local(path: str, name: str, streaming: bool) -> tuple[Any, Any]:
     if found is not None:
         return pickle_splits(*found)
     if os.path.isfile(os.path.join(path, "dataset_dict.json")):
-        return _pick_splits(datasets.load_from_disk(path), path)
+        return _pick_splits(datasets.load_from_disk(path), path, name)
     script = os.path.join(path, os.path.basename(os.path.normpath(path)) + ".py")
     if os.path.isfile(script):
         raise ValueError(f"{path} holds a loading script ({script}), which datasets no longer runs (nor do we): "
@@ -345,36 +369,33 @@ def load_local(path: str, name: str, streaming: bool) -> tuple[Any, Any]:
         data_files, path = {"train": path, "test": test_path}, "parquet"
     unreadable = (FileNotFoundError, datasets.exceptions.DataFilesNotFoundError, datasets.exceptions.DatasetGenerationError)
     try:
-        return _pick_splits(datasets.load_dataset(path, data_files=data_files, streaming=streaming), path)
+        return _pick_splits(datasets.load_dataset(path, data_files=data_files, streaming=streaming), path, name)
     except unreadable as e:
         raise ValueError(f"cannot read a dataset from {path} ({type(e).__name__}): pass {LOCAL_FORMATS}") from None
 
 
-def _pick_splits(dd: Any, where: str) -> tuple[Any, Any]:
-    """(train, test) of a DatasetDict / IterableDatasetDict ('validation' stands in for 'test')."""
-    test = next((s for s in TEST_SPLITS if s in dd), None)
+def _pick_splits(dd: Any, where: str, name: str = "") -> tuple[Any, Any]:
+    """(train, test) of a DatasetDict / IterableDatasetDict ('validation' stands in for 'test'; for
+    ImageNet it comes first: imagenet-1k's test labels are withheld)."""
+    order = TEST_SPLITS[::-1] if name == "imagenet" else TEST_SPLITS
+    test = next((s for s in order if s in dd), None)
     if "train" not in dd or test is None:
         raise ValueError(f"{where} has splits {', '.join(dd)}: it needs 'train' and 'test' (or 'validation')")
     return dd["train"], dd[test]
 
 
 def materialise(stream: Any) -> Any:
-    """IterableDataset -> in-memory Dataset with the same features (for the streamed test split)."""
+    """IterableDataset -> in-memory Dataset with the same features (images stay encoded)."""
     import datasets
-    from datasets.table import InMemoryTable
 
     tables = list(stream.with_format("arrow").iter(batch_size=1000))
-    table = pa.concat_tables(tables) if tables else stream.features.arrow_schema.empty_table()
-    return datasets.Dataset(InMemoryTable(table), info=datasets.DatasetInfo(features=stream.features))
+    features = noise.features_of(stream)
+    table = pa.concat_tables(tables) if tables else features.arrow_schema.empty_table()
+    return datasets.Dataset.from_dict({c: table.column(c) for c in table.column_names}, features=features)
 
 
 # ---------------------------------------------------------------------------------------------
 # Standard columns
-
-
-def _features(ds: Any) -> Any:
-    """Features of a Dataset/IterableDataset (resolved from the data if a stream does not know them)."""
-    return ds.features if ds.features is not None else ds._resolve_features().features
 
 
 def _rename_table(table: pa.Table, mapping: dict[str, str]) -> pa.Table:
@@ -392,7 +413,7 @@ def _rename_columns(ds: Any, mapping: dict[str, str]) -> Any:
         return ds
     if isinstance(ds, datasets.Dataset):
         return ds.rename_columns(mapping)
-    features = _features(ds)
+    features = noise.features_of(ds)
     renamed = datasets.Features({mapping.get(c, c): f for c, f in features.items()})
     fn = functools.partial(_rename_table, mapping=mapping)
     return ds.with_format("arrow").map(fn, batched=True, batch_size=1000, features=renamed).with_format(None)
@@ -402,12 +423,10 @@ def standardize(ds: Any, image_column: str | None, label_column: str | None, key
     """Keep and rename to image, label (+ image_shape, coarse_label, key column); check their types."""
     import datasets
 
-    features = _features(ds)
+    features = noise.features_of(ds)
     columns = list(features)
     listing = ", ".join(columns)
-    if image_column is None:
-        image_column = next((c for c in ("image", "img") if c in features), None)
-        image_column = image_column or next((c for c in columns if isinstance(features[c], datasets.Image)), None)
+    image_column = noise.find_image_column(features, image_column)
     if image_column not in features:
         which = repr(image_column) if image_column else "(no 'image', 'img' or Image column)"
         raise ValueError(f"no image column {which}: the dataset has columns {listing} (pass --image-column)")
@@ -426,9 +445,10 @@ def standardize(ds: Any, image_column: str | None, label_column: str | None, key
             f"label column {label_column!r} holds {label_type}: it must hold integer class ids (pass --label-column)"
         )
     keep = [image_column, label_column]
-    keep += [c for c in ("image_shape", "coarse_label", key_column) if c and c in features and c not in keep]
+    carried = ("image_shape", "coarse_label", "clean_label", "is_noisy", "has_clean_label", key_column)
+    keep += [c for c in carried if c and c in features and c not in keep]
     ds = _rename_columns(ds.select_columns(keep), {image_column: "image", label_column: "label"})
-    image_type = _features(ds)["image"]
+    image_type = noise.features_of(ds)["image"]
     raw = isinstance(image_type, datasets.Value) and image_type.dtype in ("binary", "large_binary")
     if raw and "image_shape" not in keep:
         ds = ds.cast_column("image", datasets.Image())  # encoded bytes (PNG/JPEG) without the feature type
@@ -436,6 +456,8 @@ def standardize(ds: Any, image_column: str | None, label_column: str | None, key
         raise ValueError(
             f"image column {image_column!r} holds {image_type}: it must be an Image feature (pass --image-column)"
         )
+    if isinstance(ds, datasets.IterableDataset) and not raw:
+        ds = ds.cast_column("image", datasets.Image(decode=False))  # a stream of files would decode every image itself
     return ds
 
 
@@ -446,12 +468,16 @@ def load_splits(cfg: Mapping[str, Any]) -> tuple[Any, Any]:
     name, streaming = cfg["dataset"], bool(cfg["streaming"])
     if name == "digits":
         train, test = digits_splits()
+    elif name == "clothing1m":
+        if not cfg["data_dir"]:
+            raise ValueError("--dataset clothing1m needs --data-dir with the release (images/, *_label_kv.txt, key lists)")
+        train, test = clothing1m_splits(os.path.expanduser(cfg["data_dir"]))
     elif name == "synthetic":
         train, test = synthetic_splits(int(cfg["synthetic_size"]), int(cfg["synthetic_classes"]))
     elif cfg["data_dir"] or looks_local(name):
         train, test = load_local(os.path.expanduser(cfg["data_dir"] or name), name, streaming)
     else:
-        train, test = _pick_splits(load_hub(HUB_IDS.get(name, name), streaming), HUB_IDS.get(name, name))
+        train, test = _pick_splits(load_hub(HUB_IDS.get(name, name), streaming), HUB_IDS.get(name, name), name)
     if streaming and isinstance(train, datasets.Dataset):
         train = train.to_iterable_dataset(num_shards=max(1, min(STREAM_SHARDS, len(train))))
     if isinstance(test, datasets.IterableDataset):
@@ -512,12 +538,9 @@ def decode_table(table: pa.Table, channels: int | None = None) -> np.ndarray:
 
 
 def nchw(images: np.ndarray) -> torch.Tensor:
-    """uint8 [B,H,W,C] -> contiguous uint8 tensor [B,C,H,W], copied one channel plane at a time
-    (torch's permute().contiguous() on uint8 is ~30x slower on a busy CPU)."""
-    out = np.empty((images.shape[0], images.shape[3], images.shape[1], images.shape[2]), dtype=np.uint8)
-    for channel in range(images.shape[3]):
-        out[:, channel] = images[..., channel]
-    return torch.from_numpy(out)
+    """uint8 [B,H,W,C] -> contiguous uint8 tensor [B,C,H,W] (numpy's copy: torch's permute().contiguous()
+    on uint8 is ~30x slower on a busy CPU)."""
+    return torch.from_numpy(np.ascontiguousarray(einops.rearrange(images, "b h w c -> b c h w")))
 
 
 def _int_column(table: pa.Table, name: str) -> torch.Tensor:
@@ -525,9 +548,9 @@ def _int_column(table: pa.Table, name: str) -> torch.Tensor:
     return torch.from_numpy(table.column(name).to_numpy().astype(np.int64))
 
 
-def table_batch(table: pa.Table) -> dict[str, torch.Tensor]:
+def table_batch(table: pa.Table, images: bool = True) -> dict[str, torch.Tensor]:
     """Arrow batch -> {"image": uint8 [B,C,H,W], "label", "clean_label": int64 [B], "is_noisy": bool [B]}."""
-    images = nchw(decode_table(table))
+    images = nchw(decode_table(table)) if images else torch.zeros(0, dtype=torch.uint8)
     label = _int_column(table, "label")
     clean = _int_column(table, "clean_label") if "clean_label" in table.column_names else label.clone()
     if "is_noisy" in table.column_names:
@@ -537,24 +560,32 @@ def table_batch(table: pa.Table) -> dict[str, torch.Tensor]:
     return {"image": images, "label": label, "clean_label": clean, "is_noisy": is_noisy}
 
 
-_TENSOR_CACHE: dict[str, dict[str, torch.Tensor]] = {}
+_TENSOR_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def to_tensors(ds: Any) -> dict[str, torch.Tensor]:
     """Map-style split -> {"image": uint8 [N,C,H,W], "label", "clean_label": int64 [N], "is_noisy": bool [N]}.
 
-    Decoded once and held in memory (keyed by the dataset's fingerprint), so later calls are free.
+    Decoded once and held in memory (per dataset object), so later calls are free. Only for the
+    in-memory path: photos are decoded per batch (eval_dataset, TrainBatches).
     """
-    if not hasattr(ds, "_fingerprint"):
+    import datasets
+
+    if not isinstance(ds, datasets.Dataset):
         raise ValueError("to_tensors needs a map-style split: stream with stream_batches, or use data.materialise")
-    key = ds._fingerprint
-    if key not in _TENSOR_CACHE:
+    if ds not in _TENSOR_CACHE:
         columns = [c for c in ("image", "image_shape", "label", "clean_label", "is_noisy") if c in ds.column_names]
-        table = ds.select_columns(columns).with_format("arrow")[:]
-        if len(_TENSOR_CACHE) >= 4:
-            _TENSOR_CACHE.pop(next(iter(_TENSOR_CACHE)))
-        _TENSOR_CACHE[key] = table_batch(table)
-    return _TENSOR_CACHE[key]
+        _TENSOR_CACHE[ds] = table_batch(ds.select_columns(columns).with_format("arrow")[:])
+    return _TENSOR_CACHE[ds]
+
+
+def label_tensors(ds: Any) -> dict[str, torch.Tensor]:
+    """Map-style split -> {"label", "clean_label": int64 [N], "is_noisy": bool [N]} without touching the images."""
+    columns = [c for c in ("label", "clean_label", "is_noisy") if c in ds.column_names]
+    table = ds.select_columns(columns).with_format("arrow")[:]
+    out = table_batch(table, images=False)
+    out.pop("image")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -598,11 +629,199 @@ def normalize(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) 
 
 
 # ---------------------------------------------------------------------------------------------
+# Photos: decoded per example with the paper's transform (Section 5.1 (2)), in DataLoader workers
+
+JPEG_DRAFT = True  # JPEGs decode at the smallest DCT scale still >= the needed size (bench.py --only photo)
+RRC_SCALE, RRC_RATIO = (0.08, 1.0), (3 / 4, 4 / 3)  # torchvision's RandomResizedCrop defaults
+UNREADABLE = (OSError, SyntaxError, ValueError, EOFError)  # PIL's errors for truncated or foreign files
+
+
+def crop_box(
+    rng: np.random.Generator | None, width: int, height: int, resize: int, size: int, augment: str
+) -> tuple[tuple[float, float, float, float], bool]:
+    """(box in source pixels, flip) of one example; resizing the box to size x size is the transform.
+
+    paper: warp to resize x resize, random size x size crop, flip p = 0.5; rrc: RandomResizedCrop
+    (scale 0.08-1, ratio 3/4-4/3, torchvision's sampling) + flip; rng None (evaluation): warp, centre crop.
+    """
+    sx, sy = width / resize, height / resize  # source pixels per warped pixel
+    if rng is None:
+        off = int(round((resize - size) / 2.0))
+        return (off * sx, off * sy, (off + size) * sx, (off + size) * sy), False
+    if augment == "paper":
+        top, left = rng.integers(0, resize - size + 1, size=2)
+        return (left * sx, top * sy, (left + size) * sx, (top + size) * sy), bool(rng.random() < 0.5)
+    area = width * height
+    for _ in range(10):
+        target = area * rng.uniform(*RRC_SCALE)
+        aspect = math.exp(rng.uniform(math.log(RRC_RATIO[0]), math.log(RRC_RATIO[1])))
+        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top, left = rng.integers(0, height - h + 1), rng.integers(0, width - w + 1)
+            return (left, top, left + w, top + h), bool(rng.random() < 0.5)
+    ratio = width / height  # fallback: the centred crop of the whole image clamped to the ratio range
+    w, h = (width, round(width / RRC_RATIO[0])) if ratio < RRC_RATIO[0] else (
+        (round(height * RRC_RATIO[1]), height) if ratio > RRC_RATIO[1] else (width, height))
+    top, left = (height - h) // 2, (width - w) // 2
+    return (left, top, left + w, top + h), bool(rng.random() < 0.5)
+
+
+def decode_photo(
+    source: Any, rng: np.random.Generator | None, resize: int, size: int, augment: str, shape: Any = None
+) -> np.ndarray:
+    """One image (encoded bytes, a path, or raw HWC bytes of `shape`) -> uint8 [size,size,3] RGB, transformed.
+
+    Greyscale, CMYK, RGBA and palette images become RGB. Raises one of UNREADABLE for a bad file.
+    """
+    from PIL import Image
+
+    if shape is not None:
+        h, w, c = shape
+        im = Image.frombuffer("L" if c == 1 else "RGB", (w, h), source, "raw")
+    else:
+        im = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+    width, height = im.size
+    box, flip = crop_box(rng, width, height, resize, size, augment)
+    if JPEG_DRAFT and im.format == "JPEG":
+        bw, bh = box[2] - box[0], box[3] - box[1]
+        im.draft("RGB" if im.mode == "RGB" else None, (math.ceil(width * size / bw), math.ceil(height * size / bh)))
+        fx, fy = im.size[0] / width, im.size[1] / height
+        box = (box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy)
+    if im.mode != "RGB":
+        im = im.convert("RGB")
+    im = im.resize((size, size), Image.BILINEAR, box=box)
+    if flip:
+        im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return np.asarray(im)
+
+
+def _image_sources(table: pa.Table) -> tuple[list[Any], list[str | None], list[Any]]:
+    """(source per row: bytes or path, file name or None, raw shape or None) of an arrow batch's image column."""
+    images = table.column("image").combine_chunks()
+    if pa.types.is_struct(images.type):
+        blobs, paths = images.field("bytes").to_pylist(), images.field("path").to_pylist()
+        return [b if b is not None else p for b, p in zip(blobs, paths)], paths, [None] * len(paths)
+    shapes = table.column("image_shape").to_pylist()
+    return images.to_pylist(), [None] * len(shapes), shapes
+
+
+def photo_batch(
+    table: pa.Table, index: np.ndarray, info: DatasetInfo, seed: int | None, key: tuple[int, ...] = ()
+) -> dict[str, Any]:
+    """Arrow rows -> {"image": uint8 [B,3,S,S], "label", "index": int64 [B], "bad": names of unreadable images}.
+
+    Training (seed given): crop and flip drawn from default_rng([seed, *key, example]), example = the
+    row's index (its position in the batch when the index is -1), so they are a pure function of
+    (seed, step, example); an unreadable image's slot takes the next readable image of the batch, so
+    the batch keeps its size. Evaluation (seed None): warp and centre crop; an unreadable image is zeros.
+    """
+    sources, names, shapes = _image_sources(table)
+    size = info.image_size
+    images = np.zeros((len(sources), size, size, 3), dtype=np.uint8)
+    good, bad = [], []
+    for i, (source, shape) in enumerate(zip(sources, shapes)):
+        example = int(index[i]) if index[i] >= 0 else i
+        rng = None if seed is None else np.random.default_rng([seed, *key, example])
+        try:
+            images[i] = decode_photo(source, rng, info.resize, size, info.augment, shape)
+            good.append(i)
+        except UNREADABLE:
+            bad.append(i)
+    take = np.arange(len(sources))
+    if bad and seed is not None:
+        if not good:
+            raise ValueError(f"every image of a training batch is unreadable ({names[0] or 'row ' + str(index[0])}, ...): "
+                             "check the data files")
+        take[bad] = [good[k % len(good)] for k in range(len(bad))]
+    out = {"image": nchw(images[take]), "index": torch.from_numpy(np.asarray(index, dtype=np.int64)[take]), "bad": [
+        names[i] or f"row {index[i]}" for i in bad]}
+    for column in ("label", "clean_label"):
+        if column in table.column_names:
+            out[column] = torch.from_numpy(table.column(column).to_numpy().astype(np.int64)[take])
+    if "is_noisy" in table.column_names:
+        out["is_noisy"] = torch.from_numpy(table.column("is_noisy").to_numpy(zero_copy_only=False).astype(bool)[take])
+    return out
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_permutation(num_examples: int, seed: int, epoch: int) -> torch.Tensor:
+    """The training order of one epoch: randperm drawn from (seed, epoch)."""
+    return torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+def step_rows(num_examples: int, global_batch: int, seed: int, step: int, rank: int, world: int) -> torch.Tensor:
+    """Rows of the map-style split that process `rank` trains on at `step`: its share of the global batch."""
+    epoch, i = divmod(step, num_examples // global_batch)
+    rows = _epoch_permutation(num_examples, seed, epoch)[i * global_batch : (i + 1) * global_batch]
+    return rows.view(world, -1)[rank]
+
+
+class DecodedSteps(torch.utils.data.Dataset):
+    """Item `step`: this process's training batch of that step, read from the memory-mapped Arrow split
+    and decoded with the training transform (in a DataLoader worker)."""
+
+    def __init__(self, ds: Any, info: DatasetInfo, global_batch: int, seed: int, rank: int, world: int):
+        self.ds = ds.select_columns([c for c in ("image", "image_shape", "label") if c in ds.column_names])
+        self.info, self.global_batch, self.seed, self.rank, self.world = info, global_batch, seed, rank, world
+
+    def __len__(self) -> int:
+        return 2**40  # steps are unbounded; the sampler picks them
+
+    def __getitem__(self, step: int) -> dict[str, Any]:
+        rows = step_rows(len(self.ds), self.global_batch, self.seed, step, self.rank, self.world).numpy()
+        table = self.ds.with_format("arrow")[rows.tolist()]
+        return photo_batch(table, rows, self.info, self.seed, key=(step,))
+
+
+class DecodedExamples(torch.utils.data.Dataset):
+    """Evaluation examples `rows` of a map-style split, decoded per batch with warp + centre crop, as tuples
+    of `columns` (image, label, clean_label, is_noisy, index = the row in the split)."""
+
+    def __init__(self, ds: Any, info: DatasetInfo, rows: torch.Tensor, columns: tuple[str, ...]):
+        keep = [c for c in ("image", "image_shape", "label", "clean_label", "is_noisy") if c in ds.column_names]
+        self.ds, self.info, self.rows, self.columns = ds.select_columns(keep), info, rows, columns
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitems__(self, items: list[int]) -> list[tuple[torch.Tensor, ...]]:
+        rows = self.rows[items].numpy()
+        batch = photo_batch(self.ds.with_format("arrow")[rows.tolist()], rows, self.info, None)
+        for name in batch["bad"]:
+            print(f"warning: unreadable image {name} evaluated as a black image", file=sys.stderr)
+        batch.setdefault("clean_label", batch["label"])
+        batch.setdefault("is_noisy", torch.zeros_like(batch["label"], dtype=torch.bool))
+        return list(zip(*(batch[c] for c in self.columns)))
+
+    def __getitem__(self, item: int) -> tuple[torch.Tensor, ...]:
+        return self.__getitems__([item])[0]
+
+
+def eval_loader(dataset: torch.utils.data.Dataset, info: DatasetInfo, num_workers: int,
+                batch_size: int = 1024) -> torch.utils.data.DataLoader:
+    """Batches of an eval_dataset in order; photos are decoded in num_workers DataLoader workers."""
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers if info.resize else 0)
+
+
+def eval_dataset(
+    ds: Any, info: DatasetInfo, rows: torch.Tensor | None = None, columns: tuple[str, ...] = ("image", "label")
+) -> torch.utils.data.Dataset:
+    """Examples `rows` (default all) of a map-style split as tuples of `columns` from image (uint8),
+    label, clean_label, is_noisy, index (the row): decoded once in memory (fixed-size data), else per batch."""
+    rows = torch.arange(len(ds)) if rows is None else rows
+    if info.resize == 0:
+        t = to_tensors(ds)
+        t = {**t, "index": torch.arange(len(t["label"]))}
+        return torch.utils.data.TensorDataset(*(t[c][rows] for c in columns))
+    return DecodedExamples(ds, info, rows, columns)
+
+
+# ---------------------------------------------------------------------------------------------
 # Streaming
 
 
 def default_workers(num_processes: int = 1) -> int:
-    """DataLoader workers per process for decoding in the stream: the CPU cores per process, at most 4."""
+    """DataLoader workers per process for decoding: the CPU cores per process, at most 4."""
     return max(1, min(4, (os.cpu_count() or 1) // max(1, num_processes)))
 
 
@@ -611,7 +830,8 @@ class StreamEpoch(torch.utils.data.IterableDataset):
 
     Each (process, DataLoader worker) pair is one node of split_dataset_by_node, so the data is
     sharded exactly once: no example twice in an epoch, none dropped (except a partial last batch
-    per worker when drop_last).
+    per worker when drop_last). Photos (info.resize > 0) are decoded with the training transform,
+    crops drawn from (seed, epoch, node, batch, example).
     """
 
     def __init__(
@@ -624,32 +844,42 @@ class StreamEpoch(torch.utils.data.IterableDataset):
         num_processes: int,
         shuffle_buffer: int,
         drop_last: bool,
+        info: DatasetInfo | None = None,
+        key_column: str | None = None,
     ):
         super().__init__()
         self.ds, self.batch_size, self.seed, self.epoch = ds, batch_size, seed, epoch
         self.process_index, self.num_processes = process_index, num_processes
         self.shuffle_buffer, self.drop_last = shuffle_buffer, drop_last
+        self.info, self.key_column = info, key_column
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+    def _index(self, table: pa.Table) -> np.ndarray:
+        """The integer key column's values, else -1 per row."""
+        if self.key_column and pa.types.is_integer(table.schema.field(self.key_column).type):
+            return table.column(self.key_column).to_numpy().astype(np.int64)
+        return np.full(len(table), -1, dtype=np.int64)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
         """Shard (reshard, split by node), shuffle(buffer, seed), set_epoch, decode, batch."""
         from datasets.distributed import split_dataset_by_node
 
         worker = torch.utils.data.get_worker_info()
         workers, worker_id = (worker.num_workers, worker.id) if worker is not None else (1, 0)
+        rank = self.process_index * workers + worker_id
         # the Hub's CIFAR splits are one parquet file: reshard by row group before splitting
-        node = split_dataset_by_node(
-            self.ds.reshard(),
-            rank=self.process_index * workers + worker_id,
-            world_size=self.num_processes * workers,
-        )
+        node = split_dataset_by_node(self.ds.reshard(), rank=rank, world_size=self.num_processes * workers)
         # one input shard at a time: interleaving shards (the default 10) reads them in threads and,
         # for parquet, sleeps 5 s at the end of every pass (apache/arrow#45214); the shard order
         # is still shuffled by seed and epoch
         node = node.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer, max_buffer_input_shards=1)
         node = node.with_format("arrow")
         node.set_epoch(self.epoch)  # after with_format, which returns a dataset at epoch 0
-        for table in node.iter(batch_size=self.batch_size, drop_last_batch=self.drop_last):
-            yield table_batch(table)
+        batches = node.iter(batch_size=self.batch_size, drop_last_batch=self.drop_last)
+        for number, table in enumerate(batches):
+            if self.info is not None and self.info.resize:
+                yield photo_batch(table, self._index(table), self.info, self.seed, key=(self.epoch, rank, number))
+            else:
+                yield {**table_batch(table), "index": torch.from_numpy(self._index(table))}
 
 
 def stream_batches(
@@ -662,23 +892,122 @@ def stream_batches(
     shuffle_buffer: int = 10_000,
     drop_last: bool = True,
     num_workers: int | None = None,
-) -> Iterator[dict[str, torch.Tensor]]:
-    """One epoch of streamed training batches for this process (dict of CPU tensors as to_tensors).
+    info: DatasetInfo | None = None,
+    key_column: str | None = None,
+) -> Iterator[dict[str, Any]]:
+    """One epoch of streamed training batches for this process (dict of CPU tensors as to_tensors, plus index).
 
     Shards exactly once (do not also pass it through accelerator.prepare). Processes may get
     different numbers of batches per epoch: loop by steps, not by epochs in lockstep.
     drop_last: every batch has batch_size examples (each worker drops its last partial batch).
     num_workers: decoding processes (default default_workers); 0 decodes in this process.
+    info with resize > 0: photos, decoded with the training transform (photo_batch).
     """
     workers = default_workers(num_processes) if num_workers is None else num_workers
-    epoch_ds = StreamEpoch(
-        train_iterable, batch_size, seed, epoch, process_index, num_processes, shuffle_buffer, drop_last
-    )
+    epoch_ds = StreamEpoch(train_iterable, batch_size, seed, epoch, process_index, num_processes, shuffle_buffer,
+                           drop_last, info, key_column)
     if workers == 0:
         yield from epoch_ds
         return
     loader = torch.utils.data.DataLoader(epoch_ds, batch_size=None, num_workers=workers, prefetch_factor=4)
     yield from loader
+
+
+# ---------------------------------------------------------------------------------------------
+# The one training batch source
+
+
+class TrainBatches:
+    """This process's training batches from start_step on, as dicts on `device`: image (uint8 [B,C,H,W],
+    augmented), label (int64 [B]), index (int64 [B]: the row in the map-style split; for a stream the
+    integer key column's value, else -1).
+
+    memory: the split decoded once onto the device; rows of a permutation per epoch from (seed, epoch);
+      augment_batch (pad-crop-flip) with a generator from (seed, step, process).
+    decode: the same rows, read from the memory-mapped Arrow split and decoded per batch in DataLoader
+      workers with the photo transform (crop and flip from (seed, step, row)).
+    stream: stream_batches epoch after epoch; a resume skips (reads again) the batches already seen.
+    Unreadable images are skipped and counted (bad_files); more than max_bad_fraction of the split
+    (of the examples seen, for a stream) stops the run with one line naming them.
+    """
+
+    def __init__(
+        self,
+        ds: Any,
+        info: DatasetInfo,
+        global_batch: int,
+        seed: int,
+        rank: int,
+        world: int,
+        start_step: int,
+        device: torch.device,
+        num_workers: int | None = None,
+        max_bad_fraction: float = 0.01,
+        key_column: str | None = None,
+    ):
+        self.ds, self.info, self.global_batch, self.seed = ds, info, global_batch, seed
+        self.rank, self.world, self.start_step, self.device = rank, world, start_step, device
+        self.workers = default_workers(world) if num_workers is None else num_workers
+        self.max_bad_fraction, self.key_column = max_bad_fraction, key_column
+        self.bad_files: set[str] = set()
+        self.seen = 0
+        if info.input_path != "stream" and len(ds) < global_batch:
+            raise ValueError(f"--batch-size {global_batch} exceeds the {len(ds)} training examples")
+
+    def _memory(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Rows of the split held on the device."""
+        t = to_tensors(self.ds)
+        images, labels = t["image"].to(self.device), t["label"].to(self.device)
+        for step in itertools.count(self.start_step):
+            rows = step_rows(len(labels), self.global_batch, self.seed, step, self.rank, self.world).to(self.device)
+            yield {"image": images[rows], "label": labels[rows], "index": rows}
+
+    def _decoded(self) -> Iterator[dict[str, Any]]:
+        """Batches decoded in DataLoader workers, in step order."""
+        steps = DecodedSteps(self.ds, self.info, self.global_batch, self.seed, self.rank, self.world)
+        sampler = range(self.start_step, 2**40)
+        if self.workers == 0:
+            yield from (steps[s] for s in sampler)
+            return
+        yield from torch.utils.data.DataLoader(steps, batch_size=None, sampler=sampler, num_workers=self.workers,
+                                               prefetch_factor=4)
+
+    def _stream(self) -> Iterator[dict[str, Any]]:
+        """Streamed batches epoch after epoch, from start_step on."""
+        epoch, seen = 0, 0
+        while True:
+            for batch in stream_batches(self.ds, self.global_batch // self.world, self.seed, epoch, self.rank,
+                                        self.world, num_workers=self.workers, info=self.info,
+                                        key_column=self.key_column):
+                if seen >= self.start_step:
+                    yield batch
+                seen += 1
+            epoch += 1
+
+    def _count_bad(self, names: list[str], batch_examples: int) -> None:
+        """Log new unreadable files; stop when they are more than max_bad_fraction of the data."""
+        self.seen += batch_examples
+        for name in names:
+            if name not in self.bad_files:
+                self.bad_files.add(name)
+                print(f"warning: skipped unreadable image {name} ({len(self.bad_files)} so far)", file=sys.stderr)
+        total = self.seen if self.info.input_path == "stream" else len(self.ds)
+        if len(self.bad_files) > self.max_bad_fraction * total and (self.info.input_path != "stream" or total >= 1000):
+            listed = ", ".join(sorted(self.bad_files)[:5])
+            raise ValueError(f"{len(self.bad_files)} unreadable training images of {total}, more than "
+                             f"--max-bad-fraction {self.max_bad_fraction:g}: {listed}; fix or remove them")
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        """One dict per step: the path's batch, moved to the device, pad-crop-flipped if not a photo batch."""
+        source = {"memory": self._memory, "decode": self._decoded, "stream": self._stream}[self.info.input_path]()
+        for step, batch in enumerate(source, self.start_step):
+            self._count_bad(batch.pop("bad", []), len(batch["label"]))
+            out = {k: batch[k].to(self.device, non_blocking=True) for k in ("image", "label", "index")}
+            if not self.info.resize:
+                # augmentation randomness is a pure function of (seed, step, process): exact on resume
+                g = torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + step * 1_009 + self.rank)
+                out["image"] = augment_batch(out["image"], self.info.pad, self.info.flip, generator=g)
+            yield out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -695,6 +1024,13 @@ def resolve_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     c["streaming"] = bool(c["streaming"])
     c["noise_rate"], c["noise_seed"] = float(c["noise_rate"]), int(c["noise_seed"])
     c["synthetic_size"], c["synthetic_classes"] = int(c["synthetic_size"]), int(c["synthetic_classes"])
+    c["resize"], c["image_size"] = int(c["resize"]), int(c["image_size"])
+    if c["in_memory"] not in ("auto", "yes", "no"):
+        raise ValueError(f"--in-memory must be auto, yes or no, got {c['in_memory']!r}")
+    if c["augment"] not in ("paper", "rrc"):
+        raise ValueError(f"--augment must be paper or rrc, got {c['augment']!r}")
+    if c["resize"] and not 1 <= c["image_size"] <= c["resize"]:  # resize 0: a run recorded on the memory path
+        raise ValueError(f"--image-size {c['image_size']} must be between 1 and --resize {c['resize']} (the crop of the warped image)")
     return c
 
 
@@ -748,7 +1084,7 @@ def _num_classes(train: Any, test: Any) -> int:
     """Classes from the ClassLabel feature, else 1 + the largest label id (a pass over a stream)."""
     import datasets
 
-    feature = _features(train)["label"]
+    feature = noise.features_of(train)["label"]
     if isinstance(feature, datasets.ClassLabel):
         return feature.num_classes
     largest = int(np.max(test.with_format("arrow")["label"].to_numpy(), initial=0))
@@ -758,6 +1094,151 @@ def _num_classes(train: Any, test: Any) -> int:
     else:
         largest = max(largest, int(np.max(train.with_format("arrow")["label"].to_numpy(), initial=0)))
     return largest + 1
+
+
+def _header_shapes(table: pa.Table) -> set[tuple[int, int, int]]:
+    """Distinct (height, width, channels) of an arrow batch's images, from the file headers (nothing decoded)."""
+    from PIL import Image
+
+    sources, _, shapes = _image_sources(table)
+    if shapes[:1] != [None]:
+        return {tuple(s) for s in shapes}
+    out = set()
+    for source in sources:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
+            out.add((im.size[1], im.size[0], _mode_channels(im.mode)))
+    return out
+
+
+def one_size(ds: Any, limit: int | None = None) -> tuple[int, int, int] | None:
+    """The (H, W, C) every image of the split has (of the first `limit`), or None when they differ or one is unreadable."""
+    image_columns = [c for c in ("image", "image_shape") if c in noise.features_of(ds)]
+    part = ds.take(limit) if limit is not None else ds
+    shapes: set = set()
+    try:
+        for table in part.select_columns(image_columns).with_format("arrow").iter(batch_size=1000):
+            shapes |= _header_shapes(table)
+            if len(shapes) > 1:
+                return None
+    except UNREADABLE:
+        return None
+    return next(iter(shapes), None)
+
+
+def choose_input_path(train: Any, in_memory: str, image_size: int) -> tuple[str, bool]:
+    """(input path, photo transform?) from the data: memory when the images have one size, no larger than
+    image_size (nothing to warp and crop), and the decoded split fits MEMORY_BUDGET (in_memory yes/no
+    overrides), else decode; a stream stays a stream, with the photo transform unless its first
+    SIZE_PROBE images have one such size."""
+    import datasets
+
+    small = lambda shape: shape is not None and max(shape[:2]) <= image_size  # noqa: E731
+    if isinstance(train, datasets.IterableDataset):
+        return "stream", not small(one_size(train, SIZE_PROBE))
+    if in_memory == "no":
+        return "decode", True
+    first = one_size(train.select(range(min(1, len(train)))))
+    if in_memory == "auto" and (not small(first) or len(train) * math.prod(first) > MEMORY_BUDGET):
+        return "decode", True
+    shape = one_size(train)
+    if shape is not None:
+        return "memory", False
+    if in_memory == "yes":
+        raise ValueError("--in-memory yes needs images of one size, and these differ in size (or one is unreadable): "
+                         "use --in-memory auto to decode them per batch")
+    return "decode", True
+
+
+CLOTHING1M_FILES = ("noisy_label_kv.txt", "clean_label_kv.txt", "noisy_train_key_list.txt", "clean_test_key_list.txt",
+                    "category_names_eng.txt")
+CLOTHING1M_CLASSES = 14
+
+
+def _read_lines(path: str) -> list[list[str]]:
+    """Non-empty lines of a text file, split on whitespace."""
+    with open(path, encoding="utf-8") as f:
+        return [line.split() for line in f if line.strip()]
+
+
+def _read_kv(path: str) -> dict[str, int]:
+    """Clothing1M label file (lines 'images/a/bc/name.jpg LABEL') -> {key: label}, labels checked to be 0..13."""
+    out = {}
+    for number, parts in enumerate(_read_lines(path), 1):
+        if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+            raise ValueError(f"{path} line {number}: expected 'images/.../name.jpg LABEL', got {' '.join(parts)!r}")
+        label = int(parts[1])
+        if not 0 <= label < CLOTHING1M_CLASSES:
+            raise ValueError(f"{path} line {number}: label {label} of {parts[0]} is outside 0..{CLOTHING1M_CLASSES - 1}")
+        out[parts[0]] = label
+    return out
+
+
+def clothing1m_splits(root: str) -> tuple[Any, Any]:
+    """Clothing1M as released -> (train, test) Datasets of image paths (nothing copied).
+
+    train: noisy_train_key_list with noisy labels; examples also in clean_label_kv carry their
+    clean_label, is_noisy and has_clean_label (the others: clean_label = label, has_clean_label False).
+    test: clean_test_key_list with clean labels. key: the release's key (images/a/bc/name.jpg).
+    """
+    import datasets
+
+    missing = [f for f in CLOTHING1M_FILES if not os.path.isfile(os.path.join(root, f))]
+    if missing:
+        raise ValueError(f"{root} is not a Clothing1M release: missing {', '.join(missing)} "
+                         "(expected images/, the two *_label_kv.txt files and the key lists as distributed)")
+    names = [" ".join(parts) for parts in _read_lines(os.path.join(root, "category_names_eng.txt"))]
+    if len(names) != CLOTHING1M_CLASSES:
+        raise ValueError(f"{root}/category_names_eng.txt has {len(names)} class names: Clothing1M has {CLOTHING1M_CLASSES}")
+    noisy, clean = (_read_kv(os.path.join(root, f)) for f in ("noisy_label_kv.txt", "clean_label_kv.txt"))
+    splits = []
+    for key_file, labels, kv in (("noisy_train_key_list.txt", noisy, "noisy_label_kv.txt"),
+                                 ("clean_test_key_list.txt", clean, "clean_label_kv.txt")):
+        keys = [parts[0] for parts in _read_lines(os.path.join(root, key_file))]
+        unlabelled = [k for k in keys if k not in labels]
+        if unlabelled:
+            raise ValueError(f"{len(unlabelled)} keys of {key_file} have no label in {kv} (first: {unlabelled[0]})")
+        paths = [os.path.join(root, k) for k in keys]
+        absent = [p for p in paths if not os.path.isfile(p)]
+        if absent:
+            raise ValueError(f"{len(absent)} images of {key_file} are missing (first: {absent[0]}): copy the images/ folder")
+        label = [labels[k] for k in keys]
+        columns: dict[str, Any] = {"image": paths, "label": label, "key": keys}
+        features = {"image": datasets.Image(), "label": datasets.ClassLabel(names=names), "key": datasets.Value("string")}
+        if labels is noisy:
+            known = [k in clean for k in keys]
+            columns["clean_label"] = [clean.get(k, labels[k]) for k in keys]
+            columns["is_noisy"] = [c != n for c, n in zip(columns["clean_label"], label)]
+            columns["has_clean_label"] = known
+            features |= {"clean_label": datasets.ClassLabel(names=names), "is_noisy": datasets.Value("bool"),
+                         "has_clean_label": datasets.Value("bool")}
+        splits.append(datasets.Dataset.from_dict(columns, features=datasets.Features(features)))
+    return splits[0], splits[1]
+
+
+def train_eval_subset(train: Any, size: int | None) -> tuple[Any, torch.Tensor | None]:
+    """(map-style split, rows) scored for the clean/noisy metrics: rows of the training split
+    (train_eval_rows), or of the first `size` examples of a stream; rows None for none (size 0)."""
+    import datasets
+
+    if isinstance(train, datasets.IterableDataset):
+        if not size:
+            return train, None
+        train = materialise(train.take(size))
+    return train, train_eval_rows(train, size)
+
+
+def train_eval_rows(train: Any, size: int | None) -> torch.Tensor | None:
+    """Rows of a map-style training split scored for the clean/noisy metrics: with has_clean_label only
+    those (Clothing1M's overlap with clean_label_kv.txt), else a fixed random subset; None for none."""
+    n = len(train)
+    if "has_clean_label" in train.column_names:
+        known = torch.from_numpy(train.with_format("arrow")["has_clean_label"].to_numpy(zero_copy_only=False))
+        candidates = torch.nonzero(known).squeeze(1)
+    else:
+        candidates = torch.arange(n)
+    pick = candidates[torch.randperm(len(candidates), generator=torch.Generator().manual_seed(0))]
+    pick = pick[: len(pick) if size is None else min(size, len(pick))]
+    return pick if len(pick) else None
 
 
 def prepare_data(cfg: Mapping[str, Any]) -> tuple[Any, Any, DatasetInfo]:
@@ -775,25 +1256,41 @@ def prepare_data(cfg: Mapping[str, Any]) -> tuple[Any, Any, DatasetInfo]:
             "--noise file needs --noise-file PATH of an existing CIFAR-N .pt, .npy, .csv or .parquet file "
             f"(got {c['noise_file']!r})"
         )
+    if name == "clothing1m" and c["key_column"] is None:
+        c["key_column"] = "key"  # the release's image key: no hashing of a million files
     train, test = load_splits(c)
     num_classes = _num_classes(train, test)
-    train = noise.add_label_noise(
-        train, c["noise"], c["noise_rate"], c["noise_seed"], num_classes, key_column=c["key_column"],
-        pairs=pairs, noise_file=c["noise_file"], noise_key=c["noise_key"],
-    )
-    first = decode_table(test.select(range(1)).with_format("arrow")[:])
+    clean_subset = "has_clean_label" in noise.features_of(train) and c["noise"] == "none"
+    if clean_subset:  # real noisy labels (Clothing1M): keep the known clean ones, key by the release's key
+        train = train.map(lambda keys: {"example_key": keys}, input_columns=c["key_column"], batched=True)
+    else:
+        train = noise.add_label_noise(
+            train, c["noise"], c["noise_rate"], c["noise_seed"], num_classes, key_column=c["key_column"],
+            pairs=pairs, noise_file=c["noise_file"], noise_key=c["noise_key"],
+        )
+    path, photo = choose_input_path(train, c["in_memory"], c["image_size"])
     known = {v: k for k, v in HUB_IDS.items()}.get(name, name)  # "uoft-cs/cifar10" is cifar10 too
-    mean, std = CIFAR_STATS[known] if known in CIFAR_STATS else _channel_stats(train)
-    size = int(first.shape[1])
+    if photo:
+        size, channels, pad, resize = c["image_size"], 3, 0, c["resize"]
+        mean, std = CIFAR_STATS.get(known, IMAGENET_STATS)
+    else:
+        first = decode_table(test.select(range(1)).with_format("arrow")[:])
+        size, channels, resize = int(first.shape[1]), int(first.shape[3]), 0
+        pad = max(1, size // 8)
+        mean, std = CIFAR_STATS[known] if known in CIFAR_STATS else _channel_stats(train)
     info = DatasetInfo(
         name=name,
         num_classes=num_classes,
-        channels=int(first.shape[3]),
+        channels=channels,
         image_size=size,
         mean=mean,
         std=std,
-        pad=max(1, size // 8),
+        pad=pad,
         flip=name != "digits",
         pairs_preset=preset,
+        input_path=path,
+        resize=resize,
+        augment=c["augment"] if photo else "pad",
+        clean_subset=clean_subset,
     )
     return train, test, info

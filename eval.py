@@ -61,7 +61,6 @@ from accelerate import Accelerator
 from safetensors import SafetensorError
 from safetensors import safe_open
 from safetensors.torch import load_file
-from torch.utils.data import DataLoader, TensorDataset
 
 import data
 import losses
@@ -486,14 +485,16 @@ def load_model(run_dir: Path, cfg: dict[str, Any], info: data.DatasetInfo) -> to
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, images: torch.Tensor, info: data.DatasetInfo, accelerator: Accelerator,
+def predict(model: torch.nn.Module, ds: Any, info: data.DatasetInfo, accelerator: Accelerator,
             batch_size: int) -> torch.Tensor:
-    """fp32 logits [N, C] for uint8 images [N, C, H, W], in input order, on CPU (every process gets all).
+    """fp32 logits [N, C] for every example of split `ds`, in split order, on CPU (every process gets all).
 
-    The DataLoader is prepared by Accelerate (each process its shard) and gather_for_metrics drops
-    the padding of the last batch, so every example counts once; the gathered index restores order.
+    The images come from data.eval_dataset (in memory, or decoded per batch for photos). The
+    DataLoader is prepared by Accelerate (each process its shard) and gather_for_metrics drops the
+    padding of the last batch, so every example counts once; the gathered index restores order.
     """
-    loader = DataLoader(TensorDataset(images, torch.arange(len(images))), batch_size=batch_size, shuffle=False)
+    images = data.eval_dataset(ds, info, columns=("image", "index"))
+    loader = data.eval_loader(images, info, data.default_workers(accelerator.num_processes), batch_size)
     loader = accelerator.prepare(loader)
     model = model.to(accelerator.device)
     logits, index = [], []
@@ -565,8 +566,8 @@ def evaluate_main(args: argparse.Namespace) -> None:
     _, test_ds, info = data.prepare_data({**cfg, "noise": "none"})
     model = load_model(run_dir, cfg, info)
     accelerator = Accelerator(cpu=args.cpu, mixed_precision="no")  # evaluation is always fp32
-    test = data.to_tensors(test_ds)
-    logits = predict(model, test["image"], info, accelerator, args.batch_size)
+    test = data.label_tensors(test_ds)
+    logits = predict(model, test_ds, info, accelerator, args.batch_size)
     result = {"run": str(run_dir), "method": cfg.get("method"), "dataset": info.name,
               **classification_metrics(logits, test["label"]), "processes": accelerator.num_processes}
     recorded = recorded_test_acc(run_dir)
@@ -715,9 +716,9 @@ def audit_main(args: argparse.Namespace) -> None:
     train_ds, _, info = data.prepare_data({**cfg, "streaming": False})
     model = load_model(run_dir, cfg, info)
     accelerator = Accelerator(cpu=args.cpu, mixed_precision="no")
-    train = data.to_tensors(train_ds)
+    train = data.label_tensors(train_ds)
     labels = train["label"]
-    logits = predict(model, train["image"], info, accelerator, args.batch_size)
+    logits = predict(model, train_ds, info, accelerator, args.batch_size)
     columns = final_model_columns(logits, labels)
     columns["eps"], columns["corrected_label"] = corrected_targets(logits, labels, cfg)
     dyn = read_dynamics(run_dir, train_ds) if args.score == "dynamics" else None

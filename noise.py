@@ -231,11 +231,21 @@ def _image_blobs(images: pa.Array) -> list[bytes]:
     )
 
 
-def example_keys(table: pa.Table, key_column: str | None = None) -> np.ndarray:
-    """uint64 key per row: blake64 of str(key column value), or of the stored `image` bytes."""
+def find_image_column(features: Mapping[str, Any], given: str | None = None) -> str | None:
+    """The image column: `given`, else "image", else "img", else the first Image feature (None: none found)."""
+    from datasets import Image
+
+    if given is not None:
+        return given
+    found = next((c for c in ("image", "img") if c in features), None)
+    return found or next((c for c, f in features.items() if isinstance(f, Image)), None)
+
+
+def example_keys(table: pa.Table, key_column: str | None = None, image_column: str = "image") -> np.ndarray:
+    """uint64 key per row: blake64 of str(key column value), or of the stored image bytes."""
     if key_column is not None:
         return _column_keys(table.column(key_column).combine_chunks())
-    blobs = _image_blobs(table.column("image").combine_chunks())
+    blobs = _image_blobs(table.column(image_column).combine_chunks())
     return np.fromiter((_blake64(b) for b in blobs), dtype=np.uint64, count=len(blobs))
 
 
@@ -396,6 +406,7 @@ def _noise_batch(
     num_classes: int,
     label_column: str,
     key_column: str | None,
+    image_column: str,
     pairs: dict[int, int] | None,
     fine_to_coarse: tuple[int, ...] | None,
     file_labels: np.ndarray | None,
@@ -412,7 +423,7 @@ def _noise_batch(
                 "the coarse_label column disagrees with the fine->coarse table of the noise pairs preset: "
                 "is the label column the fine label of this dataset?"
             )
-    keys = example_keys(table, key_column)
+    keys = example_keys(table, key_column, image_column)
     if file_labels is None:
         noisy = noisy_labels(clean, keys, kind, rate, seed, num_classes, pairs)
     elif file_keys is None:
@@ -444,20 +455,24 @@ def _noise_features(features: Any, label_column: str) -> Any:
     return out
 
 
-def _column_names(ds: Any) -> list[str]:
-    """Column names of a Dataset or IterableDataset (resolving an iterable's features if needed)."""
-    names = ds.column_names
-    if names is None:
-        names = list(ds._resolve_features().features)  # streaming datasets may not know their columns yet
-    return list(names)
+def features_of(ds: Any) -> Any:
+    """Features of a Dataset or IterableDataset (a stream that does not know them: from its first row's schema)."""
+    from datasets import Features
+
+    if ds.features is not None:
+        return ds.features
+    head = next(iter(ds.with_format("arrow").iter(batch_size=1)))
+    return Features.from_arrow_schema(head.schema)
 
 
-def _stream_file_keys(ds: Any, key_column: str | None, label_column: str) -> tuple[np.ndarray, np.ndarray]:
+def _stream_file_keys(
+    ds: Any, key_column: str | None, label_column: str, image_column: str
+) -> tuple[np.ndarray, np.ndarray]:
     """(keys, clean labels) of an unshuffled stream in order: one pass to place file rows by key."""
-    columns = [key_column or "image", label_column]
+    columns = [key_column or image_column, label_column]
     keys, clean = [], []
     for table in ds.select_columns(columns).with_format("arrow").iter(batch_size=1000):
-        keys.append(example_keys(table, key_column))
+        keys.append(example_keys(table, key_column, image_column))
         clean.append(table.column(label_column).to_numpy().astype(np.int64))
     return np.concatenate(keys), np.concatenate(clean)
 
@@ -473,9 +488,12 @@ def add_label_noise(
     pairs: Any = None,
     noise_file: str | None = None,
     noise_key: str | None = None,
+    image_column: str | None = None,
 ) -> Any:
     """Dataset/IterableDataset -> same with label (noisy), clean_label, is_noisy, example_key (a map).
 
+    image_column (hashed for the example key without key_column): default by find_image_column, so
+    a Hub layout whose images are in `img` works as it comes.
     pairs (asymmetric): {src: dst}, "src:dst,..." or a preset in PAIR_PRESETS. noise_file / noise_key
     (file): labels in dataset order; a stream must come unshuffled (one pass places each file row
     by its example key, so the shuffle and split may follow).
@@ -483,8 +501,10 @@ def add_label_noise(
     import datasets
 
     check_noise_args(kind, rate)
-    columns = _column_names(ds)
-    for role, name in (("label", label_column), ("key", key_column), ("image", None if key_column else "image")):
+    features = features_of(ds)
+    columns = list(features)
+    image_column = None if key_column else (find_image_column(features, image_column) or "image")
+    for role, name in (("label", label_column), ("key", key_column), ("image", image_column)):
         if name is not None and name not in columns:
             raise ValueError(f"no {role} column {name!r}: the dataset has columns {', '.join(columns)}")
     pair_map = resolve_pairs(pairs, seed, num_classes) if kind == "asymmetric" else None
@@ -496,7 +516,7 @@ def add_label_noise(
         file_labels, file_clean = load_noise_file(noise_file, noise_key)
         file_row_keys = load_file_keys(noise_file)
         if streaming:
-            keys, clean = _stream_file_keys(ds, key_column, label_column)
+            keys, clean = _stream_file_keys(ds, key_column, label_column, image_column)
         else:
             clean = np.asarray(ds.with_format("arrow")[label_column].to_numpy(), dtype=np.int64)
             if file_row_keys is not None:
@@ -524,6 +544,7 @@ def add_label_noise(
         num_classes=int(num_classes),
         label_column=label_column,
         key_column=key_column,
+        image_column=image_column,
         pairs=pair_map,
         fine_to_coarse=fine_to_coarse,
         file_labels=file_labels,

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.tracking import get_available_trackers
-from accelerate.utils import LoggerType, broadcast_object_list, set_seed
+from accelerate.utils import LoggerType, broadcast_object_list, gather_object, set_seed
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
@@ -55,7 +55,8 @@ COMMON = dict(
     synthetic_size=5_000, synthetic_classes=10, noise="none", noise_rate=0.0, noise_seed=0,
     model=None, weights="none", method="proselflc", eps=0.25, transit=0.5, gce_q=0.7,
     momentum=0.9, weight_decay=5e-4, lr_schedule="step", poly_power=2.0, gradient_accumulation_steps=1, seed=0,
-    keep_checkpoints=2, log_every=20, channels_last=True, resize=None, image_size=None,
+    keep_checkpoints=2, log_every=20, channels_last=True,
+    in_memory="auto", resize=256, image_size=224, augment="paper", max_bad_fraction=0.01,  # photos (decode per batch)
 )
 RECIPES = {
     # Section 5.1 (1): CIFAR-100, ResNet-44 (by input size), pad-4 crop and flip
@@ -115,16 +116,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d.add_argument("--key-column", help="stable example id for the noise; default: a hash of the image bytes")
     d.add_argument("--synthetic-size", type=int, help=f"training examples of --dataset synthetic ({by_recipe('synthetic_size')})")
     d.add_argument("--synthetic-classes", type=int, help=f"({by_recipe('synthetic_classes')})")
-    d.add_argument("--resize", type=int, help=f"warp every image to resize x resize ({by_recipe('resize')}; "
-                                              "-: decided by the data)")
-    d.add_argument("--image-size", type=int, help=f"random crop for training, centre crop for evaluation "
-                                                  f"({by_recipe('image_size')}; -: decided by the data)")
     d.add_argument("--noise", help=f"none, symmetric, asymmetric, pairflip or file ({by_recipe('noise')})")
     d.add_argument("--noise-rate", type=float, help=f"({by_recipe('noise_rate')})")
     d.add_argument("--noise-seed", type=int, help=f"seed of the label noise, separate from --seed ({by_recipe('noise_seed')})")
     d.add_argument("--noise-file", help="real noisy labels: CIFAR-N .pt, .npy, .csv or .parquet")
     d.add_argument("--noise-key", help="which labels of --noise-file, e.g. worse_label")
     d.add_argument("--noise-pairs", help="asymmetric pairs 'a:b,b:a,...' or a preset (cifar10, cifar100, synthetic)")
+    d.add_argument("--in-memory", choices=("auto", "yes", "no"),
+                   help="input path: yes decodes the training split once into memory (one image size), no decodes "
+                        "per batch in DataLoader workers; auto: in memory when one size, no larger than "
+                        f"--image-size, and under 4 GiB decoded ({by_recipe('in_memory')})")
+    d.add_argument("--resize", type=int, help=f"photos (decode per batch): warp to resize x resize ({by_recipe('resize')}; "
+                                              "data held in memory keep their own size)")
+    d.add_argument("--image-size", type=int, help=f"photos: random (training) or centre (evaluation) crop of this size "
+                                                  f"({by_recipe('image_size')})")
+    d.add_argument("--augment", choices=("paper", "rrc"),
+                   help=f"photos: paper = warp, random crop, flip (Section 5.1); rrc = RandomResizedCrop + flip "
+                        f"({by_recipe('augment')})")
+    d.add_argument("--num-workers", type=int, help="DataLoader decoding processes per process (default: cores, at most 4)")
+    d.add_argument("--max-bad-fraction", type=float,
+                   help=f"stop when more than this fraction of the training images is unreadable (they are skipped) "
+                        f"({by_recipe('max_bad_fraction')})")
     d.add_argument("--train-eval-size", type=int,
                    help="training examples scored at each evaluation for the clean/noisy-subset metrics "
                         "(default: all of a map-style split, 10,000 of a stream; 0 turns it off)")
@@ -562,29 +574,6 @@ def run_config(args: argparse.Namespace, info, world_size: int, device: torch.de
             "total_steps": args.max_steps, "world_size": world_size, "versions": versions, "git_commit": commit}
 
 
-def map_style_batches(num_examples: int, global_batch: int, seed: int, start_step: int, device):
-    """Global batches of indices from start_step on: a permutation per epoch drawn from (seed, epoch), so a resume is exact."""
-    steps_per_epoch = num_examples // global_batch
-    epoch, first = divmod(start_step, steps_per_epoch)
-    while True:
-        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        perm = torch.randperm(num_examples, generator=g).to(device)
-        for i in range(first, steps_per_epoch):
-            yield perm[i * global_batch:(i + 1) * global_batch]
-        epoch, first = epoch + 1, 0
-
-
-def streaming_batches(train_ds, per_process_batch: int, seed: int, rank: int, world: int, start_step: int):
-    """Per-process batches from the stream, epoch after epoch; a resume skips the batches already seen."""
-    epoch, seen = 0, 0
-    while True:
-        for batch in data.stream_batches(train_ds, per_process_batch, seed, epoch, rank, world):
-            if seen >= start_step:
-                yield batch
-            seen += 1
-        epoch += 1
-
-
 def normalized_entropy(logits: torch.Tensor) -> torch.Tensor:
     """H(p) / log C per example."""
     return losses.normalized_entropy(F.softmax(logits.float(), dim=1))
@@ -739,31 +728,22 @@ def main(argv: list[str] | None = None) -> None:
     out = prepare_output_dir(args, accelerator)
     ckpt = find_checkpoint(args.resume, out) if args.resume else None
 
-    # ---- data: the test split clean and map-style; the training split noisy, held on the device
+    # ---- data: the test split clean and map-style; the training split noisy, served by one batch source
     train_ds, test_ds, info = data.prepare_data(vars(args))
-    test = data.to_tensors(test_ds)
-    test_loader = torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(test["image"], test["label"]), batch_size=1024)
-    eval_keys = None  # a stream's subset is audited by its example keys
-    if args.streaming:
-        subset = data.materialise(train_ds.take(args.train_eval_size)) if args.train_eval_size else None
-        train_eval = data.to_tensors(subset) | {"index": torch.arange(len(subset))} if subset is not None else None
-        eval_keys = list(subset["example_key"]) if subset is not None else None
-        train_images = None
-    else:
-        train = data.to_tensors(train_ds)
-        train_images, train_labels = train["image"].to(device), train["label"].to(device)
-        n_eval = len(train["label"]) if args.train_eval_size is None else min(args.train_eval_size, len(train["label"]))
-        pick = torch.randperm(len(train["label"]), generator=torch.Generator().manual_seed(0))[:n_eval]
-        train_eval = {k: v[pick] for k, v in train.items()} | {"index": pick} if n_eval else None
-        if len(train["label"]) < args.batch_size:
-            raise ValueError(f"--batch-size {args.batch_size} exceeds the {len(train['label'])} training examples")
-    train_eval_loader = dynamics = None
-    if train_eval is not None:  # also without synthetic noise: the audit is for labels whose noise is unknown
-        cols = [train_eval[k] for k in ("image", "label", "clean_label", "is_noisy", "index")]
-        train_eval_loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*cols), batch_size=1024)
-        dynamics = TrainingDynamics(train_eval["label"] if args.streaming else train["label"], info.num_classes, device)
+    args.input_path, args.resize, args.image_size = info.input_path, info.resize, info.image_size  # into config.json
+    workers = data.default_workers(world) if args.num_workers is None else args.num_workers
+    test_loader = data.eval_loader(data.eval_dataset(test_ds, info), info, workers)
+    eval_ds, rows = data.train_eval_subset(train_ds, args.train_eval_size)  # for the Figure 3 metrics
+    train_eval_loader = dynamics = eval_keys = None
+    if rows is not None:  # also without synthetic noise: the audit is for labels whose noise is unknown
+        if info.clean_subset:
+            accelerator.print(f"clean_fit/noisy_fit are measured on the {len(rows)} training examples with a known "
+                              "clean label (clean_label_kv.txt)")
+        columns = ("image", "label", "clean_label", "is_noisy", "index")
+        train_eval_loader = data.eval_loader(data.eval_dataset(eval_ds, info, rows, columns), info, workers)
+        dynamics = TrainingDynamics(data.label_tensors(eval_ds)["label"], info.num_classes, device)
         accelerator.register_for_checkpointing(dynamics)
+        eval_keys = list(eval_ds["example_key"]) if args.streaming else None  # a stream's subset is audited by key
 
     # ---- model, optimizer, loss
     set_seed(args.seed)
@@ -774,7 +754,7 @@ def main(argv: list[str] | None = None) -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     num_examples = None
     if args.method == "elr":  # ELR's rows: the map-style split's rows, or a stream's --key-column ids
-        num_examples = stream_num_rows(train_ds, args.key_column) if args.streaming else len(train_labels)
+        num_examples = stream_num_rows(train_ds, args.key_column) if args.streaming else len(train_ds)
     loss_fn = build_loss(args, info.num_classes, num_examples).to(device)
     if args.method == "elr":  # the running targets are training state: save_state/load_state carry them
         accelerator.register_for_checkpointing(loss_fn)
@@ -810,10 +790,10 @@ def main(argv: list[str] | None = None) -> None:
 
     # ---- loop: t counts optimizer steps (ProSelfLC's t); T = --max-steps
     accum, micro = args.gradient_accumulation_steps, args.batch_size // (world * args.gradient_accumulation_steps)
-    if args.streaming:
-        batches = streaming_batches(train_ds, micro * accum, args.seed, rank, world, state["step"])
-    else:
-        batches = map_style_batches(len(train_labels), args.batch_size, args.seed, state["step"], device)
+    batches = data.TrainBatches(train_ds, info, args.batch_size, args.seed, rank, world, state["step"], device,
+                                num_workers=workers, max_bad_fraction=args.max_bad_fraction,
+                                key_column=args.key_column)
+    batch_iter = iter(batches)
     loss_sum = torch.tensor(state["loss_sum"], device=device)
     eps_sum = torch.tensor(state["eps_sum"], device=device)
     bad_step = torch.tensor(-1, device=device)
@@ -824,16 +804,8 @@ def main(argv: list[str] | None = None) -> None:
         lr = lr_at(t, args.lr, args.max_steps, args.lr_schedule, milestones, args.poly_power)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        if args.streaming:
-            batch = next(batches)
-            images, labels = batch["image"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
-            idx = batch["index"].to(device) if "index" in batch else torch.full_like(labels, -1)
-        else:
-            idx = next(batches).view(world, accum * micro)[rank]
-            images, labels = train_images[idx], train_labels[idx]
-        # augmentation randomness is a pure function of (seed, step, process): exact on resume
-        g = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + t * 1_009 + rank)
-        x = data.normalize(data.augment_batch(images, info.pad, info.flip, generator=g), info.mean, info.std)
+        batch = next(batch_iter)  # this process's augmented batch of step t
+        x, labels, idx = data.normalize(batch["image"], info.mean, info.std), batch["label"], batch["index"]
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         for xs, ys, rows in zip(x.split(micro), labels.split(micro), idx.split(micro)):
@@ -865,10 +837,11 @@ def main(argv: list[str] | None = None) -> None:
             n = max(state["n_sum"], 1)
             metrics = {"step": step, "lr": lr, "train_loss": loss_sum.item() / n, "epsilon": eps_sum.item() / n}
             metrics |= evaluate(model, test_loader, train_eval_loader, accelerator, info, channels_last,
-                                dynamics, known_noise=args.noise != "none",
+                                dynamics, known_noise=args.noise != "none" or info.clean_subset,
                                 early=dynamics is None or step <= args.eval_every
                                 or step * args.batch_size <= AUDIT_EPOCHS * len(dynamics.label))
             metrics["process_steps"] = accelerator.gather(torch.tensor([step], device=device)).tolist()
+            metrics["bad_images"] = len(set(gather_object(sorted(batches.bad_files))))
             loss_sum.zero_(), eps_sum.zero_()
             state["n_sum"] = 0
             if metrics["test_acc"] > state["best_acc"]:
