@@ -598,7 +598,8 @@ def recorded_test_acc(run_dir: Path) -> float | None:
 def corrected_targets(logits: torch.Tensor, labels: torch.Tensor, cfg: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     """ProSelfLC at the end of training (step = T): eps_i and argmax_k of losses.py's target q~ of the run's settings."""
     total = int(cfg["total_steps"])
-    loss_fn = losses.build_loss(cfg["method"], logits.shape[1], total_steps=total, exp_base=cfg.get("exp_base"),
+    method = cfg["method"] if cfg["method"] in ("proselflc", "proselflc_t") else "proselflc"  # any run: ProSelfLC's view
+    loss_fn = losses.build_loss(method, logits.shape[1], total_steps=total, exp_base=cfg.get("exp_base"),
                                 transit=cfg.get("transit"), temperature=cfg.get("temperature"), trust=cfg.get("trust"))
     with torch.no_grad():
         target = loss_fn.target(logits.float(), labels, step=total)

@@ -17,13 +17,14 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import data
+from conftest import data_config
 import eval as evaluate
 import noise
 import train
 
 ROOT = Path(train.__file__).resolve().parent
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-SMALL = ["--cpu", "--resize", "36", "--image-size", "32", "--model", "digits_cnn", "--batch-size", "8",
+SMALL = ["--cpu", "--resize", "36", "--image-size", "32", "--model", "digits_cnn", "--weights", "none", "--batch-size", "8",
          "--num-workers", "1", "--max-bad-fraction", "0.1"]
 MODES = ("RGB", "L", "CMYK", "RGBA", "P")
 COLOURS = ((200, 40, 40), (40, 40, 200))  # class 0 reddish, class 1 bluish: learnable in a few steps
@@ -68,7 +69,7 @@ def folder(tmp_path_factory) -> Path:
 
 
 def test_mixed_sizes_and_modes_take_the_decode_path(folder):
-    train_ds, test_ds, info = data.prepare_data({"dataset": str(folder), "resize": 36, "image_size": 32})
+    train_ds, test_ds, info = data.prepare_data(data_config(dataset=str(folder), resize=36, image_size=32))
     assert (info.input_path, info.resize, info.image_size, info.channels) == ("decode", 36, 32, 3)
     assert info.mean == data.IMAGENET_STATS[0]
     images, labels = next(iter(data.eval_loader(data.eval_dataset(test_ds, info), info, 0, batch_size=10)))
@@ -76,13 +77,13 @@ def test_mixed_sizes_and_modes_take_the_decode_path(folder):
     red = images[labels == 0].float().mean((0, 2, 3))
     assert red[0] > red[2] + 50  # RGB order kept through L/CMYK/RGBA/P conversions (greyscale ones pull it down)
     with pytest.raises(ValueError, match="--in-memory yes needs images of one size"):
-        data.prepare_data({"dataset": str(folder), "in_memory": "yes"})
+        data.prepare_data(data_config(dataset=str(folder), in_memory="yes"))
     with pytest.raises(ValueError, match="--image-size 40 must be between 1 and --resize 36"):
-        data.prepare_data({"dataset": str(folder), "resize": 36, "image_size": 40})
+        data.prepare_data(data_config(dataset=str(folder), resize=36, image_size=40))
 
 
 def test_crops_and_flips_are_a_pure_function_of_seed_step_example(folder):
-    train_ds, _, info = data.prepare_data({"dataset": str(folder), "resize": 36, "image_size": 32})
+    train_ds, _, info = data.prepare_data(data_config(dataset=str(folder), resize=36, image_size=32))
     steps = data.DecodedSteps(train_ds, info, 8, seed=3, rank=0, world=1)
     a, b, other = steps[7], steps[7], steps[8]
     assert torch.equal(a["image"], b["image"]) and torch.equal(a["index"], b["index"])
@@ -99,7 +100,7 @@ def test_crops_and_flips_are_a_pure_function_of_seed_step_example(folder):
 
 
 def test_unreadable_images_are_skipped_and_the_batch_keeps_its_size(folder):
-    train_ds, _, info = data.prepare_data({"dataset": str(folder), "resize": 36, "image_size": 32})
+    train_ds, _, info = data.prepare_data(data_config(dataset=str(folder), resize=36, image_size=32))
     table = train_ds.with_format("arrow")[:]
     batch = data.photo_batch(table, np.arange(len(table)), info, seed=0, key=(0,))
     assert len(batch["bad"]) == 1 and batch["bad"][0].endswith("005.jpg")
@@ -202,7 +203,7 @@ OVERLAP = {0: 0, 1: 1, 2: 5, 3: 7, 4: 4, 5: 6}  # rows 2, 3 and 5 are noisy (lab
 def test_clothing1m_release_trains_and_evaluates_on_the_clean_overlap(tmp_path, capsys):
     root, out = tmp_path / "clothing1m", tmp_path / "run"
     write_clothing1m(root, OVERLAP)
-    train_ds, test_ds, info = data.prepare_data({"dataset": "clothing1m", "data_dir": str(root)})
+    train_ds, test_ds, info = data.prepare_data(data_config(dataset="clothing1m", data_dir=str(root)))
     assert (len(train_ds), len(test_ds), info.num_classes, info.clean_subset) == (28, 14, 14, True)
     assert data.train_eval_rows(train_ds, None).sort().values.tolist() == sorted(OVERLAP)
     labels = data.label_tensors(train_ds)
@@ -220,7 +221,7 @@ def test_clothing1m_release_trains_and_evaluates_on_the_clean_overlap(tmp_path, 
     assert result["n"] == 14 and result["test_acc"] == pytest.approx(last["test_acc"], abs=1e-6)
     evaluate.main([str(out), "--audit", "--cpu"])
     rows = (out / "label_issues.csv").read_text().splitlines()
-    assert rows[0].startswith("rank,key,given_label") and all(",images/" in r for r in rows[1:])
+    assert rows[0].startswith("rank,index,key,given_label") and all(",images/" in r for r in rows[1:])
 
 
 @pytest.mark.parametrize("breakage, message", [
@@ -234,7 +235,7 @@ def test_clothing1m_bad_release_gives_one_line(tmp_path, breakage, message):
     write_clothing1m(tmp_path, OVERLAP)
     breakage(tmp_path)
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")) as err:
-        data.prepare_data({"dataset": "clothing1m", "data_dir": str(tmp_path)})
+        data.prepare_data(data_config(dataset="clothing1m", data_dir=str(tmp_path)))
     assert "\n" not in str(err.value)
 
 

@@ -48,10 +48,11 @@ def test_print_config_shows_the_papers_clothing1m_recipe(capsys, monkeypatch):
         "milestones": "5000,7333", "resize": 256, "image_size": 224, "noise": "none"}
 
 
-def test_print_config_of_the_quick_start_leaves_the_data_decided_values_null(capsys, monkeypatch):
+def test_print_config_of_the_quick_start_leaves_the_model_to_the_data(capsys, monkeypatch):
     config = print_config(capsys, monkeypatch)
     assert (config["recipe"], config["max_steps"], config["batch_size"], config["eval_every"]) == ("digits", 300, 128, 50)
-    assert config["milestones"] == "150,220" and config["model"] is None and config["image_size"] is None
+    assert config["milestones"] == "150,220" and config["model"] is None  # by input size, once the data is loaded
+    assert (config["in_memory"], config["resize"], config["image_size"]) == ("auto", 256, 224)  # photos only
     assert "print_config" not in config
 
 
@@ -68,7 +69,8 @@ def test_a_tiny_run_of_each_photo_recipe_records_its_values(tmp_path, recipe, va
     assert train.cli([*SMALL, "--recipe", recipe, "--output-dir", str(out)]) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["recipe"] == recipe and {k: config[k] for k in values} == values
-    assert (config["resize"], config["image_size"], config["weights"]) == (32, 32, "none")  # the flags over the recipe
+    # the flags over the recipe: 32 px images no larger than --image-size 32 stay in memory (no warp: resize 0)
+    assert (config["input_path"], config["resize"], config["image_size"], config["weights"]) == ("memory", 0, 32, "none")
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["lr"] for m in metrics] == pytest.approx(lrs, rel=1e-12)  # logged lr: that of the last step, t = step - 1
 
@@ -86,7 +88,8 @@ def test_the_recipe_is_chosen_by_the_dataset_name(dataset, recipe):
 def other_value(key: str, value):
     """A flag value different from the recipe's `value` for `key`."""
     named = {"model": "resnet18", "weights": "mine.safetensors", "method": "cce", "noise": "symmetric",
-             "milestones": "1,2", "resize": 40, "image_size": 36, "lr_schedule": "cosine" if value != "cosine" else "step"}
+             "milestones": "1,2", "resize": 40, "image_size": 36, "lr_schedule": "cosine" if value != "cosine" else "step",
+             "in_memory": "no", "augment": "rrc"}
     if key in named:
         return named[key]
     return value + 1 if isinstance(value, int) and not isinstance(value, bool) else value + 0.125

@@ -123,10 +123,10 @@ def test_a_second_run_into_a_busy_folder_is_refused_and_a_dead_runs_lock_is_take
 def test_a_terminated_sweep_leaves_no_train_py_running(tmp_path):
     root = tmp_path / "sweep"
     proc = subprocess.Popen([sys.executable, "sweep.py", "--methods", "cce", "--settings", "symmetric:0.2",
-                             "--seeds", "0", "1", "--jobs", "2", "--output-root", str(root),
+                             "--seeds", "0", "1", "--budgets", "300", "--jobs", "2", "--output-root", str(root),
                              "--", *TINY[1:], "--max-steps", "100000", "--eval-every", "100000", "--save-every", "100000"],
                             cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    locks = [root / f"digits-symmetric-0.2-cce-seed{s}" / train.LOCK_NAME for s in (0, 1)]
+    locks = [root / f"digits-symmetric-0.2-cce-T300-seed{s}" / train.LOCK_NAME for s in (0, 1)]
     children = []
     try:
         for lock in locks:
@@ -332,7 +332,7 @@ def test_a_run_killed_before_its_first_checkpoint_is_explained(copy_of, capsys):
     before = snapshot(out)
     assert train.cli([*TINY, "--output-dir", str(out)]) == 2
     line = one_error_line(capsys)
-    assert "stopped before its first checkpoint (config.json, metrics.jsonl, noise.json)" in line
+    assert "stopped before its first checkpoint (config.json, dynamics.safetensors, metrics.jsonl, noise.json)" in line
     assert "--overwrite" in line and "--resume" not in line
     assert train.cli([*TINY, "--output-dir", str(out), "--resume", "latest"]) == 2
     line = one_error_line(capsys)

@@ -211,8 +211,9 @@ def test_resume_with_other_hyperparameters_is_refused(tmp_path, capsys):
 
 
 def elr_targets_of(checkpoint: Path) -> torch.Tensor:
-    """The running targets train.py registered for checkpointing (Accelerate's custom_checkpoint_0.pkl)."""
-    return torch.load(checkpoint / "custom_checkpoint_0.pkl", weights_only=True)["elr_targets"]
+    """The running targets train.py registered for checkpointing (one of Accelerate's custom_checkpoint_N.pkl)."""
+    states = [torch.load(path, weights_only=True) for path in sorted(checkpoint.glob("custom_checkpoint_*.pkl"))]
+    return next(state["elr_targets"] for state in states if "elr_targets" in state)
 
 
 def test_elr_on_two_cpu_processes_keeps_one_set_of_running_targets(tmp_path):
@@ -227,10 +228,10 @@ def test_elr_on_two_cpu_processes_keeps_one_set_of_running_targets(tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert (config["elr_beta"], config["elr_lambda"]) == (0.7, 3.0)  # 10 classes
     targets = elr_targets_of(out / "checkpoints" / "step_000002")  # process 0's copy
-    batches = train.map_style_batches(len(targets), config["batch_size"], config["seed"], 0, "cpu")
     seen = torch.zeros(len(targets), dtype=torch.bool)
-    for _ in range(2):  # both processes' halves of the first two global batches
-        seen[next(batches)] = True
+    for step in range(2):  # both processes' halves of the first two global batches
+        for rank in range(2):
+            seen[data.step_rows(len(targets), config["batch_size"], config["seed"], step, rank, 2)] = True
     assert torch.equal(targets.sum(1) > 0, seen)
     assert torch.allclose(targets[seen].sum(1), torch.tensor(0.3), atol=1e-6)  # one update each: (1 - beta)
 
