@@ -343,8 +343,8 @@ def cleanlab_scores(noise_kind: str) -> dict[str, tuple[float, float]]:
     from sklearn.neighbors import KNeighborsClassifier
     from sklearn.svm import SVC
 
-    train, _, _ = data.prepare_data({"dataset": "digits", "noise": noise_kind, "noise_rate": 0.4})
-    t = data.to_tensors(train)
+    train_ds, _, _ = data.prepare_data(vars(train.resolve_args(["--noise", noise_kind, "--noise-rate", "0.4"])))
+    t = data.to_tensors(train_ds)
     x, y, noisy = t["image"].reshape(len(t["label"]), -1).float().numpy() / 16, t["label"].numpy(), t["is_noisy"].numpy()
     out = {}
     for name, clf in (("SVC rbf", SVC(probability=True, random_state=0)), ("kNN k=15", KNeighborsClassifier(15)),
@@ -538,9 +538,9 @@ def bench_photo(quick: bool) -> list[dict]:
     try:
         n = 400 if quick else 2_000
         small, large = bench_photo_folder(2_000), bench_photo_folder(200, (1000, 750), 200)
-        cfg = {"dataset": small, "resize": 256, "image_size": 224}
-        train, _, info = data.prepare_data(cfg)
-        table = train.select(range(n)).with_format("arrow")[:]
+        cfg = vars(train.resolve_args(["--dataset", small, "--resize", "256", "--image-size", "224"]))
+        train_ds, _, info = data.prepare_data(cfg)
+        table = train_ds.select(range(n)).with_format("arrow")[:]
         paths = table.column("image").combine_chunks().field("path").to_pylist()
         bound = paper = rrc = 0.0
         for _ in range(2):  # interleaved, best of each: a busy neighbour hits all alike
@@ -571,8 +571,8 @@ def bench_photo(quick: bool) -> list[dict]:
              "unit": "images/s/core", "ratio": draft / full, "note": "why JPEG_DRAFT is on"},
         ]
         steps = 5 if quick else 20
-        one = loader_rate(train, info, 1, steps, 64)
-        two = loader_rate(train, info, 2, steps, 64)
+        one = loader_rate(train_ds, info, 1, steps, 64)
+        two = loader_rate(train_ds, info, 2, steps, 64)
         rows += [
             {"name": "decode-per-batch training source, 1 DataLoader worker, batch 64", "value": one,
              "unit": "images/s", "ratio": 1.0, "note": "baseline"},
