@@ -1,6 +1,7 @@
 """Nothing lost, nothing silent (issue 9): each case a hostile user found ends with nothing lost and either a correct
 run or one `error:` line and exit 2."""
 
+import contextlib
 import errno
 import importlib.util
 import json
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -128,6 +130,7 @@ def test_a_terminated_sweep_leaves_no_train_py_running(tmp_path):
                             cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     locks = [root / f"digits-symmetric-0.2-cce-T300-seed{s}" / train.LOCK_NAME for s in (0, 1)]
     children = []
+    spawned = psutil.Process(proc.pid)
     try:
         for lock in locks:
             wait_for(lock, proc)
@@ -136,9 +139,13 @@ def test_a_terminated_sweep_leaves_no_train_py_running(tmp_path):
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
         survivors = [pid for pid in children if train.pid_alive(pid)]
-    finally:
+    finally:  # leave nothing behind when the test fails, also before the runs took their locks
+        leftovers = spawned.children(recursive=True) if proc.poll() is None else []
         proc.kill()
-        for pid in children:  # leave nothing behind when the test fails
+        for child in leftovers:
+            with contextlib.suppress(psutil.Error):
+                child.kill()
+        for pid in children:
             if train.pid_alive(pid):
                 os.kill(pid, signal.SIGKILL)
     assert proc.returncode == 128 + signal.SIGTERM and "sweep stopped by SIGTERM" in err
