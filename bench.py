@@ -4,7 +4,7 @@
     python bench.py --quick              # short repeats, for a smoke run
     python bench.py --only losses,input  # some sections: losses, input, train, eval, gpu
     python bench.py --only photo         # photos: decode per batch (generates JPEGs in /tmp once)
-    python bench.py --only gpu           # on a CUDA machine: ResNet-44 bf16 training throughput
+    python bench.py --only gpu,gpu_photo # on a CUDA machine: ResNet-44 and ResNet-50 bf16 training throughput
 
 Sections:
 - losses: forward+backward of every method, eager and compiled, as a fraction of a ResNet-44 batch-256
@@ -21,6 +21,9 @@ Sections:
 - gpu: images/s of the whole ResNet-44 bf16 training step with the on-device pipeline, eager and
   compiled (CUDA only; the paper's 30,000 x 256 run takes 7.68M images), and every loss's
   forward+backward (bf16 logits, eager and compiled) as a fraction of the eager step.
+- gpu_photo (CUDA only): the ResNet-50 224 bf16 channels_last step, eager and compiled, against the
+  images/s of the CPU decode-per-batch loader with up to 16 workers (does decoding keep up?), and
+  torchvision.io.decode_jpeg on the GPU against PIL on one core.
 """
 
 from __future__ import annotations
@@ -431,8 +434,6 @@ def bench_gpu(quick: bool) -> list[dict]:
     return rows + loss_fraction_rows(base, device, quick, sync=torch.cuda.synchronize, logits_dtype=torch.bfloat16)
 
 
-# ------------------------------------------------------------------------------------------------ main
-
 # ----------------------------------------------------------------------------------------------- photo
 
 
@@ -591,8 +592,79 @@ def bench_photo(quick: bool) -> list[dict]:
     return rows
 
 
+def resnet50_step_rate(device: torch.device, compiled: bool, batch: int, size: int, steps: int,
+                       sync: Callable[[], None]) -> float:
+    """images/s of a ResNet-50 training step (bf16 autocast, channels_last, uint8 input normalised on the device)."""
+    model = models.build_model("resnet50", 14, 3).to(device, memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    net = torch.compile(model) if compiled else model
+    loss_fn = losses.build_loss("proselflc", 14, total_steps=10_000)
+    images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
+    labels = torch.randint(0, 14, (batch,), device=device)
+
+    def step() -> None:
+        x = data.normalize(images, data.IMAGENET_STATS[0], data.IMAGENET_STATS[1])
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            logits = net(x.contiguous(memory_format=torch.channels_last))
+        loss_fn(logits, labels, step=5_000).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):  # warm-up, compilation included
+        step()
+    return batch / median_time(step, repeats=3, inner=steps, sync=sync)
+
+
+def jpeg_decode_rates(paths: list[str], device: torch.device, sync: Callable[[], None]) -> tuple[float, float]:
+    """images/s of torchvision.io.decode_jpeg on `device` (batched, file bytes read once) and of PIL on one core."""
+    from torchvision.io import decode_jpeg, read_file
+
+    blobs = [read_file(p) for p in paths]
+    decode_jpeg(blobs[:8], device=device)  # warm-up (CUDA context, nvJPEG handles)
+    sync()
+    start = time.perf_counter()
+    for i in range(0, len(blobs), 64):
+        decode_jpeg(blobs[i:i + 64], device=device)
+    sync()
+    on_device = len(blobs) / (time.perf_counter() - start)
+    return on_device, bare_decode_rate(paths)
+
+
+def bench_gpu_photo(quick: bool) -> list[dict]:
+    """ResNet-50 224 bf16 step on CUDA (eager, compiled) vs the CPU decode-per-batch loader and GPU JPEG decoding."""
+    if not torch.cuda.is_available():
+        return [{"name": "GPU photo section", "value": float("nan"), "unit": "-", "ratio": None,
+                 "note": "skipped: no CUDA device on this machine"}]
+    device, sync, batch = torch.device("cuda"), torch.cuda.synchronize, 256
+    torch.backends.cudnn.benchmark = True
+    rows, base = [], None
+    for compiled in (False, True):
+        rate = resnet50_step_rate(device, compiled, batch, 224, 5 if quick else 20, sync)
+        base = base or rate
+        rows.append({"name": f"ResNet-50 224 bf16 channels_last step, batch {batch}, {torch.cuda.get_device_name()}, "
+                             f"{'torch.compile' if compiled else 'eager'}", "value": rate, "unit": "images/s",
+                     "ratio": rate / base, "note": "what the GPU consumes"})
+    folder = bench_photo_folder(2_000)
+    cfg = vars(train.resolve_args(["--dataset", folder, "--resize", "256", "--image-size", "224"]))
+    train_ds, _, info = data.prepare_data(cfg)
+    workers = min(16, os.cpu_count() or 1)
+    loader = loader_rate(train_ds, info, workers, 10 if quick else 30, 256)
+    rows.append({"name": f"decode-per-batch loader, {workers} DataLoader workers, 500x375 JPEGs, batch 256",
+                 "value": loader, "unit": "images/s", "ratio": loader / max(r["value"] for r in rows),
+                 "note": "ratio >= 1: the CPU decode keeps up with the fastest step above"})
+    paths = [str(p) for p in sorted(Path(folder, "train").rglob("*.jpg"))][: 256 if quick else 1_024]
+    gpu, cpu = jpeg_decode_rates(paths, device, sync)
+    rows += [{"name": "PIL decode + resize 256, one CPU core", "value": cpu, "unit": "images/s", "ratio": 1.0,
+              "note": "baseline"},
+             {"name": "torchvision.io.decode_jpeg(device='cuda'), batches of 64", "value": gpu, "unit": "images/s",
+              "ratio": gpu / cpu, "note": "decode only, no resize"}]
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ main
+
 SECTIONS = {"losses": bench_losses, "input": bench_input, "train": bench_train, "eval": bench_eval, "gpu": bench_gpu,
-            "photo": bench_photo, "audit": bench_audit}
+            "photo": bench_photo, "gpu_photo": bench_gpu_photo, "audit": bench_audit}
 
 
 def markdown(results: dict[str, list[dict]], command: str, seconds: float) -> str:
