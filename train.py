@@ -58,6 +58,7 @@ COMMON = dict(
     momentum=0.9, weight_decay=5e-4, lr_schedule="step", poly_power=2.0, gradient_accumulation_steps=1, seed=0,
     keep_checkpoints=2, log_every=20, channels_last=True,
     in_memory="auto", resize=256, image_size=224, augment="paper", max_bad_fraction=0.01,  # photos (decode per batch)
+    train_eval_size=None,  # None: the whole map-style split (a stream: 10,000)
 )
 RECIPES = {
     # Section 5.1 (1): CIFAR-100, ResNet-44 (by input size), pad-4 crop and flip
@@ -69,7 +70,10 @@ RECIPES = {
     # Section 5.1 (2): ResNet-50, polynomial decay of power 2, warp 256, random crop 224, flip
     "imagenet": {**COMMON, "model": "resnet50", "max_steps": 500_000, "batch_size": 64, "lr": 2e-3,
                  "momentum": 0.95, "weight_decay": 1e-4, "lr_schedule": "poly", "poly_power": 2.0,
-                 "milestones": None, "eval_every": 10_000, "save_every": 10_000, "resize": 256, "image_size": 224},
+                 "milestones": None, "eval_every": 10_000, "save_every": 10_000, "resize": 256, "image_size": 224,
+                 # 1.28M examples: scoring all of them at each evaluation would cost more decoding than training,
+                 # and the audit's statistics would take 5 GB of device memory
+                 "train_eval_size": 50_000},
     # Section 5.3: ResNet-50 from ImageNet weights, Section 5.1 with lr 0.01 and 10k steps
     "clothing1m": {**COMMON, "model": "resnet50", "weights": "imagenet", "max_steps": 10_000, "batch_size": 256,
                    "lr": 0.01, "milestones": "5000,7333", "eval_every": 1_000, "save_every": 1_000,
@@ -139,8 +143,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"stop when more than this fraction of the training images is unreadable (they are skipped) "
                         f"({by_recipe('max_bad_fraction')})")
     d.add_argument("--train-eval-size", type=int,
-                   help="training examples scored at each evaluation for the clean/noisy-subset metrics "
-                        "(default: all of a map-style split, 10,000 of a stream; 0 turns it off)")
+                   help="training examples scored at each evaluation for the clean/noisy-subset metrics and the "
+                        f"label audit ({by_recipe('train_eval_size')}; -: all of a map-style split, 10,000 of a "
+                        "stream; 0 turns it off)")
     m = p.add_argument_group("model and loss")
     m.add_argument("--model", help=f"one of {', '.join(models.MODELS)} ({by_recipe('model')}; -: by input size: "
                                    "digits_cnn up to 16 px, resnet44 up to 64 px, resnet50 above)")
@@ -190,8 +195,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"NHWC memory format (1.3x faster on CPU, tensor cores on GPU; {by_recipe('channels_last')})")
     r.add_argument("--print-config", action="store_true",
                    help="print the resolved configuration as JSON (what config.json will hold) and exit without "
-                        "loading data; values only the data decides (num_classes, in_channels, and model, resize, "
-                        "image_size, train_eval_size when the recipe leaves them open) are null, and so is "
+                        "loading data; values only the data decides (num_classes, in_channels, and model and "
+                        "train_eval_size when the recipe leaves them open) are null, and so is "
                         "mixed_precision when the accelerate config decides it")
     return p.parse_args(argv)
 

@@ -36,6 +36,7 @@ def test_print_config_shows_the_papers_imagenet_recipe(capsys, monkeypatch):
         "weight_decay": 1e-4, "batch_size": 64, "max_steps": 500_000, "lr_schedule": "poly", "poly_power": 2.0,
         "milestones": None, "resize": 256, "image_size": 224, "data_dir": "/data/imagenet"}
     assert config["num_classes"] is None and config["in_channels"] is None  # decided by the data
+    assert config["train_eval_size"] == 50_000  # not all 1.28M examples at every evaluation
 
 
 def test_print_config_shows_the_papers_clothing1m_recipe(capsys, monkeypatch):
@@ -89,7 +90,7 @@ def other_value(key: str, value):
     """A flag value different from the recipe's `value` for `key`."""
     named = {"model": "resnet18", "weights": "mine.safetensors", "method": "cce", "noise": "symmetric",
              "milestones": "1,2", "resize": 40, "image_size": 36, "lr_schedule": "cosine" if value != "cosine" else "step",
-             "in_memory": "no", "augment": "rrc"}
+             "in_memory": "no", "augment": "rrc", "train_eval_size": 123 if value != 123 else 124}
     if key in named:
         return named[key]
     return value + 1 if isinstance(value, int) and not isinstance(value, bool) else value + 0.125
