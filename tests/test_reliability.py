@@ -51,6 +51,16 @@ def wait_for(path: Path, proc: subprocess.Popen, seconds: float = 120) -> None:
         time.sleep(0.05)
 
 
+def lock_holder(lock: Path, proc: subprocess.Popen, seconds: float = 120) -> int:
+    """The pid in a run's lock, once written (the lock file is created empty, then filled)."""
+    wait_for(lock, proc, seconds)
+    deadline = time.time() + seconds
+    while "pid" not in (holder := train.read_lock(lock)):
+        assert proc.poll() is None and time.time() < deadline, f"{lock} stayed empty"
+        time.sleep(0.05)
+    return int(holder["pid"])
+
+
 @pytest.fixture(scope="module")
 def killed_run(tmp_path_factory) -> Path:
     """A run killed after its checkpoint at step 2: config, metrics of steps 2 and 4, no model.safetensors."""
@@ -132,9 +142,7 @@ def test_a_terminated_sweep_leaves_no_train_py_running(tmp_path):
     children = []
     spawned = psutil.Process(proc.pid)
     try:
-        for lock in locks:
-            wait_for(lock, proc)
-        children = [json.loads(lock.read_text())["pid"] for lock in locks]
+        children = [lock_holder(lock, proc) for lock in locks]
         assert all(train.pid_alive(pid) for pid in children)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
