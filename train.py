@@ -580,11 +580,6 @@ def run_config(args: argparse.Namespace, info, world_size: int, device: torch.de
             "total_steps": args.max_steps, "world_size": world_size, "versions": versions, "git_commit": commit}
 
 
-def normalized_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """H(p) / log C per example."""
-    return losses.normalized_entropy(F.softmax(logits.float(), dim=1))
-
-
 def build_loss(args: argparse.Namespace, num_classes: int, num_examples: int | None) -> losses.TrainingLoss:
     """The --method loss; the values it resolved (by method and number of classes) go back into args for config.json."""
     loss_fn = losses.build_loss(args.method, num_classes, total_steps=args.max_steps, eps=args.eps, exp_base=args.exp_base,
@@ -648,6 +643,10 @@ class TrainingDynamics:
         self.early_prob_sum = torch.zeros(len(labels), num_classes, device=device)
         self.early_count = torch.zeros(len(labels), dtype=torch.int64, device=device)
 
+    def in_early_window(self, step: int, global_batch: int, eval_every: int) -> bool:
+        """Whether the evaluation at `step` counts for the early sums: the first one, or within AUDIT_EPOCHS epochs."""
+        return step <= eval_every or step * global_batch <= AUDIT_EPOCHS * len(self.label)
+
     @torch.no_grad()
     def update(self, logits: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, early: bool) -> None:
         """Add one evaluation's margins (and, in the early window, probabilities) at `rows` (no host sync)."""
@@ -688,7 +687,7 @@ def evaluate(model, test_loader, train_eval_loader, accelerator, info, channels_
             dynamics.update(logits, label, rows, early)
         if not known_noise:
             return metrics
-        pred, ent = logits.argmax(1), normalized_entropy(logits)
+        pred, ent = logits.argmax(1), losses.normalized_entropy(logits.float().softmax(1))
         mean = lambda x, mask: x[mask].float().mean().item() if mask.any() else float("nan")  # noqa: E731
         metrics |= {"clean_fit": mean(pred == label, ~noisy), "noisy_fit": mean(pred == label, noisy),
                     "noisy_correct": mean(pred == clean, noisy), "entropy_clean": mean(ent, ~noisy),
@@ -844,8 +843,8 @@ def main(argv: list[str] | None = None) -> None:
             metrics = {"step": step, "lr": lr, "train_loss": loss_sum.item() / n, "epsilon": eps_sum.item() / n}
             metrics |= evaluate(model, test_loader, train_eval_loader, accelerator, info, channels_last,
                                 dynamics, known_noise=args.noise != "none" or info.clean_subset,
-                                early=dynamics is None or step <= args.eval_every
-                                or step * args.batch_size <= AUDIT_EPOCHS * len(dynamics.label))
+                                early=dynamics is not None and dynamics.in_early_window(step, args.batch_size,
+                                                                                        args.eval_every))
             metrics["process_steps"] = accelerator.gather(torch.tensor([step], device=device)).tolist()
             metrics["bad_images"] = len(set(gather_object(sorted(batches.bad_files))))
             loss_sum.zero_(), eps_sum.zero_()
