@@ -1,6 +1,9 @@
 """Shared test set-up: the repo root on sys.path, and a fresh Accelerate state for every test."""
 
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -26,3 +29,14 @@ def data_config(**overrides):
     import train
 
     return {**vars(train.resolve_args(["--dataset", str(overrides.get("dataset", train.DEFAULT_DATASET))])), **overrides}
+
+
+def kill_once_written(args: list[str], marker: Path, env: dict, seconds: float = 120) -> None:
+    """Run `python *args` in the repo root and SIGKILL it as soon as `marker` exists (a kill -9 mid-run)."""
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + seconds
+    while not marker.exists() and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()

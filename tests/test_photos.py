@@ -3,10 +3,8 @@ images, Clothing1M's release layout, and a Hub-layout `img` column through the l
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import datasets
@@ -17,7 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import data
-from conftest import data_config
+from conftest import data_config, kill_once_written
 import eval as evaluate
 import noise
 import train
@@ -152,13 +150,7 @@ def test_killed_and_resumed_decode_run_equals_an_uninterrupted_one(folder, tmp_p
                                         capture_output=True, text=True, timeout=300)
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     assert run("--output-dir", str(whole)).returncode == 0
-    proc = subprocess.Popen([sys.executable, *flags, "--output-dir", str(cut)], cwd=ROOT, env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (cut / "checkpoints" / "step_000020" / "trainer_state.json").exists() and time.time() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_once_written([*flags, "--output-dir", str(cut)], cut / "checkpoints" / "step_000020" / "trainer_state.json", ENV)
     assert not (cut / "model.safetensors").exists(), "the run finished before it could be killed"
     resumed = run("--output-dir", str(cut), "--resume", "latest")
     assert resumed.returncode == 0, resumed.stderr[-3000:]

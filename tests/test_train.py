@@ -4,10 +4,8 @@ refuses bad input with one line."""
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +16,7 @@ import data
 import losses
 import models
 import train
+from conftest import kill_once_written
 
 ROOT = Path(train.__file__).resolve().parent
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
@@ -122,13 +121,7 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
     assert run_script(*flags, "--output-dir", str(whole)).returncode == 0
 
     cut = tmp_path / "cut"
-    proc = subprocess.Popen([sys.executable, *flags, "--output-dir", str(cut)], cwd=ROOT, env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (cut / "checkpoints" / "step_000200" / "trainer_state.json").exists() and time.time() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_once_written([*flags, "--output-dir", str(cut)], cut / "checkpoints" / "step_000200" / "trainer_state.json", ENV)
     assert not (cut / "model.safetensors").exists(), "the run finished before it could be killed"
 
     resumed = run_script(*flags, "--output-dir", str(cut), "--resume", "latest")
