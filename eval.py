@@ -20,17 +20,21 @@ Definitions (all on softmax outputs p, C classes):
 - entropy: mean over examples of H(p) / log C, in [0, 1].
 - ECE (Guo et al. 2017): 15 equal-width bins over the confidence max_k p_k, bin b = (b/15, (b+1)/15];
   ECE = sum_b |B_b|/N * |accuracy(B_b) - mean confidence(B_b)|.
-- audit score (training dynamics; Pleiss et al. 2020 and the early-learning effect, Arpit et al. 2017):
-  train.py scores the un-augmented training split at every evaluation. Over the evaluations e of the
-  first 30 epochs (train.AUDIT_EPOCHS; at least the first evaluation), before the network memorises
-  the noisy labels, p_bar_i = mean_e softmax(z_i^e). label_quality_i = p_bar_i[y_i] (y = the given
-  label; cleanlab's self-confidence, averaged over training), predicted_label_i = argmax_k p_bar_i[k],
-  is_label_issue_i = predicted_label_i != y_i: the threshold needs no clean labels (the number
-  flagged is the estimated number of wrong labels). aum_i = mean over all evaluations of
-  z_i[y_i] - max_{k != y_i} z_i[k] (the area under the margin) is a column. With --score final, or
-  a run without dynamics.safetensors, the final model's softmax p replaces p_bar (final_* columns
-  always hold it); a model that memorised the noise agrees with it there. corrected_label and eps
-  are ProSelfLC's target class and eps_i at t = T from the final model.
+- audit score (training dynamics; the early-learning effect, Arpit et al. 2017; Northcutt et al. 2021;
+  Patrini et al. 2017): train.py adds softmax(z_i) of every training step of the first --audit-epochs
+  epochs (15) that held example i, from the forward pass before that step's update, so i was last fitted
+  an epoch earlier and the network has not memorised the noisy labels yet (a stream: its evaluations in
+  that window). p_bar_i = their mean fits the noisy labels, p_bar ~ q T, with q the clean-label posterior
+  and T[i, j] = P(given j | true i). T comes from cleanlab's confident joint C of p_bar (C[j, k]: examples
+  given j with p_bar_k >= the mean p_bar_k of the examples given k; rows scaled to the label counts), and
+  q_i = max(p_bar_i T^-1, 0) normalised; T is then re-estimated from the counts of (given label, argmax q)
+  until argmax q stops changing (hard EM). label_quality_i = q_i[y_i] (y = the given label),
+  predicted_label_i = argmax_k q_i[k], is_label_issue_i = predicted_label_i != y_i: the threshold needs no
+  clean labels. aum_i = mean over all
+  evaluations of z_i[y_i] - max_{k != y_i} z_i[k] (the area under the margin, Pleiss et al. 2020) is a
+  column. With --score final, or a run without dynamics.safetensors, the final model's softmax p replaces
+  q (final_* columns always hold it); a model that memorised the noise agrees with it there.
+  corrected_label and eps are ProSelfLC's target class and eps_i at t = T from the final model.
 - label files (--relabel / --drop): CSV `key,label` for every training example, keyed by
   example_key (noise.py), so row order does not matter; flagged examples get predicted_label, or
   -1, which drops the example from the training set.
@@ -644,12 +648,57 @@ def read_dynamics(run_dir: Path, train_ds: Any) -> dict[str, torch.Tensor] | Non
     return out
 
 
-def dynamics_columns(dyn: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The audit's score per row: p_bar = mean softmax over the early evaluations, predicted = argmax p_bar,
-    label_quality = p_bar[given], aum = mean margin over all evaluations."""
-    early = dyn["early_prob_sum"] / dyn["early_count"].clamp(min=1)[:, None].float()
+def confident_joint(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """C[j, k]: examples given label j whose p_k >= t_k = mean p_k over the examples given k (of such k, the most
+    probable), each row scaled to the count of label j (Northcutt et al. 2021, cleanlab's confident joint)."""
+    num_classes = probs.shape[1]
+    given = torch.bincount(labels, minlength=num_classes).float()
+    t = torch.zeros(num_classes).index_add_(0, labels, probs.gather(1, labels[:, None]).squeeze(1)) / given
+    above = probs >= torch.where(given > 0, t, torch.inf)  # nobody is confidently in a class nobody is given
+    confident = above.any(dim=1)
+    true = torch.where(above, probs, -1.0).argmax(dim=1)
+    joint = torch.zeros(num_classes, num_classes).index_put_((labels[confident], true[confident]),
+                                                             torch.ones(int(confident.sum())), accumulate=True)
+    return joint / joint.sum(dim=1, keepdim=True).clamp(min=1) * given[:, None]
+
+
+def noise_transition(joint: torch.Tensor) -> torch.Tensor:
+    """T[i, j] = P(given j | true i) = C[j, i] / sum_j C[j, i]; a class nobody is confidently in keeps its labels."""
+    mass = joint.sum(dim=0)
+    return torch.where(mass[:, None] > 0, joint.T / mass.clamp(min=1e-12)[:, None], torch.eye(len(joint)))
+
+
+def clean_posterior(probs: torch.Tensor, transition: torch.Tensor) -> torch.Tensor:
+    """q = max(p T^-1, 0) normalised: the fit to the noisy labels, p = q T, solved for the clean-label posterior q
+    (Patrini et al. 2017's backward correction); rows left without mass keep p."""
+    q = (probs.double() @ torch.linalg.pinv(transition.double())).clamp(min=0).float()
+    total = q.sum(dim=1, keepdim=True)
+    return torch.where(total > 0, q / total.clamp(min=1e-12), probs)
+
+
+def audit_posterior(p_bar: torch.Tensor, labels: torch.Tensor, rounds: int = 10) -> torch.Tensor:
+    """q = clean_posterior(p_bar, T): T from the confident joint, then re-estimated from the counts of
+    (given, argmax q) until argmax q stops changing (hard EM, at most `rounds` times)."""
+    num_classes = p_bar.shape[1]
+    q = clean_posterior(p_bar, noise_transition(confident_joint(p_bar, labels)))
+    for _ in range(rounds):
+        counts = torch.zeros(num_classes, num_classes).index_put_((labels, q.argmax(dim=1)), torch.ones(len(labels)),
+                                                                  accumulate=True)
+        new = clean_posterior(p_bar, noise_transition(counts))
+        if torch.equal(new.argmax(dim=1), q.argmax(dim=1)):
+            return new
+        q = new
+    return q
+
+
+def dynamics_columns(dyn: dict[str, torch.Tensor], scored: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The audit's columns per row: p_bar = mean early softmax, q = audit_posterior over the scored rows,
+    predicted = argmax q, label_quality = q[given], aum = mean margin (unscored rows: p_bar)."""
+    p_bar = dyn["early_prob_sum"] / dyn["early_count"].clamp(min=1)[:, None].float()
     given = dyn["label"].long()
-    return {"predicted_label": early.argmax(dim=1), "label_quality": early.gather(1, given[:, None]).squeeze(1),
+    q = p_bar.clone()
+    q[scored] = audit_posterior(p_bar[scored], given[scored])
+    return {"predicted_label": q.argmax(dim=1), "label_quality": q.gather(1, given[:, None]).squeeze(1),
             "aum": dyn["margin_sum"] / dyn["count"].clamp(min=1).float()}
 
 
@@ -726,8 +775,9 @@ def audit_main(args: argparse.Namespace) -> None:
     if dyn is not None:
         if not torch.equal(dyn["label"][dyn["count"] > 0], labels[dyn["count"] > 0]):
             raise ValueError(f"{run_dir}: the training labels differ from the run's: pass the run's --dataset and noise files")
-        columns |= dynamics_columns(dyn)
-        scored, how = dyn["early_count"] > 0, "the mean prediction over the early evaluations (training dynamics)"
+        scored = dyn["early_count"] > 0
+        columns |= dynamics_columns(dyn, scored)
+        how = "the early training dynamics"
     else:
         if args.score == "dynamics" and accelerator.is_main_process:
             print(f"notice: {run_dir} has no usable dynamics.safetensors (trained before the audit kept training dynamics, "

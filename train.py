@@ -59,6 +59,7 @@ COMMON = dict(
     keep_checkpoints=2, log_every=20, channels_last=True,
     in_memory="auto", resize=256, image_size=224, augment="paper", max_bad_fraction=0.01,  # photos (decode per batch)
     train_eval_size=None,  # None: the whole map-style split (a stream: 10,000)
+    audit_epochs=15.0,  # the label audit's early window (TrainingDynamics), before the network memorises the noise
 )
 RECIPES = {
     # Section 5.1 (1): CIFAR-100, ResNet-44 (by input size), pad-4 crop and flip
@@ -146,6 +147,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="training examples scored at each evaluation for the clean/noisy-subset metrics and the "
                         f"label audit ({by_recipe('train_eval_size')}; -: all of a map-style split, 10,000 of a "
                         "stream; 0 turns it off)")
+    d.add_argument("--audit-epochs", type=float,
+                   help="the label audit's early window: the predictions of the first this many epochs are averaged, "
+                        f"before the network memorises the noisy labels ({by_recipe('audit_epochs')})")
     m = p.add_argument_group("model and loss")
     m.add_argument("--model", help=f"one of {', '.join(models.MODELS)} ({by_recipe('model')}; -: by input size: "
                                    "digits_cnn up to 16 px, resnet44 up to 64 px, resnet50 above)")
@@ -282,6 +286,8 @@ def check_args(args: argparse.Namespace, world_size: int) -> list[int]:
         raise ValueError(f"--noise none with --noise-rate {args.noise_rate}: choose a --noise kind, or drop --noise-rate")
     if args.train_eval_size is not None and args.train_eval_size < 0:
         raise ValueError(f"--train-eval-size must be 0 (off) or more, got {args.train_eval_size}")
+    if not args.audit_epochs > 0:
+        raise ValueError(f"--audit-epochs must be above 0 (the label audit's early window, in epochs), got {args.audit_epochs}")
     if args.resume and args.overwrite and resume_is_inside(args.resume, Path(args.output_dir)):
         raise ValueError("--resume and --overwrite contradict each other: --overwrite would delete the checkpoint "
                          "to resume from; pass one of them (nothing was changed)")
@@ -620,44 +626,53 @@ def predict(model, loader, accelerator: Accelerator, info, channels_last: bool) 
     return [torch.cat(cols) for cols in zip(*outs)]
 
 
-# The label audit's early window: evaluations within the first AUDIT_EPOCHS passes over the training
-# split, before the network memorises the noisy labels (it fits the clean ones first; Arpit et al. 2017).
-AUDIT_EPOCHS = 30
-
-
 class TrainingDynamics:
-    """Per-row sums over evaluations of the training-eval predictions, the label audit's input (eval.py).
+    """Per-row sums of the predictions on the training split, the label audit's input (eval.py).
 
-    margin_sum[i] = sum_e (z_y - max_{k != y} z_k) (the area under the margin, Pleiss et al. 2020),
-    count[i] = evaluations of row i, over the whole run; early_prob_sum[i] = sum_e softmax(z) and
-    early_count[i] over the evaluations of the first AUDIT_EPOCHS epochs (at least the first one).
-    z = fp32 logits of the un-augmented image, y = the given (noisy) label; rows are the training
-    split's rows (a stream: positions in the evaluated subset). Every process holds the same
-    gathered sums, on the device.
+    early_prob_sum[i] = sum of softmax(z_i) over the training steps of the first --audit-epochs epochs whose
+    batch held row i, early_count[i] their number: z_i is the training forward pass, before that step's
+    update, so example i was last fitted an epoch earlier, and the network fits clean labels before it
+    memorises the noisy ones (Arpit et al. 2017). A stream's batches carry no row of the scored subset, so
+    there the early sums come from the evaluations within the window instead (at least the first one).
+    margin_sum[i] = sum over evaluations of z_y - max_{k != y} z_k of the un-augmented image (the area under
+    the margin, Pleiss et al. 2020), count[i] = evaluations of row i, over the whole run. y = the given
+    (noisy) label; rows are the training split's rows (a stream: positions in the evaluated subset). Every
+    process holds the same sums, on the device.
     """
 
-    def __init__(self, labels: torch.Tensor, num_classes: int, device: torch.device):
+    def __init__(self, labels: torch.Tensor, num_classes: int, device: torch.device, audit_epochs: float,
+                 from_batches: bool):
         self.label = labels.to(device)
+        self.audit_epochs, self.from_batches = audit_epochs, from_batches
         self.margin_sum = torch.zeros(len(labels), device=device)
         self.count = torch.zeros(len(labels), dtype=torch.int64, device=device)
         self.early_prob_sum = torch.zeros(len(labels), num_classes, device=device)
         self.early_count = torch.zeros(len(labels), dtype=torch.int64, device=device)
 
-    def in_early_window(self, step: int, global_batch: int, eval_every: int) -> bool:
-        """Whether the evaluation at `step` counts for the early sums: the first one, or within AUDIT_EPOCHS epochs."""
-        return step <= eval_every or step * global_batch <= AUDIT_EPOCHS * len(self.label)
+    def observes_step(self, t: int, global_batch: int) -> bool:
+        """Whether training step t (0-based) adds its batch to the early sums: epoch t * B / N < audit_epochs."""
+        return self.from_batches and t * global_batch < self.audit_epochs * len(self.label)
+
+    def observes_evaluation(self, step: int, global_batch: int, eval_every: int) -> bool:
+        """Whether the evaluation after `step` adds to the early sums (streams): the first one, or within the window."""
+        return not self.from_batches and (step <= eval_every or step * global_batch <= self.audit_epochs * len(self.label))
+
+    @torch.no_grad()
+    def observe(self, logits: torch.Tensor, rows: torch.Tensor) -> None:
+        """Add softmax(logits) at `rows` to the early sums (every process passes the gathered batch; no host sync)."""
+        self.early_prob_sum.index_add_(0, rows, logits.float().softmax(1))
+        self.early_count.index_add_(0, rows, torch.ones_like(rows))
 
     @torch.no_grad()
     def update(self, logits: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, early: bool) -> None:
-        """Add one evaluation's margins (and, in the early window, probabilities) at `rows` (no host sync)."""
+        """Add one evaluation's margins (and, for a stream in the early window, probabilities) at `rows`."""
         z = logits.float()
         given = z.gather(1, labels[:, None]).squeeze(1)
         other = z.scatter(1, labels[:, None], float("-inf")).amax(1)
         self.margin_sum.index_add_(0, rows, given - other)
         self.count.index_add_(0, rows, torch.ones_like(rows))
         if early:
-            self.early_prob_sum.index_add_(0, rows, z.softmax(1))
-            self.early_count.index_add_(0, rows, torch.ones_like(rows))
+            self.observe(z, rows)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"margin_sum": self.margin_sum, "count": self.count, "early_prob_sum": self.early_prob_sum,
@@ -668,9 +683,10 @@ class TrainingDynamics:
             getattr(self, name).copy_(value)
 
     def save(self, path: Path, keys: list[str] | None) -> None:
-        """dynamics.safetensors: the sums, count and given label per row; a stream's subset keys in the metadata."""
+        """dynamics.safetensors: the sums, count and given label per row; the window and a stream's subset keys in the metadata."""
         tensors = {k: v.cpu().contiguous() for k, v in (self.state_dict() | {"label": self.label}).items()}
         meta = {"rows": "split"} if keys is None else {"rows": "stream_subset", "keys": json.dumps(keys)}
+        meta |= {"early": "training_batches" if self.from_batches else "evaluations", "audit_epochs": str(self.audit_epochs)}
         save_file(tensors, str(path), metadata=meta)
 
 
@@ -746,7 +762,8 @@ def main(argv: list[str] | None = None) -> None:
                               "clean label (clean_label_kv.txt)")
         columns = ("image", "label", "clean_label", "is_noisy", "index")
         train_eval_loader = data.eval_loader(data.eval_dataset(eval_ds, info, rows, columns), info, workers)
-        dynamics = TrainingDynamics(data.label_tensors(eval_ds)["label"], info.num_classes, device)
+        dynamics = TrainingDynamics(data.label_tensors(eval_ds)["label"], info.num_classes, device, args.audit_epochs,
+                                    from_batches=not args.streaming)  # a stream's batch rows are not the subset's
         accelerator.register_for_checkpointing(dynamics)
         eval_keys = list(eval_ds["example_key"]) if args.streaming else None  # a stream's subset is audited by key
 
@@ -815,7 +832,10 @@ def main(argv: list[str] | None = None) -> None:
             x = x.contiguous(memory_format=torch.channels_last)
         for xs, ys, rows in zip(x.split(micro), labels.split(micro), idx.split(micro)):
             with accelerator.accumulate(model):
-                loss = loss_fn(model(xs), ys, step=t, index=rows)
+                logits = model(xs)
+                loss = loss_fn(logits, ys, step=t, index=rows)
+                if dynamics is not None and dynamics.observes_step(t, args.batch_size):
+                    dynamics.observe(*accelerator.gather((logits.detach(), rows)))
                 accelerator.backward(loss)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -843,8 +863,8 @@ def main(argv: list[str] | None = None) -> None:
             metrics = {"step": step, "lr": lr, "train_loss": loss_sum.item() / n, "epsilon": eps_sum.item() / n}
             metrics |= evaluate(model, test_loader, train_eval_loader, accelerator, info, channels_last,
                                 dynamics, known_noise=args.noise != "none" or info.clean_subset,
-                                early=dynamics is not None and dynamics.in_early_window(step, args.batch_size,
-                                                                                        args.eval_every))
+                                early=dynamics is not None and dynamics.observes_evaluation(step, args.batch_size,
+                                                                                            args.eval_every))
             metrics["process_steps"] = accelerator.gather(torch.tensor([step], device=device)).tolist()
             metrics["bad_images"] = len(set(gather_object(sorted(batches.bad_files))))
             loss_sum.zero_(), eps_sum.zero_()

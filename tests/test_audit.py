@@ -58,11 +58,14 @@ def small_digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def long_run(small_digits: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """CCE, 40% symmetric noise, trained long enough (96 epochs) to memorise most flipped labels."""
+    """CCE, 40% symmetric noise, trained long enough (96 epochs) to memorise most flipped labels.
+
+    On 400 examples at batch 32 the network needs about 25 epochs to learn the clean labels (the digits
+    recipe: under 15), so the audit's early window is 30 epochs here (with 15: precision 0.72)."""
     out = tmp_path_factory.mktemp("long") / "run"
     proc = run_script("train.py", "--cpu", "--dataset", str(small_digits), "--method", "cce", "--noise", "symmetric",
                       "--noise-rate", "0.4", "--batch-size", "32", "--max-steps", "1200", "--eval-every", "25",
-                      "--save-every", "100000", "--output-dir", str(out))
+                      "--audit-epochs", "30", "--save-every", "100000", "--output-dir", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
@@ -83,8 +86,10 @@ def test_dynamics_of_a_clean_run_and_its_audit(tmp_path: Path) -> None:
     dyn = load_file(str(out / "dynamics.safetensors"))
     n = len(data.to_tensors(data.prepare_data(data_config(dataset="synthetic", synthetic_size=160))[0])["label"])
     assert dyn["margin_sum"].shape == (n,) and dyn["early_prob_sum"].shape == (n, 10)
-    assert torch.equal(dyn["count"], torch.full((n,), 2)) and torch.equal(dyn["early_count"], dyn["count"])
-    assert torch.allclose(dyn["early_prob_sum"].sum(1), torch.full((n,), 2.0))  # two softmax rows per example
+    assert torch.equal(dyn["count"], torch.full((n,), 2))  # two evaluations
+    # 20 steps of 32 = 4 epochs, all in the early window: each example's training batch, once per epoch
+    assert torch.equal(dyn["early_count"], torch.full((n,), 4))
+    assert torch.allclose(dyn["early_prob_sum"].sum(1), torch.full((n,), 4.0))  # four softmax rows per example
     # without synthetic noise the audit still ranks the labels, with nothing known to compare against
     proc = run_script("eval.py", "--audit", str(out), "--cpu")
     assert proc.returncode == 0 and not proc.stderr.strip(), proc.stderr
@@ -111,6 +116,7 @@ def test_two_processes_gather_every_example_once(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     dyn = load_file(str(out / "dynamics.safetensors"))
     assert torch.equal(dyn["count"], torch.full((160,), 2))  # 160 rows over 2 processes: none twice, none lost
+    assert torch.equal(dyn["early_count"], torch.full((160,), 4))  # each training batch gathered: once per epoch
 
 
 def test_resume_restores_the_statistics_exactly(tmp_path: Path) -> None:
@@ -129,6 +135,72 @@ def test_resume_restores_the_statistics_exactly(tmp_path: Path) -> None:
     a, b = load_file(str(whole / "dynamics.safetensors")), load_file(str(cut / "dynamics.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert int(b["count"][0]) == 4  # two evaluations before the checkpoint, two after
+
+
+def test_a_short_window_stops_adding_the_training_batches(tmp_path: Path) -> None:
+    import train
+
+    out = tmp_path / "window"
+    assert train.cli(["--cpu", *SYNTHETIC, "--max-steps", "20", "--eval-every", "10", "--audit-epochs", "1.5",
+                      "--output-dir", str(out)]) == 0
+    # steps t = 0..7 start before epoch 1.5 (t * 32 < 240): every example once, 96 of them twice
+    counts = torch.bincount(load_file(str(out / "dynamics.safetensors"))["early_count"])
+    assert counts.tolist() == [0, 64, 96]
+
+
+# ----------------------------------------------------------------------------- the score's formulas
+
+
+def test_confident_joint_by_hand() -> None:
+    import eval as ev
+
+    probs = torch.tensor([[0.9, 0.1, 0.0], [0.6, 0.4, 0.0], [0.2, 0.7, 0.1], [0.5, 0.3, 0.2], [0.1, 0.1, 0.8]])
+    labels = torch.tensor([0, 0, 1, 1, 2])
+    # thresholds: class 0 (0.9 + 0.6) / 2 = 0.75, class 1 (0.7 + 0.3) / 2 = 0.5, class 2 0.8
+    # row 0: {0} -> 0; row 1: {} -> not counted; row 2: {1} -> 1; row 3: {} -> not counted; row 4: {2} -> 2
+    # rows scaled to the label counts: label 0 has 2 examples and 1 confident one
+    assert torch.equal(ev.confident_joint(probs, labels), torch.tensor([[2.0, 0, 0], [0, 2, 0], [0, 0, 1]]))
+    probs[3] = torch.tensor([0.8, 0.1, 0.1])  # given 1, confidently 0; thresholds now 0.75, 0.4, 0.8
+    # so row 1 (0.4 >= 0.4) now counts as confidently 1 too
+    assert torch.equal(ev.confident_joint(probs, labels), torch.tensor([[1.0, 1, 0], [1, 1, 0], [0, 0, 1]]))
+
+
+def pairflip_transition(num_classes: int, rate: float) -> torch.Tensor:
+    """T[i, j] = P(given j | true i): 1 - rate on the diagonal, rate to the next class."""
+    return (1 - rate) * torch.eye(num_classes) + rate * torch.eye(num_classes).roll(1, dims=1)
+
+
+def test_clean_posterior_undoes_the_noise_the_fit_learnt() -> None:
+    import eval as ev
+
+    t = pairflip_transition(3, 0.4)
+    q = torch.tensor([[0.55, 0.45, 0.0], [1.0, 0.0, 0.0], [0.2, 0.3, 0.5]])
+    p = q @ t  # a perfect fit to the noisy labels
+    assert p[0].argmax() == 1  # 0.55 * 0.4 + 0.45 * 0.6 = 0.49 beats 0.55 * 0.6 = 0.33: the fit prefers the flip
+    assert torch.allclose(ev.clean_posterior(p, t), q, atol=1e-6)
+    assert torch.equal(ev.clean_posterior(p, torch.eye(3)), p)  # no noise: nothing to undo
+    assert torch.equal(ev.noise_transition(torch.tensor([[5.0, 0], [2, 0]])), torch.tensor([[5 / 7, 2 / 7], [0, 1]]))
+
+
+def test_the_audit_score_finds_pairflip_noise_in_a_noisy_fit() -> None:
+    import eval as ev
+
+    gen = torch.Generator().manual_seed(0)
+    n, c, rate = 5000, 10, 0.4
+    true = torch.randint(c, (n,), generator=gen)
+    flip = torch.rand(n, generator=gen) < rate
+    given = torch.where(flip, (true + 1) % c, true)
+    # a network's fit: mostly the noisy posterior q T, blurred, with 10% of the given labels memorised
+    q = torch.softmax(3 * torch.nn.functional.one_hot(true, c).float() + torch.randn(n, c, generator=gen), dim=1)
+    p = 0.9 * q @ pairflip_transition(c, rate) + 0.1 * torch.nn.functional.one_hot(given, c).float()
+    dyn = {"early_prob_sum": 2 * p, "early_count": torch.full((n,), 2), "label": given,
+           "margin_sum": torch.zeros(n), "count": torch.ones(n, dtype=torch.int64)}
+    flagged = ev.dynamics_columns(dyn, torch.ones(n, dtype=torch.bool))["predicted_label"] != given
+    argmax_flagged = p.argmax(1) != given
+    def f1(f: torch.Tensor) -> float:
+        return float(2 * (f & flip).sum() / (f.sum() + flip.sum()))
+
+    assert f1(flagged) > 0.85 and f1(argmax_flagged) < 0.75  # the argmax of the fit misses the flips it half learnt
 
 
 # ----------------------------------------------------------------------------- the audit after memorisation

@@ -323,6 +323,8 @@ def test_under_torchrun_one_process_prints_the_error(tmp_path):
 @pytest.mark.parametrize("flags, words", [
     (["--noise", "none", "--noise-rate", "0.4"], "--noise none with --noise-rate 0.4"),
     (["--train-eval-size", "-1"], "--train-eval-size must be 0 (off) or more"),
+    (["--audit-epochs", "0"], "--audit-epochs must be above 0"),
+    (["--audit-epochs", "nan"], "--audit-epochs must be above 0"),
     (["--report-to", "wandb"], "the wandb package is not installed"),
 ])
 def test_silently_accepted_flags_are_refused(tmp_path, capsys, flags, words):
