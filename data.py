@@ -1227,15 +1227,17 @@ def train_eval_subset(train: Any, size: int | None) -> tuple[Any, torch.Tensor |
     return train, train_eval_rows(train, size)
 
 
+def clean_label_known(train: Any) -> torch.Tensor:
+    """bool [N]: whether a map-style split's example has a known clean label (all, but Clothing1M's overlap)."""
+    if "has_clean_label" not in train.column_names:
+        return torch.ones(len(train), dtype=torch.bool)
+    return torch.from_numpy(train.with_format("arrow")["has_clean_label"].to_numpy(zero_copy_only=False))
+
+
 def train_eval_rows(train: Any, size: int | None) -> torch.Tensor | None:
     """Rows of a map-style training split scored for the clean/noisy metrics: with has_clean_label only
     those (Clothing1M's overlap with clean_label_kv.txt), else a fixed random subset; None for none."""
-    n = len(train)
-    if "has_clean_label" in train.column_names:
-        known = torch.from_numpy(train.with_format("arrow")["has_clean_label"].to_numpy(zero_copy_only=False))
-        candidates = torch.nonzero(known).squeeze(1)
-    else:
-        candidates = torch.arange(n)
+    candidates = torch.nonzero(clean_label_known(train)).squeeze(1)
     pick = candidates[torch.randperm(len(candidates), generator=torch.Generator().manual_seed(0))]
     pick = pick[: len(pick) if size is None else min(size, len(pick))]
     return pick if len(pick) else None

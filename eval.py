@@ -721,8 +721,7 @@ def audit_summary(is_issue: torch.Tensor, columns: dict[str, torch.Tensor], trai
         "recall": hit / n_noisy if n_noisy else 0.0,
         "recovered": float((columns["predicted_label"][is_noisy] == train["clean_label"][is_noisy]).float().mean()) if n_noisy else 0.0,
     }
-    if n_noisy:
-        summary["corrected_recovered"] = float((columns["corrected_label"][is_noisy] == train["clean_label"][is_noisy]).float().mean())
+    summary["corrected_recovered"] = float((columns["corrected_label"][is_noisy] == train["clean_label"][is_noisy]).float().mean()) if n_noisy else 0.0
     return summary
 
 
@@ -803,9 +802,12 @@ def audit_main(args: argparse.Namespace) -> None:
                 write_label_file(Path(path), keys, labels, is_issue, new)
                 print(f"wrote {path}: train.py --noise file --noise-file {path} trains on the "
                       f"{'relabelled' if new is not None else 'remaining'} labels")
-        if known_noise:
-            s = audit_summary(is_issue, columns, train)
-            print(f"against the real flips ({s['noisy']} noisy, rate {s['noise_rate']:.3f}): precision={s['precision']:.3f} "
+        if known_noise or info.clean_subset:  # Clothing1M: against the clean labels of the overlap
+            known = scored & data.clean_label_known(train_ds)
+            s = audit_summary(is_issue[known], {k: v[known] for k, v in columns.items()},
+                              {k: v[known] for k, v in train.items()})
+            where = "" if known.all() else f" of the {int(known.sum())} training examples with a known clean label"
+            print(f"against the real flips{where} ({s['noisy']} noisy, rate {s['noise_rate']:.3f}): precision={s['precision']:.3f} "
                   f"recall={s['recall']:.3f}; clean label recovered by the prediction for {s['recovered']:.3f} of the flips, "
                   f"by ProSelfLC's corrected target for {s['corrected_recovered']:.3f}")
     accelerator.end_training()

@@ -212,8 +212,13 @@ def test_clothing1m_release_trains_and_evaluates_on_the_clean_overlap(tmp_path, 
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["n"] == 14 and result["test_acc"] == pytest.approx(last["test_acc"], abs=1e-6)
     evaluate.main([str(out), "--audit", "--cpu"])
+    assert "against the real flips of the 6 training examples with a known clean label (3 noisy, rate 0.500)" in \
+        capsys.readouterr().out  # Clothing1M's real noise, measured where the clean label is known
     rows = (out / "label_issues.csv").read_text().splitlines()
     assert rows[0].startswith("rank,index,key,given_label") and all(",images/" in r for r in rows[1:])
+    # every training example its batches held, not only the clean overlap (4 steps of 8 from 3 batches per epoch)
+    seen = int((load_file(str(out / "dynamics.safetensors"))["early_count"] > 0).sum())
+    assert len(rows) - 1 == seen > 20
 
 
 @pytest.mark.parametrize("breakage, message", [
