@@ -633,7 +633,8 @@ class TrainingDynamics:
     batch held row i, early_count[i] their number: z_i is the training forward pass, before that step's
     update, so example i was last fitted an epoch earlier, and the network fits clean labels before it
     memorises the noisy ones (Arpit et al. 2017). A stream's batches carry no row of the scored subset, so
-    there the early sums come from the evaluations within the window instead (at least the first one).
+    there the early sums come from the evaluations within the window instead (at least the first one; its
+    length unknown, an epoch counts as the subset's size).
     margin_sum[i] = sum over evaluations of z_y - max_{k != y} z_k of the un-augmented image (the area under
     the margin, Pleiss et al. 2020), count[i] = evaluations of row i, over the whole run. y = the given
     (noisy) label; rows are the training split's rows (a stream: positions in the evaluated subset). Every
