@@ -725,6 +725,18 @@ def audit_summary(is_issue: torch.Tensor, columns: dict[str, torch.Tensor], trai
     return summary
 
 
+def top_confusions(labels: torch.Tensor, predicted: torch.Tensor, is_issue: torch.Tensor, names: Sequence[str] | None,
+                   k: int = 5) -> str:
+    """The k most frequent (given -> predicted) pairs among the flagged examples, e.g. '3 -> 5 (12), 7 -> 1 (4)'."""
+    pairs = torch.stack([labels[is_issue], predicted[is_issue]], dim=1)
+    if not len(pairs):
+        return "none"
+    unique, counts = pairs.unique(dim=0, return_counts=True)
+    order = torch.argsort(-counts, stable=True)[:k]
+    name = (lambda c: names[c]) if names else str
+    return ", ".join(f"{name(int(unique[i, 0]))} -> {name(int(unique[i, 1]))} ({int(counts[i])})" for i in order)
+
+
 AUDIT_COLUMNS = ("index", "key", "given_label", "predicted_label", "is_label_issue", "label_quality", "aum",
                  "corrected_label", "eps", "final_predicted_label", "final_label_quality")
 
@@ -793,6 +805,8 @@ def audit_main(args: argparse.Namespace) -> None:
         write_audit_csv(out, ranked, keys, train, columns, known_noise)
         print(f"{int(is_issue.sum())} of {int(scored.sum())} training labels flagged as label issues by {how}: "
               f"its predicted class differs from the given label; wrote {out}")
+        names = getattr(train_ds.features["label"], "names", None)
+        print(f"most flagged (given -> predicted): {top_confusions(labels, columns['predicted_label'], is_issue, names)}")
         for rank, i in enumerate([i for i in ranked if is_issue[i]][: args.top], 1):
             print(f"{rank:4d}. key={keys[i]} given={int(labels[i])} predicted={int(columns['predicted_label'][i])} "
                   f"label_quality={float(columns['label_quality'][i]):.3f} corrected={int(columns['corrected_label'][i])} "

@@ -203,6 +203,16 @@ def test_the_audit_score_finds_pairflip_noise_in_a_noisy_fit() -> None:
     assert f1(flagged) > 0.85 and f1(argmax_flagged) < 0.75  # the argmax of the fit misses the flips it half learnt
 
 
+def test_top_confusions_count_the_flagged_pairs() -> None:
+    import eval as ev
+
+    labels, predicted = torch.tensor([0, 0, 1, 1, 1, 2, 2]), torch.tensor([1, 1, 2, 2, 1, 0, 2])
+    flagged = labels != predicted
+    assert ev.top_confusions(labels, predicted, flagged, None) == "0 -> 1 (2), 1 -> 2 (2), 2 -> 0 (1)"
+    assert ev.top_confusions(labels, predicted, flagged, ["cat", "dog", "fox"], k=1) == "cat -> dog (2)"
+    assert ev.top_confusions(labels, predicted, torch.zeros(7, dtype=torch.bool), None) == "none"
+
+
 # ----------------------------------------------------------------------------- the audit after memorisation
 
 
