@@ -671,9 +671,12 @@ def noise_transition(joint: torch.Tensor) -> torch.Tensor:
 def clean_posterior(probs: torch.Tensor, transition: torch.Tensor) -> torch.Tensor:
     """q = max(p T^-1, 0) normalised: the fit to the noisy labels, p = q T, solved for the clean-label posterior q
     (Patrini et al. 2017's backward correction); rows left without mass keep p."""
-    q = (probs.double() @ torch.linalg.pinv(transition.double())).clamp(min=0).float()
+    q = (probs @ torch.linalg.pinv(transition.double()).float()).clamp_(min=0)  # in place: N x C can be GBs
     total = q.sum(dim=1, keepdim=True)
-    return torch.where(total > 0, q / total.clamp(min=1e-12), probs)
+    q.div_(total.clamp_(min=1e-12))
+    empty = total.squeeze(1) <= 1e-12
+    q[empty] = probs[empty]
+    return q
 
 
 def audit_posterior(p_bar: torch.Tensor, labels: torch.Tensor, rounds: int = 10) -> torch.Tensor:
