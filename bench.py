@@ -350,7 +350,7 @@ def cleanlab_scores(noise_kind: str) -> dict[str, tuple[float, float]]:
     t = data.to_tensors(train_ds)
     x, y, noisy = t["image"].reshape(len(t["label"]), -1).float().numpy() / 16, t["label"].numpy(), t["is_noisy"].numpy()
     out = {}
-    # a small grid, best-first as measured here: more regularisation helps against pair-flip noise; the
+    # a small grid: more regularisation (smaller C, more neighbours) helps against pair-flip noise; the
     # bench shows every one (picking the best needs the real flips, which a user does not have)
     classifiers = [(f"SVC rbf C={c}", SVC(C=c, probability=True, random_state=0)) for c in (0.1, 0.3, 1.0)]
     classifiers += [(f"kNN k={k}", KNeighborsClassifier(k)) for k in (15, 30, 50)]

@@ -30,11 +30,11 @@ Definitions (all on softmax outputs p, C classes):
   q_i = max(p_bar_i T^-1, 0) normalised; T is then re-estimated from the counts of (given label, argmax q)
   until argmax q stops changing (hard EM). label_quality_i = q_i[y_i] (y = the given label),
   predicted_label_i = argmax_k q_i[k], is_label_issue_i = predicted_label_i != y_i: the threshold needs no
-  clean labels. aum_i = mean over all
-  evaluations of z_i[y_i] - max_{k != y_i} z_i[k] (the area under the margin, Pleiss et al. 2020) is a
-  column. With --score final, or a run without dynamics.safetensors, the final model's softmax p replaces
-  q (final_* columns always hold it); a model that memorised the noise agrees with it there.
-  corrected_label and eps are ProSelfLC's target class and eps_i at t = T from the final model.
+  clean labels. aum_i = mean over all evaluations of z_i[y_i] - max_{k != y_i} z_i[k] (the area under
+  the margin, Pleiss et al. 2020) is a column. With --score final, or a run without dynamics.safetensors,
+  the final model's softmax p replaces q (final_* columns always hold it); a model that memorised the
+  noise agrees with it there. corrected_label and eps are ProSelfLC's target class and eps_i at t = T
+  from the final model.
 - label files (--relabel / --drop): CSV `key,label` for every training example, keyed by
   example_key (noise.py), so row order does not matter; flagged examples get predicted_label, or
   -1, which drops the example from the training set.
@@ -648,6 +648,11 @@ def read_dynamics(run_dir: Path, train_ds: Any) -> dict[str, torch.Tensor] | Non
     return out
 
 
+def pair_counts(rows: torch.Tensor, cols: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """float [C, C]: how many examples have (rows[i], cols[i]) = (j, k)."""
+    return torch.zeros(num_classes, num_classes).index_put_((rows, cols), torch.ones(len(rows)), accumulate=True)
+
+
 def confident_joint(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """C[j, k]: examples given label j whose p_k >= t_k = mean p_k over the examples given k (of such k, the most
     probable), each row scaled to the count of label j (Northcutt et al. 2021, cleanlab's confident joint)."""
@@ -657,8 +662,7 @@ def confident_joint(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     above = probs >= torch.where(given > 0, t, torch.inf)  # nobody is confidently in a class nobody is given
     confident = above.any(dim=1)
     true = torch.where(above, probs, -1.0).argmax(dim=1)
-    joint = torch.zeros(num_classes, num_classes).index_put_((labels[confident], true[confident]),
-                                                             torch.ones(int(confident.sum())), accumulate=True)
+    joint = pair_counts(labels[confident], true[confident], num_classes)
     return joint / joint.sum(dim=1, keepdim=True).clamp(min=1) * given[:, None]
 
 
@@ -685,9 +689,7 @@ def audit_posterior(p_bar: torch.Tensor, labels: torch.Tensor, rounds: int = 10)
     num_classes = p_bar.shape[1]
     q = clean_posterior(p_bar, noise_transition(confident_joint(p_bar, labels)))
     for _ in range(rounds):
-        counts = torch.zeros(num_classes, num_classes).index_put_((labels, q.argmax(dim=1)), torch.ones(len(labels)),
-                                                                  accumulate=True)
-        new = clean_posterior(p_bar, noise_transition(counts))
+        new = clean_posterior(p_bar, noise_transition(pair_counts(labels, q.argmax(dim=1), num_classes)))
         if torch.equal(new.argmax(dim=1), q.argmax(dim=1)):
             return new
         q = new
