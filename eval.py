@@ -69,6 +69,7 @@ from safetensors.torch import load_file
 import data
 import losses
 import models
+import runfolder
 
 # Table 4 order: the baselines reported from SL first, then the paper's own trained results.
 # ELR (later work) and ProSelfLC's later variant follow it.
@@ -140,26 +141,15 @@ def read_config(path: Path) -> dict[str, Any]:
 
 
 def load_run(path: Path) -> Run:
-    """Read config.json and metrics.jsonl (one JSON object per line; a torn last line is ignored)."""
+    """Read config.json and metrics.jsonl (runfolder.read_metrics: a torn or foreign line is skipped)."""
     config = read_config(path)
     f = path / "metrics.jsonl"
     if not f.is_file():
         raise FileNotFoundError(f"{path} has no metrics.jsonl: the run has not evaluated yet (or this is not a run folder)")
-    metrics = []
-    for line in f.read_text().splitlines():
-        try:
-            metrics.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut by a kill during the write; the earlier ones are intact
+    metrics = runfolder.read_metrics(f)
     if not metrics:
         raise ValueError(f"{f} holds no evaluation yet: wait for the run's first evaluation")
     return Run(path, config, metrics)
-
-
-def is_finished(run: Run) -> bool:
-    """True when the last evaluation is the final one (step == total_steps)."""
-    total = run.config.get("total_steps", run.config.get("max_steps"))
-    return total is None or run.metrics[-1].get("step", -1) >= total
 
 
 def noise_label(noise: str, rate: float) -> str:
@@ -311,7 +301,7 @@ def finished_runs(paths: Sequence[str]) -> list[Run]:
     runs = []
     for p in find_run_dirs(paths):
         run = load_run(p)
-        if is_finished(run):
+        if runfolder.is_finished(p):
             runs.append(run)
         else:
             total = run.config.get("total_steps", run.config.get("max_steps"))
@@ -367,15 +357,15 @@ def table_main(args: argparse.Namespace) -> None:
         text = budget_table(runs)
         print(text, end="")
         if args.out:
-            Path(args.out).write_text(text)
+            write_or_explain(lambda: Path(args.out).write_text(text), args.out)
         return
     cells = collect_cells(runs, best_eps=args.best_eps)
     text = markdown_table(cells, best_eps=args.best_eps)
     print(text, end="")
     if args.out:
-        Path(args.out).write_text(text)
+        write_or_explain(lambda: Path(args.out).write_text(text), args.out)
     if args.csv:
-        write_table_csv(cells, Path(args.csv))
+        write_or_explain(lambda: write_table_csv(cells, Path(args.csv)), args.csv)
 
 
 # ----------------------------------------------------------------------------- plot
@@ -455,6 +445,7 @@ def plot_main(args: argparse.Namespace) -> None:
     """--plot: write the PNG to --out (default dynamics.png)."""
     runs = [load_run(p) for p in find_run_dirs(args.runs)]
     out = Path(args.out or "dynamics.png")
+    check_writable(out, "the plot")
     try:
         plot_runs(runs, out)
     except OSError as e:
@@ -807,7 +798,8 @@ def audit_main(args: argparse.Namespace) -> None:
     known_noise = (cfg.get("noise") or "none") != "none"
     if accelerator.is_main_process:
         out = Path(args.out) if args.out else run_dir / "label_issues.csv"
-        write_audit_csv(out, ranked, keys, train, columns, known_noise)
+        check_writable(out, "the audit's CSV")
+        write_or_explain(lambda: write_audit_csv(out, ranked, keys, train, columns, known_noise), out)
         print(f"{int(is_issue.sum())} of {int(scored.sum())} training labels flagged as label issues by {how}: "
               f"its predicted class differs from the given label; wrote {out}")
         names = getattr(train_ds.features["label"], "names", None)
@@ -818,7 +810,7 @@ def audit_main(args: argparse.Namespace) -> None:
                   f"eps={float(columns['eps'][i]):.3f}")
         for path, new in ((args.relabel, columns["predicted_label"]), (args.drop, None)):
             if path:
-                write_label_file(Path(path), keys, labels, is_issue, new)
+                write_or_explain(lambda: write_label_file(Path(path), keys, labels, is_issue, new), path)
                 print(f"wrote {path}: train.py --noise file --noise-file {path} trains on the "
                       f"{'relabelled' if new is not None else 'remaining'} labels")
         if known_noise or info.clean_subset:  # Clothing1M: against the clean labels of the overlap
@@ -835,10 +827,19 @@ def audit_main(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------- command line
 
 
+# The flags of one use only: typed with another, they would be ignored, so they are refused.
+FLAG_USES = {"csv": ("table",), "best_eps": ("table",), "relabel": ("audit",), "drop": ("audit",), "top": ("audit",),
+             "score": ("audit",), "json": ("evaluate",), "dataset": ("evaluate", "audit"),
+             "data_dir": ("evaluate", "audit"), "batch_size": ("evaluate", "audit"), "cpu": ("evaluate", "audit"),
+             "out": ("plot", "table", "audit")}
+OUTPUT_FLAGS = ("out", "csv", "relabel", "drop")
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Command line: RUN_DIR... and one of --plot / --table / --audit (none: evaluate the model)."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    """Command line: RUN_DIR... and one of --plot / --table / --audit (none: evaluate the model); every flag typed is
+    one the use reads, and every file to be written can be, before any work starts."""
+    p = runfolder.Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                         epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("runs", nargs="*", metavar="RUN_DIR", help="train.py run folders (--table/--plot: or a parent folder)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--plot", action="store_true", help="plot the learning dynamics of the runs to --out (PNG)")
@@ -851,19 +852,48 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="evaluation: print one JSON object")
     p.add_argument("--dataset", help="evaluation/--audit: override the run's dataset (a Hub id or local path of the same data)")
     p.add_argument("--data-dir", help="evaluation/--audit: a local copy of the data (see train.py --data-dir)")
-    p.add_argument("--batch-size", type=int, default=500, help="evaluation/--audit batch size per process")
-    p.add_argument("--top", type=int, default=10, help="--audit: how many ranked examples to print")
-    p.add_argument("--score", choices=("dynamics", "final"), default="dynamics",
+    p.add_argument("--batch-size", type=int, help="evaluation/--audit batch size per process (default 500)")
+    p.add_argument("--top", type=int, help="--audit: how many ranked examples to print (default 10)")
+    p.add_argument("--score", choices=("dynamics", "final"),
                    help="--audit: rank by the training dynamics (default) or by the final model's predictions")
     p.add_argument("--relabel", metavar="PATH", help="--audit: write a label file with the flagged labels set to the predicted class")
     p.add_argument("--drop", metavar="PATH", help="--audit: write a label file without the flagged examples (label -1)")
     p.add_argument("--cpu", action="store_true", help="evaluate on the CPU even when a GPU is present")
     args = p.parse_args(argv)
+    use = "plot" if args.plot else "table" if args.table else "audit" if args.audit else "evaluate"
+    for key, uses in FLAG_USES.items():
+        if getattr(args, key) not in (None, False) and use not in uses:
+            raise ValueError(f"--{key.replace('_', '-')} is not used by {'evaluation' if use == 'evaluate' else '--' + use} "
+                             f"(only by {', '.join('evaluation' if u == 'evaluate' else '--' + u for u in uses)}): drop it")
+    args.batch_size = 500 if args.batch_size is None else args.batch_size
+    args.top = 10 if args.top is None else args.top
+    args.score = args.score or "dynamics"
     if not args.runs:
         raise ValueError("no run folders given: pass train.py run folders (or, for --table/--plot, a folder holding them)")
     if args.batch_size < 1 or args.top < 0:
         raise ValueError(f"--batch-size must be >= 1 and --top >= 0, got {args.batch_size} and {args.top}")
+    for key in OUTPUT_FLAGS:
+        if getattr(args, key):
+            check_writable(Path(getattr(args, key)), f"--{key}")
     return args
+
+
+def check_writable(path: Path, what: str) -> None:
+    """Refuse an output path that is a folder, lies in no folder, or cannot be written (before any work starts)."""
+    if path.is_dir():
+        raise ValueError(f"{what} {path} is a folder: name a file in it")
+    if not path.parent.is_dir():
+        raise ValueError(f"{what} {path}: no folder {path.parent} to write it in")
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ValueError(f"{what} {path} cannot be written (read-only): choose a writable place")
+
+
+def write_or_explain(write, path: str | Path) -> None:
+    """Run a write; a refusal by the system (full disk, read-only) becomes one line naming the file."""
+    try:
+        write()
+    except OSError as e:
+        raise ValueError(f"cannot write {path} ({e.strerror or e}): choose a writable place with free space") from None
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -881,10 +911,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:
-        if os.environ.get("PROSELFLC_DEBUG"):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(runfolder.run_cli(main))

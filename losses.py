@@ -53,11 +53,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 METHODS: tuple[str, ...] = ("cce", "ls", "cp", "bootsoft", "boothard", "proselflc", "proselflc_t", "gce", "sce", "elr")
-HPARAMS: dict[str, object] = {  # None: resolved by method or number of classes (see the table above)
-    "eps": 0.25, "exp_base": 10.0, "transit": 0.5, "q": 0.7, "alpha": None, "beta": None,
-    "detach_target": False, "temperature": None, "trust": None, "elr_beta": None, "elr_lambda": None,
-    "num_examples": None, "reduction": "mean",
+FIXED_EPS: tuple[str, ...] = ("ls", "cp", "bootsoft", "boothard")  # a fixed eps, the one the paper tunes
+USES: dict[str, tuple[str, ...]] = {  # the hyperparameters each method reads; build_loss refuses any other
+    "cce": (), "ls": ("eps",), "boothard": ("eps",),
+    "cp": ("eps", "detach_target", "temperature"), "bootsoft": ("eps", "detach_target", "temperature"),
+    "proselflc": ("exp_base", "transit", "detach_target", "temperature", "trust"),
+    "proselflc_t": ("exp_base", "transit", "temperature", "trust"), "gce": ("q",), "sce": ("alpha", "beta"),
+    "elr": ("elr_beta", "elr_lambda", "num_examples"),
 }
+HPARAMS: tuple[str, ...] = (*dict.fromkeys(h for used in USES.values() for h in used), "reduction")
 TRUSTS: tuple[str, ...] = ("entropy", "maxp")
 REDUCTIONS: tuple[str, ...] = ("mean", "sum", "none")
 
@@ -195,7 +199,9 @@ class TrainingLoss(torch.nn.Module):
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction={reduction!r} must be one of {', '.join(REDUCTIONS)}")
         self.detach_target, self.reduction = detach_target, reduction
-        self.last_epsilon: float | Tensor = self.eps if method in ("ls", "cp", "bootsoft", "boothard") else 0.0
+        if method == "sce" and self.alpha + self.beta == 0:
+            raise ValueError("sce with alpha=0 and beta=0 is a zero loss: set alpha or beta above 0")
+        self.last_epsilon: float | Tensor = self.eps if method in FIXED_EPS else 0.0
         if method == "elr":
             if num_examples is None:
                 raise ValueError("elr needs num_examples=N (rows of the training split) for its running targets")
@@ -204,11 +210,8 @@ class TrainingLoss(torch.nn.Module):
 
     def extra_repr(self) -> str:
         """The method and the hyperparameters it uses."""
-        used = {"ls": "eps", "cp": "eps detach_target", "bootsoft": "eps detach_target", "boothard": "eps",
-                "proselflc": "total_steps exp_base transit detach_target temperature trust",
-                "gce": "q", "sce": "alpha beta", "elr": "elr_beta elr_lambda"}
-        used["proselflc_t"] = used["proselflc"]
-        keys = ["num_classes"] + used.get(self.method, "").split() + ["reduction"]
+        keys = ["num_classes", *(["total_steps"] if self.method.startswith("proselflc") else []),
+                *(k for k in USES[self.method] if k != "num_examples"), "reduction"]
         return ", ".join([repr(self.method)] + [f"{k}={getattr(self, k)!r}" for k in keys])
 
     def epsilon(self, probs: Tensor, step: int | float | Tensor | None) -> Tensor:
@@ -280,8 +283,15 @@ class TrainingLoss(torch.nn.Module):
 
 
 def build_loss(name: str, num_classes: int, total_steps: int | None = None, **hparams: object) -> TrainingLoss:
-    """The loss module for --method name; hparams among HPARAMS (None = default, unused ones ignored)."""
-    unknown = sorted(set(hparams) - set(HPARAMS))
+    """The loss module for method `name`; hparams among USES[name] and reduction (None = the default)."""
+    if name not in METHODS:
+        raise ValueError(f"unknown loss method {name!r}: choose one of {', '.join(METHODS)}")
+    given = {k: v for k, v in hparams.items() if v is not None}
+    unknown = sorted(set(given) - set(HPARAMS))
     if unknown:
         raise ValueError(f"unknown loss hyperparameter(s) {', '.join(unknown)}: choose among {', '.join(HPARAMS)}")
-    return TrainingLoss(name, num_classes, total_steps, **{k: v for k, v in hparams.items() if v is not None})
+    for key in given:
+        if key != "reduction" and key not in USES[name]:
+            users = ", ".join(m for m in METHODS if key in USES[m])
+            raise ValueError(f"{key} is not used by {name} (it is used by {users}): drop it")
+    return TrainingLoss(name, num_classes, total_steps, **given)

@@ -96,12 +96,16 @@ def parse_pairs(spec: Any) -> dict[int, int] | str | None:
         for item in str(spec).split(","):
             a, b = item.split(":")
             pairs[int(a)] = int(b)
-        return pairs
     except ValueError:
         raise ValueError(
             f"bad noise pairs {spec!r}: give 'src:dst,src:dst' class ids (e.g. '9:1,3:5,5:3') "
             f"or a preset ({', '.join(PAIR_PRESETS)})"
         ) from None
+    same = [a for a, b in pairs.items() if a == b]
+    if same:
+        raise ValueError(f"bad noise pairs {spec!r}: the pair {same[0]}:{same[0]} maps class {same[0]} to itself, which "
+                         "flips nothing; drop it")
+    return pairs
 
 
 def superclass_pairs(fine_to_coarse: Sequence[int], seed: int) -> dict[int, int]:
@@ -365,6 +369,10 @@ def labels_by_key(file_keys: np.ndarray, file_labels: np.ndarray, keys: np.ndarr
         raise ValueError(f"noise file {path}: its key column holds no example keys of this dataset "
                          "(16 hex digits, or the --key-column values)") from None
     order = np.argsort(fk, kind="stable")
+    twice = np.flatnonzero((fk[order][1:] == fk[order][:-1]) & (file_labels[order][1:] != file_labels[order][:-1]))
+    if len(twice):
+        raise ValueError(f"noise file {path} gives the key {file_keys[order][twice[0]]!r} twice with different labels "
+                         f"({file_labels[order][twice[0]]} and {file_labels[order][twice[0] + 1]}): keep one row per key")
     pos = np.minimum(np.searchsorted(fk[order], keys), len(fk) - 1)
     missing = int(np.sum(fk[order][pos] != keys))
     if missing:

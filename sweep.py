@@ -10,7 +10,7 @@ Each run is one `accelerate launch train.py ...` (the paper preset; it uses what
 configured for, one GPU or many) or `python train.py ...` (the digits preset, --launcher python).
 Runs go to OUTPUT_ROOT/<dataset>-<noise>-<rate>-<method>[-eps<eps>][-T<steps>]-seed<seed>, their logs to
 OUTPUT_ROOT/logs/. A run already finished (model.safetensors and a final metrics line) is skipped,
-a killed one continues from its last checkpoint (--resume latest) or starts over if it has none.
+a killed one continues from its last checkpoint or starts over if it has none (train.py --resume auto).
 SIGTERM or Ctrl-C stops the sweep and its running train.py processes (it waits for them); the same
 command then continues it. A run folder in use by a live train.py is never touched (train.lock).
 At the end: OUTPUT_ROOT/table.md and table.csv (eval.py --table) and OUTPUT_ROOT/dynamics.png
@@ -48,6 +48,8 @@ from typing import Any, NamedTuple, Sequence
 
 import eval as ev
 import losses
+import runfolder
+import train as tr
 from train import PAPER_EXP_BASE  # the paper's ProSelfLC exp_base on CIFAR-100, by (noise, rate)
 
 ROOT = Path(__file__).resolve().parent
@@ -90,8 +92,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = runfolder.Parser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="digits", help="the grid to run (default digits)")
     p.add_argument("--methods", nargs="+", help="override the preset's methods (losses.METHODS names)")
     p.add_argument("--settings", nargs="+", metavar="NOISE:RATE", help="override the noise settings, e.g. symmetric:0.4 none:0")
@@ -104,6 +106,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cpu", action=argparse.BooleanOptionalAction, help="pass --cpu to train.py (default: on for digits)")
     p.add_argument("--jobs", type=int, help="runs at once (digits default 2: one CPU thread each); with --gpus, one GPU each")
     p.add_argument("--gpus", help="comma-separated GPU ids to spread --jobs over (CUDA_VISIBLE_DEVICES per run)")
+    p.add_argument("--runs-per-gpu", type=int, default=1,
+                   help="with --gpus: runs sharing each GPU at once (a ResNet-44 CIFAR run fills a fraction of a large "
+                        "GPU; BENCHMARKS.md measures the aggregate speed by K); --jobs defaults to GPUs x K")
     p.add_argument("--dry-run", action="store_true", help="print the commands and exit")
     args = p.parse_args(argv)
     preset = PRESETS[args.preset]
@@ -114,10 +119,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.budgets = args.budgets or list(preset["budgets"])
     args.launcher = args.launcher or preset["launcher"]
     args.cpu = preset["cpu"] if args.cpu is None else args.cpu
+    if args.gpus is not None and not all(g.strip().isdigit() for g in args.gpus.split(",")):
+        raise ValueError(f"--gpus {args.gpus!r}: give comma-separated GPU ids, e.g. 0,1")
+    if args.runs_per_gpu < 1 or (args.runs_per_gpu > 1 and not args.gpus):
+        raise ValueError(f"--runs-per-gpu {args.runs_per_gpu}: give a number >= 1, with --gpus")
     if args.jobs is None:
-        args.jobs = len(args.gpus.split(",")) if args.gpus else preset["jobs"]
+        args.jobs = len(args.gpus.split(",")) * args.runs_per_gpu if args.gpus else preset["jobs"]
     args.output_root = Path(args.output_root or f"runs/sweep-{args.preset}")
+    if args.output_root.exists() and not args.output_root.is_dir():
+        raise ValueError(f"--output-root {args.output_root} is a file: choose a folder")
     args.train_args = list(preset["train_args"]) + extra
+    if any(b is not None and b < 1 for b in args.budgets):
+        raise ValueError(f"--budgets {' '.join(map(str, args.budgets))}: each is a number of steps >= 1")
     if args.jobs < 1 or not args.seeds or not args.methods:
         raise ValueError("--jobs must be >= 1 and --seeds/--methods must not be empty")
     unknown = [m for m in args.methods if m not in losses.METHODS]
@@ -168,29 +181,27 @@ def plan(args: argparse.Namespace) -> list[Job]:
 
 
 def status(output_dir: Path) -> str:
-    """'finished' (model.safetensors and the final metrics line), 'resumable' (a complete checkpoint),
-    'started' (something there, nothing to resume from) or 'new'."""
-    if not output_dir.is_dir() or not any(output_dir.iterdir()):
-        return "new"
-    if (output_dir / "model.safetensors").is_file():
-        try:
-            if ev.is_finished(ev.load_run(output_dir)):
-                return "finished"
-        except (ValueError, FileNotFoundError):
-            pass
-    if any((c / "trainer_state.json").is_file() for c in (output_dir / "checkpoints").glob("step_*")):
+    """'finished', 'resumable' (a complete checkpoint), 'started' (something there, nothing to resume) or 'new'."""
+    if runfolder.is_finished(output_dir):
+        return "finished"
+    if runfolder.latest_checkpoint(output_dir) is not None:
         return "resumable"
-    return "started"
+    return "started" if output_dir.is_dir() and any(output_dir.iterdir()) else "new"
+
+
+def check_jobs(jobs: Sequence[Job]) -> None:
+    """Every run's train.py arguments resolved and checked as train.py will (no data loaded): a bad value fails
+    the sweep before it starts, naming the run."""
+    for job in jobs:
+        try:
+            tr.resolve_config([*job.args, "--resume", "auto"])
+        except ValueError as e:
+            raise ValueError(f"run {job.name} would fail: {e}") from None
 
 
 def command(job: Job, args: argparse.Namespace) -> list[str]:
-    """The process to start for a job: accelerate launch or plain python, with resume/overwrite as its status needs."""
-    train = list(job.args)
-    state = status(job.output_dir)
-    if state == "resumable":
-        train += ["--resume", "latest"]
-    elif state == "started":
-        train.append("--overwrite")  # killed before its first checkpoint: nothing to keep
+    """The process to start for a job: accelerate launch or plain python, with --resume auto."""
+    train = [*job.args, "--resume", "auto"]  # a new run, a killed one continued, or one killed before its first checkpoint
     if args.launcher == "python":
         return [sys.executable, str(ROOT / "train.py"), *train]
     launch = [sys.executable, "-m", "accelerate.commands.launch"]
@@ -308,6 +319,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the grid (skipping finished runs), then tabulate and plot; exit code 1 if a run failed."""
     args = parse_args(argv)
     jobs = plan(args)
+    check_jobs(jobs)
     todo = [j for j in jobs if status(j.output_dir) != "finished"]
     print(f"sweep {args.preset}: {len(jobs)} runs, {len(jobs) - len(todo)} already finished, {len(todo)} to run "
           f"({args.jobs} at a time) under {args.output_root}", flush=True)
@@ -317,8 +329,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     (args.output_root / "logs").mkdir(parents=True, exist_ok=True)
     slots: queue.Queue = queue.Queue()
-    for i in range(args.jobs):
-        slots.put(args.gpus.split(",")[i % len(args.gpus.split(","))] if args.gpus else str(i))
+    for i in range(args.jobs):  # with --gpus, K = --runs-per-gpu slots per GPU
+        slots.put(args.gpus.split(",")[i % len(args.gpus.split(","))].strip() if args.gpus else str(i))
     start = time.perf_counter()
     handlers = {s: signal.signal(s, stop_children) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -339,10 +351,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (ValueError, FileNotFoundError) as e:
-        if os.environ.get("PROSELFLC_DEBUG"):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(runfolder.run_cli(main))

@@ -20,28 +20,30 @@ import atexit
 import json
 import math
 import os
+import inspect
 import platform
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import datasets
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.tracking import get_available_trackers
-from accelerate.utils import LoggerType, broadcast_object_list, gather_object, set_seed
-from safetensors.torch import save_file
+from accelerate.utils import LoggerType, TorchDynamoPlugin, broadcast_object_list, gather_object, set_seed
 from tqdm.auto import tqdm
 
 import data
 import losses
 import models
 import noise
+import runfolder
 
 # The paper's exp_base for CIFAR-100 (CVPR version), by (noise, rate).
 PAPER_EXP_BASE = {
@@ -54,7 +56,7 @@ PAPER_EXP_BASE = {
 # None: decided at run time (model by input size, resize/image_size by the data).
 COMMON = dict(
     synthetic_size=5_000, synthetic_classes=10, noise="none", noise_rate=0.0, noise_seed=0,
-    model=None, weights="none", method="proselflc", eps=0.25, transit=0.5, gce_q=0.7,
+    model=None, weights="none", method="proselflc",  # the loss's own defaults live in losses.py (LOSS_DEFAULTS)
     momentum=0.9, weight_decay=5e-4, lr_schedule="step", poly_power=2.0, gradient_accumulation_steps=1, seed=0,
     keep_checkpoints=2, log_every=20, channels_last=True,
     in_memory="auto", resize=256, image_size=224, augment="paper", max_bad_fraction=0.01,  # photos (decode per batch)
@@ -86,6 +88,9 @@ RECIPE_BY_DATASET = {"digits": "digits", "synthetic": "cifar", "cifar10": "cifar
                      "uoft-cs/cifar10": "cifar", "uoft-cs/cifar100": "cifar", "imagenet": "imagenet",
                      "ilsvrc/imagenet-1k": "imagenet", "clothing1m": "clothing1m"}
 LR_SCHEDULES = ("step", "poly", "cosine")
+LOSS_DEFAULTS = {k: p.default for k, p in inspect.signature(losses.TrainingLoss.__init__).parameters.items()}
+KNOWN_NUM_CLASSES = {"digits": 10, "cifar10": 10, "uoft-cs/cifar10": 10, "cifar100": 100, "uoft-cs/cifar100": 100,
+                     "imagenet": 1000, "ilsvrc/imagenet-1k": 1000, "clothing1m": 14}
 PRINT_CONFIG_UNKNOWN = ("num_classes", "in_channels")  # known only once the data is loaded
 
 
@@ -102,8 +107,8 @@ def by_recipe(key: str) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Every knob of a run is a flag; None means 'the recipe's value' (RECIPES), filled in by fill_defaults."""
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = runfolder.Parser(
+        prog="train.py", description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="recipes (--recipe; every value is still a flag):\n" + "\n".join(
             f"  {name}: " + ", ".join(f"{k}={v}" for k, v in recipe.items() if COMMON.get(k, "?") != v)
             for name, recipe in RECIPES.items())
@@ -156,10 +161,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     m.add_argument("--weights", help="initial weights: a local safetensors file, 'imagenet' (torchvision's ResNet-18/50 "
                                      f"ImageNet weights, downloaded once) or 'none' ({by_recipe('weights')})")
     m.add_argument("--method", help=f"{', '.join(losses.METHODS)} ({by_recipe('method')})")
-    m.add_argument("--eps", type=float, help=f"fixed epsilon of ls, cp, bootsoft, boothard ({by_recipe('eps')})")
+    m.add_argument("--eps", type=float, help=f"fixed epsilon of ls, cp, bootsoft, boothard (default {LOSS_DEFAULTS['eps']})")
     m.add_argument("--exp-base", type=float, help="ProSelfLC exp_base (default: the paper's for the setting, else 10)")
-    m.add_argument("--transit", type=float, help=f"ProSelfLC: g(t) = 0.5 at t = transit * T ({by_recipe('transit')})")
-    m.add_argument("--gce-q", type=float, help=f"({by_recipe('gce_q')})")
+    m.add_argument("--transit", type=float, help=f"ProSelfLC: g(t) = 0.5 at t = transit * T (default {LOSS_DEFAULTS['transit']})")
+    m.add_argument("--gce-q", type=float, help=f"GCE's q (default {LOSS_DEFAULTS['q']})")
     m.add_argument("--alpha", type=float, help="SCE alpha (10 classes: 0.1, else 6.0)")
     m.add_argument("--beta", type=float, help="SCE beta (10 classes: 1.0, else 0.1)")
     m.add_argument("--detach-target", action="store_true", help="no gradient through p inside the target")
@@ -185,7 +190,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     o.add_argument("--deterministic", action="store_true", help="deterministic algorithms (slower on GPU)")
     r = p.add_argument_group("run")
     r.add_argument("--output-dir", help="default: runs/<dataset>-<noise>-<rate>-<method>-seed<seed>")
-    r.add_argument("--resume", help="a checkpoint folder, or 'latest' in --output-dir")
+    r.add_argument("--resume", help="a checkpoint folder; latest: the newest in --output-dir; auto: that one if any, a "
+                                    "new run if none, nothing (exit 0) if the run finished (one command for every "
+                                    "launch of a restart loop)")
     r.add_argument("--overwrite", action="store_true", help="replace a run already in --output-dir")
     r.add_argument("--eval-every", type=int, help=f"({by_recipe('eval_every')})")
     r.add_argument("--save-every", type=int, help=f"({by_recipe('save_every')})")
@@ -194,7 +201,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     r.add_argument("--report-to", help="an Accelerate tracker, e.g. tensorboard")
     r.add_argument("--cpu", action="store_true", help="run on CPU even if a GPU is present")
     r.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), help="default: the accelerate config")
-    r.add_argument("--compile", action="store_true", help="torch.compile the model")
+    r.add_argument("--compile", action="store_true", help="torch.compile the model and the loss")
+    r.add_argument("--compile-mode", choices=("default", "reduce-overhead", "max-autotune"),
+                   help="torch.compile's mode with --compile (reduce-overhead: CUDA graphs; default: default)")
+    r.add_argument("--sync-bn", action=argparse.BooleanOptionalAction,
+                   help="SyncBatchNorm: BatchNorm statistics over the global batch (default: on with several GPU "
+                        "processes, where it is the only way the statistics equal one GPU's)")
+    r.add_argument("--push-to-hub", metavar="OWNER/NAME",
+                   help="at the end, upload the run with a model card to this Hugging Face Hub model repository")
     r.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
                    help=f"NHWC memory format (1.3x faster on CPU, tensor cores on GPU; {by_recipe('channels_last')})")
     r.add_argument("--print-config", action="store_true",
@@ -236,9 +250,9 @@ def fill_defaults(args: argparse.Namespace) -> None:
         args.milestones = None
     if args.lr_schedule != "poly":
         args.poly_power = None
-    if args.exp_base is None:
+    if args.exp_base is None and args.method.startswith("proselflc"):
         paper = PAPER_EXP_BASE.get((args.noise, round(args.noise_rate, 2))) if args.dataset == "cifar100" else None
-        args.exp_base = paper or 10.0
+        args.exp_base = paper or LOSS_DEFAULTS["exp_base"]
     if args.train_eval_size is None and args.streaming:
         args.train_eval_size = 10_000
     if args.output_dir is None:
@@ -246,15 +260,58 @@ def fill_defaults(args: argparse.Namespace) -> None:
         args.output_dir = f"runs/{name}-{args.noise}-{args.noise_rate:g}-{args.method}-seed{args.seed}"
 
 
-def resolve_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """parse_args then fill_defaults: every value of a run from its flags and its recipe."""
-    args = parse_args(argv)
-    fill_defaults(args)
-    return args
+def typed_values(args: argparse.Namespace) -> set[str]:
+    """The flags a user typed: parse_args leaves every other one None (or False for a switch)."""
+    return {key for key, value in vars(args).items() if value is not None and value is not False}
 
 
-def check_args(args: argparse.Namespace, world_size: int) -> list[int]:
-    """Reject inconsistent flags with one line each; return the lr milestones."""
+# Flags a run may not use, by what decides it: --method (losses.USES), --noise kind, --dataset.
+LOSS_FLAGS = {"eps": "eps", "exp_base": "exp_base", "transit": "transit", "gce_q": "q", "alpha": "alpha", "beta": "beta",
+              "detach_target": "detach_target", "temperature": "temperature", "trust": "trust", "elr_beta": "elr_beta",
+              "elr_lambda": "elr_lambda"}
+NOISE_FLAGS = {"noise_rate": ("symmetric", "asymmetric", "pairflip"), "noise_seed": ("symmetric", "asymmetric", "pairflip"),
+               "noise_pairs": ("asymmetric",), "noise_file": ("file",), "noise_key": ("file",)}
+DATASET_FLAGS = {"synthetic_size": lambda d: d == "synthetic", "synthetic_classes": lambda d: d == "synthetic",
+                 "data_dir": lambda d: d not in ("digits", "synthetic")}
+
+
+def flag(key: str) -> str:
+    """'--noise-rate' from 'noise_rate'."""
+    return "--" + key.replace("_", "-")
+
+
+def check_used(args: argparse.Namespace, typed: set[str]) -> None:
+    """Refuse a typed value this run would not use, naming what uses it (every value typed is used or refused)."""
+    for key, hparam in LOSS_FLAGS.items():
+        if key in typed and hparam not in losses.USES[args.method]:
+            users = ", ".join(m for m in losses.METHODS if hparam in losses.USES[m])
+            raise ValueError(f"{flag(key)} is not used by --method {args.method} (only by {users}): drop it")
+    if args.noise == "none" and args.noise_rate:
+        raise ValueError(f"--noise none with --noise-rate {args.noise_rate}: choose a --noise kind, or drop --noise-rate")
+    for key, kinds in NOISE_FLAGS.items():
+        if key in typed and args.noise not in kinds and not (key == "noise_rate" and args.noise_rate == 0):
+            raise ValueError(f"{flag(key)} is not used by --noise {args.noise} (only by --noise {' or '.join(kinds)}): "
+                             "drop it")
+    for key, uses in DATASET_FLAGS.items():
+        if key in typed and not uses(args.dataset):
+            raise ValueError(f"{flag(key)} is not used by --dataset {args.dataset}: drop it")
+    if "audit_epochs" in typed and args.train_eval_size == 0:
+        raise ValueError("--audit-epochs is not used with --train-eval-size 0 (the label audit is off): drop one")
+
+
+def milestone_steps(args: argparse.Namespace) -> list[int]:
+    """--milestones as step numbers in (0, --max-steps]."""
+    try:
+        milestones = [int(m) for m in str(args.milestones or "").split(",") if m.strip()]
+    except ValueError:
+        raise ValueError(f"--milestones must be comma-separated step numbers, got {args.milestones!r}") from None
+    if any(not 0 < m <= args.max_steps for m in milestones):
+        raise ValueError(f"--milestones {args.milestones} must lie in (0, --max-steps={args.max_steps}]")
+    return milestones
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    """Reject out-of-range values with one line each."""
     if args.method not in losses.METHODS:
         raise ValueError(f"unknown method {args.method!r}: choose one of {', '.join(losses.METHODS)}")
     if args.model is not None and args.model not in models.MODELS:
@@ -264,15 +321,21 @@ def check_args(args: argparse.Namespace, world_size: int) -> list[int]:
         raise ValueError(f"unknown --lr-schedule {args.lr_schedule!r}: choose one of {', '.join(LR_SCHEDULES)}")
     if args.lr_schedule == "poly" and not args.poly_power > 0:
         raise ValueError(f"--poly-power must be positive, got {args.poly_power}")
-    for flag in ("max_steps", "batch_size", "gradient_accumulation_steps", "eval_every", "save_every", "log_every",
-                 "keep_checkpoints"):
-        if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
-    if not args.lr > 0:
+    for key in ("max_steps", "batch_size", "gradient_accumulation_steps", "eval_every", "save_every", "log_every",
+                "keep_checkpoints", "eval_batch_size", "synthetic_size", "synthetic_classes"):
+        if getattr(args, key, 1) is not None and getattr(args, key, 1) < 1:
+            raise ValueError(f"{flag(key)} must be at least 1, got {getattr(args, key)}")
+    for key in ("noise_seed", "seed", "num_workers"):
+        if getattr(args, key) is not None and getattr(args, key) < 0:
+            raise ValueError(f"{flag(key)} must be 0 or more, got {getattr(args, key)}")
+    if not args.lr > 0 or not math.isfinite(args.lr):
         raise ValueError(f"--lr must be positive, got {args.lr}")
-    if not 0.0 <= args.momentum < 1.0 or args.weight_decay < 0:
+    if not 0.0 <= args.momentum < 1.0 or not 0 <= args.weight_decay < math.inf:
         raise ValueError(f"--momentum must be in [0, 1) and --weight-decay at least 0, got {args.momentum} and "
                          f"{args.weight_decay}")
+    if not 0.0 <= args.max_bad_fraction <= 1.0:
+        raise ValueError(f"--max-bad-fraction must be in [0, 1] (a fraction of the training images), got "
+                         f"{args.max_bad_fraction}")
     if args.resize is not None and args.resize < 1 or args.image_size is not None and args.image_size < 1:
         raise ValueError(f"--resize and --image-size must be at least 1, got {args.resize} and {args.image_size}")
     if args.resize is not None and args.image_size is not None and args.image_size > args.resize:
@@ -282,240 +345,84 @@ def check_args(args: argparse.Namespace, world_size: int) -> list[int]:
         raise ValueError("--method elr with --streaming needs --key-column: an integer id column giving each example's row")
     if not 0.0 <= args.noise_rate < 1.0:
         raise ValueError(f"--noise-rate must be in [0, 1), got {args.noise_rate}")
-    if args.noise == "none" and args.noise_rate:
-        raise ValueError(f"--noise none with --noise-rate {args.noise_rate}: choose a --noise kind, or drop --noise-rate")
     if args.train_eval_size is not None and args.train_eval_size < 0:
         raise ValueError(f"--train-eval-size must be 0 (off) or more, got {args.train_eval_size}")
     if not args.audit_epochs > 0:
         raise ValueError(f"--audit-epochs must be above 0 (the label audit's early window, in epochs), got {args.audit_epochs}")
-    if args.resume and args.overwrite and resume_is_inside(args.resume, Path(args.output_dir)):
-        raise ValueError("--resume and --overwrite contradict each other: --overwrite would delete the checkpoint "
-                         "to resume from; pass one of them (nothing was changed)")
-    try:
-        milestones = [int(m) for m in str(args.milestones or "").split(",") if m.strip()]
-    except ValueError:
-        raise ValueError(f"--milestones must be comma-separated step numbers, got {args.milestones!r}") from None
-    if any(not 0 < m <= args.max_steps for m in milestones):
-        raise ValueError(f"--milestones {args.milestones} must lie in (0, --max-steps={args.max_steps}]")
-    shards = world_size * args.gradient_accumulation_steps
+    milestone_steps(args)
+
+
+def check_run_flags(args: argparse.Namespace) -> None:
+    """The run's own flags: --resume, --overwrite, and the files and folders named."""
+    if args.resume and args.overwrite:
+        raise ValueError("--resume and --overwrite contradict each other: --overwrite would delete the run to resume "
+                         "from; pass one of them (nothing was changed)")
+    if args.resume not in (None, "latest", "auto") and not Path(args.resume).is_dir():
+        raise ValueError(f"--resume {args.resume}: no such checkpoint folder (pass a checkpoint folder, latest or auto)")
+    if args.data_dir and not Path(args.data_dir).expanduser().exists():
+        raise ValueError(f"--data-dir {args.data_dir}: no such folder or file")
+    if args.noise == "file" and not (args.noise_file and Path(args.noise_file).is_file()):
+        raise ValueError("--noise file needs --noise-file PATH of an existing CIFAR-N .pt, .npy, .csv or .parquet file "
+                         f"(got {args.noise_file!r})")
+    noise.parse_pairs(args.noise_pairs)  # raises on a malformed or self-mapping pair list
+    runfolder.check_folder_path(Path(args.output_dir))
+
+
+def known_num_classes(args: argparse.Namespace) -> int | None:
+    """The number of classes when the dataset name decides it (before the data is loaded), else None."""
+    return args.synthetic_classes if args.dataset == "synthetic" else KNOWN_NUM_CLASSES.get(args.dataset.lower())
+
+
+def build_loss(args: argparse.Namespace, num_classes: int, num_examples: int | None = None) -> losses.TrainingLoss:
+    """The --method loss from the hyperparameters it uses (losses.USES); what it resolved (defaults by method and
+    number of classes) goes back into args for config.json, the rest is null."""
+    hparams = {hp: getattr(args, key) for key, hp in LOSS_FLAGS.items() if hp in losses.USES[args.method]}
+    hparams["detach_target"] = hparams.get("detach_target") or None
+    if "num_examples" in losses.USES[args.method]:
+        hparams["num_examples"] = num_examples or 1  # 1: a stand-in when only the values are checked
+    loss_fn = losses.build_loss(args.method, num_classes, total_steps=args.max_steps, **hparams)
+    for key, hp in LOSS_FLAGS.items():
+        setattr(args, key, getattr(loss_fn, hp) if hp in losses.USES[args.method] else None)
+    return loss_fn
+
+
+def resolve_config(argv: list[str] | None = None) -> argparse.Namespace:
+    """Every value of a run from its flags and its recipe, checked whole (numbers, unused flags, files named, the
+    loss) before any file is touched or any data is loaded: what --print-config shows and sweep --dry-run checks."""
+    args = parse_args(argv)
+    typed = typed_values(args)
+    fill_defaults(args)
+    check_numbers(args)
+    check_used(args, typed)
+    check_run_flags(args)
+    if args.compile_mode is not None and not args.compile:
+        raise ValueError("--compile-mode is not used without --compile: add --compile or drop it")
+    build_loss(args, known_num_classes(args) or 10, None)  # refuses bad loss values now; num_classes fills in later
+    if known_num_classes(args) is None:  # defaults that follow the number of classes are decided by the data
+        for key in ("alpha", "beta", "elr_beta", "elr_lambda"):
+            if key not in typed:
+                setattr(args, key, None)
+    return args
+
+
+resolve_args = resolve_config  # the name tests and bench.py use for the resolved configuration
+
+
+def check_processes(args: argparse.Namespace, accelerator: Accelerator) -> None:
+    """What depends on the processes: the global batch splits over them; SyncBatchNorm needs several GPUs."""
+    shards = accelerator.num_processes * args.gradient_accumulation_steps
     if args.batch_size % shards:
         raise ValueError(f"--batch-size {args.batch_size} must be divisible by processes x accumulation steps = {shards}")
-    return milestones
+    gpus = accelerator.num_processes > 1 and accelerator.device.type in ("cuda", "xpu")
+    if args.sync_bn and not gpus:
+        raise ValueError(f"--sync-bn needs more than one GPU process (this run: {accelerator.num_processes} "
+                         f"{accelerator.device.type} process(es)): drop it")
+    args.sync_bn = gpus if args.sync_bn is None else args.sync_bn
 
 
 def planned_config(args: argparse.Namespace) -> dict:
     """What config.json will hold, as far as it is known before the data is loaded (the rest null)."""
     return {**vars(args), **{k: None for k in PRINT_CONFIG_UNKNOWN}}
-
-
-LOCK_NAME = "train.lock"
-_held_locks: list[Path] = []  # locks this process took; cli() releases them when main() ends, also on error
-
-
-def resume_is_inside(resume: str, out: Path) -> bool:
-    """Whether --resume names a checkpoint in the run folder itself ('latest' or a path under out)."""
-    return resume == "latest" or Path(resume).resolve().is_relative_to(out.resolve())
-
-
-def check_folder_path(out: Path) -> None:
-    """Refuse an --output-dir that is a file or lies under one."""
-    for path in (out, *out.parents):
-        if path.exists() and not path.is_dir():
-            where = "is a file" if path == out else f"lies under the file {path}"
-            raise ValueError(f"--output-dir {out} {where}: choose a folder")
-        if path.exists():
-            return
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this id exists on this host."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, under another user
-        return True
-    return True
-
-
-def read_lock(lock: Path) -> dict:
-    """The lock file's {'pid', 'host'}; {} when it is empty or torn."""
-    try:
-        holder = json.loads(lock.read_text())
-    except (OSError, ValueError):
-        return {}
-    return holder if isinstance(holder, dict) else {}
-
-
-def lock_run_folder(out: Path) -> Path:
-    """Create out and take out/train.lock atomically (O_CREAT|O_EXCL) with our pid and host; a lock left by a
-    dead process on this host is taken over with a notice, a live one is refused with one line naming it."""
-    check_folder_path(out)
-    lock, me = out / LOCK_NAME, {"pid": os.getpid(), "host": socket.gethostname()}
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        for _ in range(3):
-            try:
-                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = read_lock(lock)
-                torn = not holder and time.time() - lock.stat().st_mtime > 10  # killed between create and write
-                if torn or (holder.get("host") == me["host"] and not pid_alive(int(holder.get("pid", -1)))):
-                    print(f"note: {out} was locked by pid {holder.get('pid')} on {holder.get('host')}, which is gone; "
-                          f"taking the lock over", file=sys.stderr)
-                    lock.unlink(missing_ok=True)
-                    continue
-                raise ValueError(f"{out} is in use by another run (pid {holder.get('pid')} on {holder.get('host')}, "
-                                 f"see {lock}): wait for it to end, or choose another --output-dir") from None
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            _held_locks.append(lock)
-            return lock
-    except OSError as e:
-        raise ValueError(f"cannot write to --output-dir {out} ({e.strerror or e}): choose a writable folder") from None
-    raise ValueError(f"{out}: another run keeps taking {lock}; choose another --output-dir")
-
-
-def release_run_folder_locks() -> None:
-    """Remove the run-folder locks this process holds."""
-    while _held_locks:
-        lock = _held_locks.pop()
-        if read_lock(lock).get("pid") == os.getpid():
-            lock.unlink(missing_ok=True)
-
-
-atexit.register(release_run_folder_locks)  # also when main() is called without cli()
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    """The newest complete checkpoint (one with trainer_state.json) in out/checkpoints, or None."""
-    done = sorted(p for p in (out / "checkpoints").glob("step_*") if (p / "trainer_state.json").exists())
-    return done[-1] if done else None
-
-
-def folder_contents(out: Path) -> str:
-    """'config.json, metrics.jsonl, ...': what a run folder holds besides the lock and the checkpoints, for messages."""
-    names = sorted(p.name for p in out.iterdir() if p.name not in (LOCK_NAME, "checkpoints")) if out.is_dir() else []
-    return ", ".join(names)
-
-
-def clear_run_folder(out: Path) -> None:
-    """Delete everything in out except our lock (--overwrite)."""
-    for child in out.iterdir():
-        if child.name == LOCK_NAME:
-            continue
-        if child.is_dir() and not child.is_symlink():
-            shutil.rmtree(child)
-        else:
-            child.unlink()
-
-
-def prepare_output_dir(args: argparse.Namespace, accelerator: Accelerator) -> Path:
-    """Lock the run folder, then refuse to clobber a run unless --overwrite; a killed run is continued only with --resume."""
-    out = Path(args.output_dir)
-    refused = [None]
-    if accelerator.is_main_process:
-        try:
-            lock_run_folder(out)
-        except ValueError as e:
-            refused = [str(e)]
-    broadcast_object_list(refused)  # every process stops when the main one could not take the folder
-    if refused[0]:
-        raise ValueError(refused[0])
-    finished, started = (out / "model.safetensors").exists(), (out / "config.json").exists()
-    if args.overwrite:
-        if accelerator.is_main_process:
-            clear_run_folder(out)
-    elif finished:
-        raise ValueError(f"{out} already holds a finished run: pass --overwrite to replace it, or another --output-dir")
-    elif started and not args.resume:
-        last = latest_checkpoint(out)
-        if last is not None:
-            raise ValueError(f"{out} holds an unfinished run (last checkpoint {last.name}): pass --resume latest to "
-                             f"continue it, or --overwrite to start it over")
-        raise ValueError(f"{out} holds a run stopped before its first checkpoint ({folder_contents(out)}): nothing to "
-                         f"resume; pass --overwrite to start it over, or choose another --output-dir")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-    return out
-
-
-def find_checkpoint(resume: str, out: Path) -> Path:
-    """The checkpoint folder to resume from: 'latest' complete one in out/checkpoints, or the path given."""
-    if resume == "latest":
-        last = latest_checkpoint(out)
-        if last is None:
-            contents = folder_contents(out)
-            advice = (f"the folder holds {contents}: nothing to resume; start it over with --overwrite instead of "
-                      f"--resume latest" if contents else "the folder holds no run yet: start without --resume")
-            raise ValueError(f"--resume latest: no complete checkpoint in {out / 'checkpoints'}; {advice}")
-        return last
-    path = Path(resume)
-    if not path.is_dir():
-        raise ValueError(f"--resume {resume}: no such checkpoint folder")
-    if not (path / "trainer_state.json").exists():
-        raise ValueError(f"--resume {resume}: not a complete checkpoint (trainer_state.json missing)")
-    return path
-
-
-# Flags that may change between a run and its resumption; every other one must match the checkpoint's config.json.
-# The folder's own location (output_dir) is no hyperparameter: a run folder may be moved, copied or spelled otherwise.
-RESUMABLE_CHANGES = ("resume", "overwrite", "output_dir", "report_to", "log_every", "eval_every", "save_every",
-                     "keep_checkpoints", "compile", "world_size", "device", "versions", "git_commit")
-
-
-def check_resume_config(ckpt: Path, out: Path, config: dict) -> None:
-    """A resumed run must be the same run: compare with the checkpoint's own config.json (older checkpoints:
-    the run folder's) and refuse changed hyperparameters with one line naming them."""
-    saved_path = next((p for p in (ckpt / "config.json", out / "config.json") if p.exists()), None)
-    if saved_path is None:
-        return
-    try:
-        saved = json.loads(saved_path.read_text())
-    except ValueError:
-        raise ValueError(f"{saved_path} is not valid JSON: the run folder is damaged; resume from another checkpoint "
-                         f"or start over with --overwrite") from None
-    changed = [k for k in config if k not in RESUMABLE_CHANGES and k in saved and saved[k] != config[k]]
-    if changed:
-        diffs = ", ".join(f"--{k.replace('_', '-')} {saved[k]!r} -> {config[k]!r}" for k in changed[:4])
-        raise ValueError(f"--resume: {ckpt} comes from a run started with other settings ({diffs}); "
-                         f"use the same flags, or another --output-dir")
-
-
-def storage_error(e: OSError, out: Path, what: str) -> ValueError:
-    """One line for a failed write (disk full, read-only): what failed and which checkpoint can still be resumed."""
-    last = latest_checkpoint(out)
-    usable = (f"{last} is complete and still usable: free space or fix the folder, then run again with --resume latest"
-              if last is not None else "no checkpoint was completed yet")
-    return ValueError(f"cannot write the {what} in {out} ({e.strerror or e}); {usable}")
-
-
-def save_checkpoint(accelerator: Accelerator, out: Path, state: dict, keep: int, config: dict) -> None:
-    """save_state and the run's config.json into a temporary folder, then rename: a kill or a full disk during the
-    write leaves the last one usable."""
-    final = out / "checkpoints" / f"step_{state['step']:06d}"
-    tmp = out / "checkpoints" / f"tmp_step_{state['step']:06d}"
-    try:
-        if accelerator.is_main_process and tmp.exists():
-            shutil.rmtree(tmp)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            (tmp / "config.json").write_text(json.dumps(config, indent=2))  # the checkpoint's own record (resume check)
-            (tmp / "trainer_state.json").write_text(json.dumps(state))
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            for old in sorted((out / "checkpoints").glob("step_*"))[:-keep]:
-                shutil.rmtree(old)
-    except OSError as e:
-        if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)  # a partial checkpoint only takes space
-        raise storage_error(e, out, f"checkpoint {final.name}") from None
-    accelerator.wait_for_everyone()
 
 
 def ran_precision(accelerator: Accelerator) -> str:
@@ -536,39 +443,6 @@ def check_trackers(report_to: str | None) -> None:
                          f"(pip install {report_to.replace('_', '-')}), so nothing would be logged")
 
 
-def truncate_metrics(path: Path, step: int) -> None:
-    """Keep the metrics lines up to step; a line torn by a kill during its append is dropped."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and record.get("step", math.inf) <= step:
-            kept.append(line)
-    path.write_text("".join(line + "\n" for line in kept))
-
-
-def stop_if_diverged(bad_step: torch.Tensor, step: int, model, accelerator: Accelerator, args: argparse.Namespace,
-                     out: Path) -> None:
-    """Raise FloatingPointError when any process saw a non-finite loss or the weights are no longer finite
-    (one host sync), pointing to the last checkpoint (all are finite) with advice by what ran."""
-    weights_ok = torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all()
-    bad = torch.where(weights_ok | (bad_step >= 0), bad_step, step - 1)
-    bad = accelerator.gather(bad.view(1)).max().item()
-    if bad < 0:
-        return
-    accelerator.end_training()
-    last = latest_checkpoint(out)
-    advice = ("use --mixed-precision bf16 (fp16 overflows), or lower --lr" if args.mixed_precision == "fp16"
-              else f"lower --lr (this run used {args.lr:g})")
-    resume = f"the last checkpoint, {last}, is finite" if last else "no checkpoint was saved before it"
-    raise FloatingPointError(f"loss is not finite at step {bad} (training diverged): {advice}; {resume}; "
-                             f"nothing after it was saved or logged")
-
-
 def run_config(args: argparse.Namespace, info, world_size: int, device: torch.device) -> dict:
     """Every argument plus what the run derived, the library versions and the git commit."""
     import accelerate
@@ -584,18 +458,6 @@ def run_config(args: argparse.Namespace, info, world_size: int, device: torch.de
     return {**vars(args), "device": str(device), "num_classes": info.num_classes, "in_channels": info.channels,
             "image_size": info.image_size,
             "total_steps": args.max_steps, "world_size": world_size, "versions": versions, "git_commit": commit}
-
-
-def build_loss(args: argparse.Namespace, num_classes: int, num_examples: int | None) -> losses.TrainingLoss:
-    """The --method loss; the values it resolved (by method and number of classes) go back into args for config.json."""
-    loss_fn = losses.build_loss(args.method, num_classes, total_steps=args.max_steps, eps=args.eps, exp_base=args.exp_base,
-                                transit=args.transit, q=args.gce_q, alpha=args.alpha, beta=args.beta,
-                                detach_target=args.detach_target, temperature=args.temperature, trust=args.trust,
-                                elr_beta=args.elr_beta, elr_lambda=args.elr_lambda,
-                                num_examples=num_examples)
-    for key in ("alpha", "beta", "temperature", "trust", "elr_beta", "elr_lambda"):
-        setattr(args, key, getattr(loss_fn, key))
-    return loss_fn
 
 
 def stream_num_rows(train_ds, key_column: str) -> int:
@@ -688,7 +550,7 @@ class TrainingDynamics:
         tensors = {k: v.cpu().contiguous() for k, v in (self.state_dict() | {"label": self.label}).items()}
         meta = {"rows": "split"} if keys is None else {"rows": "stream_subset", "keys": json.dumps(keys)}
         meta |= {"early": "training_batches" if self.from_batches else "evaluations", "audit_epochs": str(self.audit_epochs)}
-        save_file(tensors, str(path), metadata=meta)
+        runfolder.save_tensors_atomic(tensors, path, meta)
 
 
 def evaluate(model, test_loader, train_eval_loader, accelerator, info, channels_last: bool,
@@ -722,203 +584,560 @@ def lr_at(step: int, base_lr: float, total_steps: int, schedule: str = "step", m
     return base_lr * 0.1 ** sum(step >= m for m in milestones)
 
 
-def main(argv: list[str] | None = None) -> None:
-    # ---- parse
-    args = resolve_args(argv)
-    if vars(args).pop("print_config"):  # what a recipe means, before paying for it: no data, no Accelerator
-        check_args(args, world_size=1)
-        print(json.dumps(planned_config(args), indent=2))
-        return
-    datasets.disable_progress_bars()  # the noise maps take a second; our own bar shows training
-    check_trackers(args.report_to)
-    accelerator = Accelerator(cpu=args.cpu, mixed_precision=args.mixed_precision,
-                              gradient_accumulation_steps=args.gradient_accumulation_steps,
-                              log_with=args.report_to, project_dir=args.output_dir,
-                              dynamo_backend="inductor" if args.compile else None)
-    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
-    args.mixed_precision = ran_precision(accelerator)  # what runs, also when it came from the accelerate config
-    milestones = check_args(args, world)
-    if args.weights == "imagenet":  # download (once) or fail with one line before the data is loaded
-        with accelerator.main_process_first():
-            models.imagenet_state_dict(args.model)
-    if args.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-    elif device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    channels_last = args.channels_last
-    out = prepare_output_dir(args, accelerator)
-    ckpt = find_checkpoint(args.resume, out) if args.resume else None
+# ----------------------------------------------------------------------------- the run folder (runfolder.py)
 
-    # ---- data: the test split clean and map-style; the training split noisy, served by one batch source
-    train_ds, test_ds, info = data.prepare_data(vars(args))
+
+class Finished(Exception):
+    """--resume auto on a finished run: nothing to do, exit 0 with one line."""
+
+
+class Stopped(Exception):
+    """SIGTERM or SIGUSR1 (preemption) during training: a checkpoint was written at the step reached; exit 143."""
+
+
+EXIT_STOPPED = 128 + signal.SIGTERM
+STOP = {"signal": 0, "training": False}  # set by on_stop_signal; the loop checks it between steps
+
+
+def on_stop_signal(signum: int, frame) -> None:
+    """During training: ask the loop to checkpoint and stop. Before it (start-up): leave at once, lock released."""
+    if STOP["training"]:
+        STOP["signal"] = signum
+        return
+    runfolder.release_locks()
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"stopped by {signal.Signals(signum).name} during start-up: no checkpoint was written", file=sys.stderr)
+    os._exit(EXIT_STOPPED)
+
+
+def stop_requested(accelerator: Accelerator, sync_step: bool) -> bool:
+    """Whether a stop signal reached any process: one process reads its flag each step (no device value); several
+    agree on the steps that sync anyway (log steps), so they all stop at the same step."""
+    if accelerator.num_processes == 1:
+        return STOP["signal"] != 0
+    if not sync_step:
+        return False
+    return accelerator.reduce(torch.tensor(STOP["signal"], device=accelerator.device), "max").item() != 0
+
+
+def agree(accelerator: Accelerator, error: str | None) -> None:
+    """Raise the first process's error on every process (so all stop together); nothing when none failed."""
+    errors = [e for e in gather_object([error]) if e] if accelerator.num_processes > 1 else [error] if error else []
+    if errors:
+        raise AgreedError(errors[0])
+
+
+class AgreedError(ValueError):
+    """An error every process raises together (after agree): only rank 0 prints it."""
+
+
+def open_run_folder(args: argparse.Namespace, accelerator: Accelerator) -> tuple[Path, Path | None, bool]:
+    """Lock the run folder and decide what the run does with it, touching nothing else: (folder, checkpoint to
+    resume or None, whether the run files must be cleared once the data and model are built)."""
+    out = Path(args.output_dir)
+    refused = [None]
+    if accelerator.is_main_process:
+        try:
+            runfolder.lock(out)
+        except ValueError as e:
+            refused = [str(e)]
+    broadcast_object_list(refused)  # every process stops when the main one could not take the folder
+    if refused[0]:
+        raise AgreedError(refused[0])
+    last, started = runfolder.latest_checkpoint(out), runfolder.is_run_folder(out)
+    if args.resume == "auto":
+        if runfolder.is_finished(out):
+            raise Finished(f"{out} already holds a finished run: nothing to do (--resume auto)")
+        if last is None and started:
+            accelerator.print(f"note: {out} holds a run stopped before its first checkpoint: starting it over")
+        ckpt, clear = last, last is None and started
+    elif args.resume:
+        if runfolder.is_finished(out):
+            raise ValueError(f"{out} already holds a finished run: nothing to resume; choose another --output-dir")
+        ckpt, clear = find_checkpoint(args.resume, out, last), False
+    else:
+        ckpt, clear = None, args.overwrite
+        check_fresh_folder(out, args.overwrite, last)
+    if ckpt is not None:
+        known = {k: v for k, v in planned_config(args).items() if k not in DATA_DECIDED}
+        check_checkpoint(ckpt, known, accelerator.process_index)
+    return out, ckpt, clear
+
+
+def check_fresh_folder(out: Path, overwrite: bool, last: Path | None) -> None:
+    """A new run may go into an empty folder or, with --overwrite, replace a run; never over anything else."""
+    if overwrite:
+        if runfolder.foreign_files(out) and not runfolder.is_run_folder(out):
+            raise ValueError(f"--overwrite: {out} holds files that are not a train.py run's "
+                             f"({', '.join(runfolder.foreign_files(out)[:4])}): it replaces only a run; choose "
+                             "another --output-dir (nothing was deleted)")
+    elif runfolder.is_finished(out):
+        raise ValueError(f"{out} already holds a finished run: pass --overwrite to replace it, or another --output-dir")
+    elif runfolder.is_run_folder(out):
+        if last is not None:
+            raise ValueError(f"{out} holds an unfinished run (last checkpoint {last.name}): pass --resume latest (or "
+                             f"auto) to continue it, or --overwrite to start it over")
+        raise ValueError(f"{out} holds a run stopped before its first checkpoint ({runfolder.contents(out)}): nothing "
+                         f"to resume; pass --overwrite to start it over, or choose another --output-dir")
+
+
+def find_checkpoint(resume: str, out: Path, last: Path | None) -> Path:
+    """The checkpoint to resume from: the latest complete one in out/checkpoints, or the folder given."""
+    if resume == "latest":
+        if last is None:
+            contents = runfolder.contents(out)
+            advice = (f"the folder holds {contents}: nothing to resume; start it over with --overwrite instead of "
+                      f"--resume latest" if contents else "the folder holds no run yet: start without --resume")
+            raise ValueError(f"--resume latest: no complete checkpoint in {out / 'checkpoints'}; {advice}")
+        return last
+    path = Path(resume)
+    if not runfolder.is_complete(path):
+        raise ValueError(f"--resume {resume}: not a complete checkpoint (a step_N folder with trainer_state.json)")
+    return path
+
+
+# Flags that may change between a run and its resumption; every other one must match the checkpoint's config.json.
+# The folder's own location (output_dir) is no hyperparameter: a run folder may be moved, copied or spelled otherwise.
+RESUMABLE_CHANGES = ("resume", "overwrite", "output_dir", "report_to", "log_every", "eval_every", "save_every",
+                     "keep_checkpoints", "compile", "compile_mode", "world_size", "device", "versions", "git_commit",
+                     "push_to_hub", "num_workers", "eval_batch_size")
+
+
+# Values the data decides (recorded after it loads): compared with a checkpoint's only once the data is loaded.
+DATA_DECIDED = ("input_path", "resize", "image_size", "model", "num_classes", "in_channels", "alpha", "beta",
+                "elr_beta", "elr_lambda")
+
+
+def check_checkpoint(ckpt: Path, config: dict, rank: int) -> None:
+    """Before anything loads: only files this suite writes, each readable, this process's RNG state loadable, and
+    the same run (every hyperparameter known so far equal to the checkpoint's own config.json)."""
+    runfolder.check_checkpoint_files(ckpt)
+    try:
+        for name in ("model.safetensors", "optimizer.safetensors", "state.safetensors"):
+            runfolder.check_header(ckpt / name)
+        runfolder.read_json(ckpt / "trainer_state.json")
+        rng = ckpt / f"rng_{rank}.safetensors"
+        if rng.exists():
+            runfolder.check_rng_state(*runfolder.read_tensors(rng))
+    except ValueError as e:
+        raise ValueError(f"checkpoint {ckpt} is damaged: {e}; resume from another one or start over with "
+                         f"--overwrite (nothing was loaded)") from None
+    check_same_run(ckpt, config)
+
+
+def check_same_run(ckpt: Path, config: dict) -> None:
+    """A resumed run must be the same run: refuse changed hyperparameters with one line naming them."""
+    saved = runfolder.read_json(ckpt / "config.json")
+    changed = [k for k in config if k not in RESUMABLE_CHANGES and k in saved and config[k] is not None
+               and saved[k] != config[k]]
+    if changed:
+        diffs = ", ".join(f"{flag(k)} {saved[k]!r} -> {config[k]!r}" for k in changed[:4])
+        raise ValueError(f"--resume: {ckpt} comes from a run started with other settings ({diffs}); "
+                         f"use the same flags, or another --output-dir")
+
+
+def start_run_folder(out: Path, config: dict, record: dict, clear: bool, ckpt: Path | None,
+                     accelerator: Accelerator) -> None:
+    """After every check: clear the old run's files (--overwrite, or an auto restart), then write config.json and
+    noise.json; a resume keeps the metrics lines up to its step."""
+    accelerator.wait_for_everyone()  # every process has read the folder before the main one changes it
+    if accelerator.is_main_process:
+        if clear:
+            runfolder.clear_run_files(out)
+        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+        runfolder.write_atomic(out / "config.json", json.dumps(config, indent=2))
+        runfolder.write_atomic(out / "noise.json", json.dumps(record, indent=2))
+        if ckpt is not None:
+            runfolder.truncate_metrics(out / "metrics.jsonl", runfolder.read_json(ckpt / "trainer_state.json")["step"])
+    accelerator.wait_for_everyone()
+
+
+def storage_error(e: OSError | str, out: Path, what: str) -> str:
+    """One line for a failed write (disk full, read-only): what failed and which checkpoint can still be resumed."""
+    last = runfolder.latest_checkpoint(out)
+    usable = (f"{last} is complete and still usable: free space or fix the folder, then run again with --resume latest"
+              if last is not None else "no checkpoint was completed yet")
+    why = e if isinstance(e, str) else (e.strerror or str(e))
+    return f"cannot write the {what} in {out} ({why}); {usable}"
+
+
+# ----------------------------------------------------------------------------- the run's pieces
+
+
+@dataclass
+class Run:
+    """What the stages of main() pass on: the configuration, the folder, the data, the model and its training state."""
+
+    args: argparse.Namespace
+    accelerator: Accelerator
+    out: Path
+    info: Any = None
+    train_ds: Any = None
+    test_loader: Any = None
+    train_eval_loader: Any = None
+    dynamics: TrainingDynamics | None = None
+    eval_keys: list[str] | None = None
+    model: Any = None
+    optimizer: Any = None
+    loss_module: losses.TrainingLoss | None = None  # the uncompiled loss: its state (ELR's targets) is checkpointed
+    loss_fn: Any = None
+    config: dict = field(default_factory=dict)
+    state: dict = field(default_factory=lambda: {"step": 0, "best_acc": -1.0, "best_step": 0, "loss_sum": 0.0,
+                                                 "eps_sum": 0.0, "n_sum": 0})
+
+
+def build_data(run: Run) -> None:
+    """The test split clean and map-style; the training split noisy; the subset scored at evaluations and the
+    label audit's statistics over it."""
+    args, accelerator = run.args, run.accelerator
+    run.train_ds, test_ds, run.info = data.prepare_data(vars(args))
+    info = run.info
     args.input_path, args.resize, args.image_size = info.input_path, info.resize, info.image_size  # into config.json
-    workers = data.default_workers(world) if args.num_workers is None else args.num_workers
-    test_loader = data.eval_loader(data.eval_dataset(test_ds, info), info, workers)
-    eval_ds, rows = data.train_eval_subset(train_ds, args.train_eval_size)  # for the Figure 3 metrics
-    train_eval_loader = dynamics = eval_keys = None
+    workers = args.num_workers
+    run.test_loader = data.eval_loader(data.eval_dataset(test_ds, info), info, workers)
+    eval_ds, rows = data.train_eval_subset(run.train_ds, args.train_eval_size)  # for the Figure 3 metrics
     if rows is not None:  # also without synthetic noise: the audit is for labels whose noise is unknown
         if info.clean_subset:
             accelerator.print(f"clean_fit/noisy_fit are measured on the {len(rows)} training examples with a known "
                               "clean label (clean_label_kv.txt)")
         columns = ("image", "label", "clean_label", "is_noisy", "index")
-        train_eval_loader = data.eval_loader(data.eval_dataset(eval_ds, info, rows, columns), info, workers)
-        dynamics = TrainingDynamics(data.label_tensors(eval_ds)["label"], info.num_classes, device, args.audit_epochs,
-                                    from_batches=not args.streaming)  # a stream's batch rows are not the subset's
-        accelerator.register_for_checkpointing(dynamics)
-        eval_keys = list(eval_ds["example_key"]) if args.streaming else None  # a stream's subset is audited by key
+        run.train_eval_loader = data.eval_loader(data.eval_dataset(eval_ds, info, rows, columns), info, workers)
+        run.dynamics = TrainingDynamics(data.label_tensors(eval_ds)["label"], info.num_classes, accelerator.device,
+                                        args.audit_epochs, from_batches=not args.streaming)  # a stream's rows differ
+        run.eval_keys = list(eval_ds["example_key"]) if args.streaming else None  # a stream's subset by key
 
-    # ---- model, optimizer, loss
+
+def build_model(run: Run) -> None:
+    """Model (SyncBatchNorm over several GPUs), SGD and the --method loss, prepared by Accelerate."""
+    args, accelerator, info = run.args, run.accelerator, run.info
     set_seed(args.seed)
     args.model = args.model or models.default_model(args.dataset, info.image_size)
     model = models.build_model(args.model, info.num_classes, info.channels, weights=args.weights)
-    if channels_last:
+    if args.sync_bn:  # BatchNorm statistics over the global batch, as on one GPU
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     num_examples = None
     if args.method == "elr":  # ELR's rows: the map-style split's rows, or a stream's --key-column ids
-        num_examples = stream_num_rows(train_ds, args.key_column) if args.streaming else len(train_ds)
-    loss_fn = build_loss(args, info.num_classes, num_examples).to(device)
-    if args.method == "elr":  # the running targets are training state: save_state/load_state carry them
-        accelerator.register_for_checkpointing(loss_fn)
-    if args.compile:  # the model is compiled by prepare (dynamo_backend); the loss is compiled here
-        loss_fn = torch.compile(loss_fn)
-    model, optimizer, test_loader, train_eval_loader = accelerator.prepare(model, optimizer, test_loader, train_eval_loader)
+        num_examples = stream_num_rows(run.train_ds, args.key_column) if args.streaming else len(run.train_ds)
+    run.loss_module = build_loss(args, info.num_classes, num_examples).to(accelerator.device)
+    # the model is compiled by prepare (the accelerator's dynamo plugin); the loss is compiled here
+    run.loss_fn = torch.compile(run.loss_module, mode=args.compile_mode) if args.compile else run.loss_module
+    run.model, run.optimizer, run.test_loader, run.train_eval_loader = accelerator.prepare(
+        model, optimizer, run.test_loader, run.train_eval_loader)
 
-    config = run_config(args, info, world, device)
-    if ckpt is not None:
-        check_resume_config(ckpt, out, config)
-    accelerator.wait_for_everyone()  # every process has read config.json before the main one rewrites it
-    if accelerator.is_main_process:
-        (out / "config.json").write_text(json.dumps(config, indent=2))
-        record = noise.noise_record(train_ds, args.noise, args.noise_rate, args.noise_seed, info.num_classes,
-                                    pairs=noise.parse_pairs(args.noise_pairs) or info.pairs_preset,
-                                    noise_file=args.noise_file, noise_key=args.noise_key, key_column=args.key_column)
-        (out / "noise.json").write_text(json.dumps(record, indent=2))
-    if args.report_to:
-        accelerator.init_trackers("proselflc", config={k: v for k, v in config.items() if isinstance(v, (int, float, str, bool))})
 
-    # ---- resume: model, optimizer, RNG, our own step counter and running sums
-    state = {"step": 0, "best_acc": -1.0, "best_step": 0, "loss_sum": 0.0, "eps_sum": 0.0, "n_sum": 0}
-    if ckpt is not None:
+# ----------------------------------------------------------------------------- checkpoints: safetensors and JSON
+
+
+def own_tensors(run: Run) -> dict[str, torch.Tensor]:
+    """The run's own state beyond model and optimizer: the audit's sums and the loss's (ELR's running targets)."""
+    tensors = {f"loss.{k}": v for k, v in run.loss_module.state_dict().items()}
+    if run.dynamics is not None:
+        tensors |= {f"dynamics.{k}": v for k, v in run.dynamics.state_dict().items()}
+    return tensors
+
+
+def write_checkpoint(run: Run, tmp: Path) -> None:
+    """The main process's files of a checkpoint, trainer_state.json last (it marks the checkpoint complete)."""
+    model = run.accelerator.unwrap_model(run.model, keep_torch_compile=False)
+    runfolder.save_tensors(model.state_dict(), tmp / "model.safetensors")
+    tensors, meta = runfolder.flatten_optimizer(run.optimizer.state_dict())
+    runfolder.save_tensors(tensors, tmp / "optimizer.safetensors", meta)
+    runfolder.save_tensors(own_tensors(run), tmp / "state.safetensors")
+    (tmp / "config.json").write_text(json.dumps(run.config, indent=2))  # the checkpoint's own record (resume check)
+    scaler = run.accelerator.scaler.state_dict() if run.accelerator.scaler is not None else None
+    (tmp / "trainer_state.json").write_text(json.dumps(run.state | {"scaler": scaler}))
+
+
+def save_checkpoint(run: Run, step: int) -> None:
+    """Every process writes its RNG state and the main one the rest into tmp_step_N, renamed to step_N once whole,
+    then older ones are pruned: a kill or a full disk at any point leaves the last complete checkpoint usable. A
+    failure on any process stops every process with its message."""
+    accelerator, folder = run.accelerator, run.out / "checkpoints"
+    final, tmp = folder / f"step_{step:06d}", folder / f"tmp_step_{step:06d}"
+
+    def attempt(write) -> str | None:
         try:
-            accelerator.load_state(str(ckpt))
-            state = json.loads((ckpt / "trainer_state.json").read_text())
-        except Exception as e:  # noqa: BLE001 - any failure here means the files are unusable
-            raise ValueError(f"checkpoint {ckpt} is corrupt or incomplete ({type(e).__name__}: {e}); "
-                             f"resume from another one or start over with --overwrite") from None
-        if accelerator.is_main_process:
-            truncate_metrics(out / "metrics.jsonl", state["step"])
-        accelerator.print(f"resumed from {ckpt} at step {state['step']}")
+            write()
+        except OSError as e:
+            if accelerator.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)  # a partial checkpoint only takes space
+            return storage_error(e, run.out, f"checkpoint {final.name}")
+        return None
 
-    # ---- loop: t counts optimizer steps (ProSelfLC's t); T = --max-steps
-    accum, micro = args.gradient_accumulation_steps, args.batch_size // (world * args.gradient_accumulation_steps)
-    batches = data.TrainBatches(train_ds, info, args.batch_size, args.seed, rank, world, state["step"], device,
-                                num_workers=workers, max_bad_fraction=args.max_bad_fraction,
-                                key_column=args.key_column)
+    if accelerator.is_main_process:
+        agree(accelerator, attempt(lambda: (shutil.rmtree(tmp, ignore_errors=True), tmp.mkdir(parents=True))))
+    else:
+        agree(accelerator, None)
+    agree(accelerator, attempt(lambda: runfolder.save_rng_state(tmp / f"rng_{accelerator.process_index}.safetensors")))
+    if accelerator.is_main_process:
+        agree(accelerator, attempt(lambda: (write_checkpoint(run, tmp), runfolder.replace_checkpoint(tmp, final),
+                                            runfolder.prune_checkpoints(run.out, run.args.keep_checkpoints))))
+    else:
+        agree(accelerator, None)
+
+
+def load_checkpoint(run: Run, ckpt: Path) -> None:
+    """Model, optimizer, the run's own tensors, this process's RNG state and the step counters from a checkpoint
+    that check_checkpoint accepted."""
+    accelerator, rank = run.accelerator, run.accelerator.process_index
+    try:
+        state = runfolder.read_json(ckpt / "trainer_state.json")
+        model = accelerator.unwrap_model(run.model, keep_torch_compile=False)
+        model.load_state_dict(runfolder.read_tensors(ckpt / "model.safetensors")[0])
+        run.optimizer.load_state_dict(runfolder.unflatten_optimizer(*runfolder.read_tensors(ckpt / "optimizer.safetensors")))
+        own = runfolder.read_tensors(ckpt / "state.safetensors")[0]
+        run.loss_module.load_state_dict({k[5:]: v for k, v in own.items() if k.startswith("loss.")})
+        if run.dynamics is not None:
+            run.dynamics.load_state_dict({k[9:]: v for k, v in own.items() if k.startswith("dynamics.")})
+        if accelerator.scaler is not None and state.get("scaler"):
+            accelerator.scaler.load_state_dict(state["scaler"])
+        saved_world = runfolder.read_json(ckpt / "config.json").get("world_size", accelerator.num_processes)
+        if saved_world == accelerator.num_processes:
+            runfolder.load_rng_state(ckpt / f"rng_{rank}.safetensors")
+        else:
+            accelerator.print(f"note: {ckpt} was written by {saved_world} processes, this run has "
+                              f"{accelerator.num_processes}: the data order and RNG differ from an uninterrupted run")
+    except (ValueError, KeyError, RuntimeError, OSError) as e:
+        raise ValueError(f"checkpoint {ckpt} does not fit this run ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                         f"resume from another one or start over with --overwrite") from None
+    run.state = {k: v for k, v in state.items() if k != "scaler"}
+    accelerator.print(f"resumed from {ckpt} at step {run.state['step']}")
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def stop_if_diverged(run: Run, bad_step: torch.Tensor, step: int) -> None:
+    """Raise FloatingPointError when any process saw a non-finite loss or the weights are no longer finite
+    (one host sync), pointing to the last checkpoint (all are finite) with advice by what ran."""
+    args, accelerator = run.args, run.accelerator
+    weights_ok = torch.stack([p.detach().isfinite().all() for p in run.model.parameters()]).all()
+    bad = torch.where(weights_ok | (bad_step >= 0), bad_step, step - 1)
+    bad = accelerator.gather(bad.view(1)).max().item()
+    if bad < 0:
+        return
+    last = runfolder.latest_checkpoint(run.out)
+    advice = ("use --mixed-precision bf16 (fp16 overflows), or lower --lr" if args.mixed_precision == "fp16"
+              else f"lower --lr (this run used {args.lr:g})")
+    resume = f"the last checkpoint, {last}, is finite" if last else "no checkpoint was saved before it"
+    error = FloatingPointError(f"loss is not finite at step {bad} (training diverged): {advice}; {resume}; "
+                               f"nothing after it was saved or logged")
+    error.agreed = True  # every process raises it
+    raise error
+
+
+def evaluate_and_log(run: Run, step: int, lr: float, sums: torch.Tensor, batches) -> dict:
+    """One line of metrics.jsonl: the training averages since the last one, then evaluate()."""
+    args, accelerator, state = run.args, run.accelerator, run.state
+    n = max(state["n_sum"], 1)
+    loss_sum, eps_sum = sums.tolist()
+    metrics = {"step": step, "lr": lr, "train_loss": loss_sum / n, "epsilon": eps_sum / n}
+    early = run.dynamics is not None and run.dynamics.observes_evaluation(step, args.batch_size, args.eval_every)
+    metrics |= evaluate(run.model, run.test_loader, run.train_eval_loader, accelerator, run.info, args.channels_last,
+                        run.dynamics, known_noise=args.noise != "none" or run.info.clean_subset, early=early)
+    metrics["process_steps"] = accelerator.gather(torch.tensor([step], device=accelerator.device)).tolist()
+    metrics["bad_images"] = len(set(gather_object(sorted(batches.bad_files))))
+    sums.zero_()
+    state["n_sum"] = 0
+    if metrics["test_acc"] > state["best_acc"]:
+        state["best_acc"], state["best_step"] = metrics["test_acc"], step
+    if accelerator.is_main_process:
+        with open(run.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+    accelerator.log(metrics, step=step)
+    accelerator.print(f"step {step}/{args.max_steps} " + " ".join(
+        f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+    return metrics
+
+
+def train_step(run: Run, batch: dict, t: int, sums: torch.Tensor, bad_step: torch.Tensor) -> torch.Tensor:
+    """Optimizer step t on this process's batch (micro-batches under gradient accumulation): no device value is read."""
+    args, accelerator, info = run.args, run.accelerator, run.info
+    accum = args.gradient_accumulation_steps
+    micro = args.batch_size // (accelerator.num_processes * accum)
+    x = data.normalize(batch["image"], info.mean, info.std)
+    if args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    for xs, ys, rows in zip(x.split(micro), batch["label"].split(micro), batch["index"].split(micro)):
+        with accelerator.accumulate(run.model):
+            logits = run.model(xs)
+            loss = run.loss_fn(logits, ys, step=t, index=rows)
+            if run.dynamics is not None and run.dynamics.observes_step(t, args.batch_size):
+                run.dynamics.observe(*accelerator.gather((logits.detach(), rows)))
+            accelerator.backward(loss)
+            run.optimizer.step()
+            run.optimizer.zero_grad(set_to_none=True)
+        eps = run.loss_module.last_epsilon
+        sums[0] += loss.detach().float() / accum
+        sums[1] += (eps.float().mean() if torch.is_tensor(eps) else eps) / accum
+        bad_step = torch.where(torch.isfinite(loss.detach()) | (bad_step >= 0), bad_step, t)
+    if args.method == "elr":
+        sync_running_targets(accelerator, run.loss_module, batch["index"])
+    return bad_step
+
+
+def train_loop(run: Run) -> dict:
+    """Steps t = state['step'] .. T-1 (t = ProSelfLC's optimizer steps taken); evaluation, checkpoints, progress,
+    and a checkpoint at the step reached when SIGTERM/SIGUSR1 arrives. Returns the last metrics."""
+    args, accelerator, state = run.args, run.accelerator, run.state
+    device, milestones = accelerator.device, milestone_steps(args)
+    batches = data.TrainBatches(run.train_ds, run.info, args.batch_size, args.seed, accelerator.process_index,
+                                accelerator.num_processes, state["step"], device, num_workers=args.num_workers,
+                                max_bad_fraction=args.max_bad_fraction, key_column=args.key_column)
     batch_iter = iter(batches)
-    loss_sum = torch.tensor(state["loss_sum"], device=device)
-    eps_sum = torch.tensor(state["eps_sum"], device=device)
-    bad_step = torch.tensor(-1, device=device)
+    sums = torch.tensor([state["loss_sum"], state["eps_sum"]], device=device)  # train loss and eps since the last log
+    bad_step, metrics = torch.tensor(-1, device=device), {}
     bar = tqdm(total=args.max_steps, initial=state["step"], disable=None if accelerator.is_local_main_process else True)
     tick, tick_step = time.perf_counter(), state["step"]
-    model.train()
+    run.model.train()
     for t in range(state["step"], args.max_steps):
         lr = lr_at(t, args.lr, args.max_steps, args.lr_schedule, milestones, args.poly_power)
-        for group in optimizer.param_groups:
+        for group in run.optimizer.param_groups:
             group["lr"] = lr
-        batch = next(batch_iter)  # this process's augmented batch of step t
-        x, labels, idx = data.normalize(batch["image"], info.mean, info.std), batch["label"], batch["index"]
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        for xs, ys, rows in zip(x.split(micro), labels.split(micro), idx.split(micro)):
-            with accelerator.accumulate(model):
-                logits = model(xs)
-                loss = loss_fn(logits, ys, step=t, index=rows)
-                if dynamics is not None and dynamics.observes_step(t, args.batch_size):
-                    dynamics.observe(*accelerator.gather((logits.detach(), rows)))
-                accelerator.backward(loss)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach() / accum
-            eps = loss_fn.last_epsilon
-            eps_sum += (eps.float().mean() if torch.is_tensor(eps) else eps) / accum
-            bad_step = torch.where(torch.isfinite(loss.detach()) | (bad_step >= 0), bad_step, t)
-        if args.method == "elr":
-            sync_running_targets(accelerator, loss_fn, idx)
+        bad_step = train_step(run, next(batch_iter), t, sums, bad_step)
         state["n_sum"] += 1
         step = t + 1
-
-        if step == args.max_steps or any(step % every == 0 for every in (args.log_every, args.eval_every, args.save_every)):
-            stop_if_diverged(bad_step, step, model, accelerator, args, out)  # before anything is logged or saved
-        if step % args.log_every == 0 or step == args.max_steps:
+        log_step = step % args.log_every == 0 or step == args.max_steps
+        stop = stop_requested(accelerator, log_step) and step < args.max_steps
+        if stop or step == args.max_steps or any(step % every == 0 for every in (args.log_every, args.eval_every,
+                                                                                 args.save_every)):
+            stop_if_diverged(run, bad_step, step)  # before anything is logged or saved
+        if log_step:
             now = time.perf_counter()
-            speed = (step - tick_step) * args.batch_size / (now - tick)
-            tick, tick_step = now, step
-            bar.set_postfix(loss=f"{loss_sum.item() / max(state['n_sum'], 1):.3f}",
-                            eps=f"{eps_sum.item() / max(state['n_sum'], 1):.3f}", lr=f"{lr:.3g}", img_s=f"{speed:.0f}")
+            n, (loss_sum, eps_sum) = max(state["n_sum"], 1), sums.tolist()
+            bar.set_postfix(loss=f"{loss_sum / n:.3f}", eps=f"{eps_sum / n:.3f}", lr=f"{lr:.3g}",
+                            img_s=f"{(step - tick_step) * args.batch_size / (now - tick):.0f}")
             bar.update(step - bar.n)
-
+            tick, tick_step = now, step
         if step % args.eval_every == 0 or step == args.max_steps:
-            n = max(state["n_sum"], 1)
-            metrics = {"step": step, "lr": lr, "train_loss": loss_sum.item() / n, "epsilon": eps_sum.item() / n}
-            metrics |= evaluate(model, test_loader, train_eval_loader, accelerator, info, channels_last,
-                                dynamics, known_noise=args.noise != "none" or info.clean_subset,
-                                early=dynamics is not None and dynamics.observes_evaluation(step, args.batch_size,
-                                                                                            args.eval_every))
-            metrics["process_steps"] = accelerator.gather(torch.tensor([step], device=device)).tolist()
-            metrics["bad_images"] = len(set(gather_object(sorted(batches.bad_files))))
-            loss_sum.zero_(), eps_sum.zero_()
-            state["n_sum"] = 0
-            if metrics["test_acc"] > state["best_acc"]:
-                state["best_acc"], state["best_step"] = metrics["test_acc"], step
-            if accelerator.is_main_process:
-                with open(out / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(metrics) + "\n")
-            accelerator.log(metrics, step=step)
-            accelerator.print(f"step {step}/{args.max_steps} " + " ".join(
-                f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
-
-        if step % args.save_every == 0 and step < args.max_steps:
-            state |= {"step": step, "loss_sum": loss_sum.item(), "eps_sum": eps_sum.item()}
-            save_checkpoint(accelerator, out, state, args.keep_checkpoints, config)
+            metrics = evaluate_and_log(run, step, lr, sums, batches)
+        if (step % args.save_every == 0 or stop) and step < args.max_steps:
+            state |= dict(zip(("loss_sum", "eps_sum"), sums.tolist()), step=step)
+            save_checkpoint(run, step)
+        if stop:
+            name = signal.Signals(STOP["signal"] or signal.SIGTERM).name
+            raise Stopped(f"stopped by {name} at step {step}: checkpoint {run.out / 'checkpoints' / f'step_{step:06d}'} "
+                          "written; run the same command with --resume latest (or --resume auto) to continue")
     bar.close()
+    return metrics
 
-    # ---- save: the final model (the paper reports the final model, not the best one)
+
+def save_final(run: Run, metrics: dict) -> None:
+    """The final model (the paper reports the final model, not the best one) and the audit's statistics, each
+    written to a temporary file and renamed: model.safetensors, written last, marks the run finished."""
+    accelerator, out = run.accelerator, run.out
     accelerator.wait_for_everyone()
+    error = None
     if accelerator.is_main_process:
-        weights = {k: v.detach().float().contiguous().cpu() if v.is_floating_point() else v.detach().contiguous().cpu()
-                   for k, v in accelerator.unwrap_model(model, keep_torch_compile=False).state_dict().items()}
+        model = accelerator.unwrap_model(run.model, keep_torch_compile=False)
+        weights = {k: v.float() if v.is_floating_point() else v for k, v in model.state_dict().items()}
         try:
-            if dynamics is not None:  # before the model, whose file marks the run finished
-                dynamics.save(out / "dynamics.safetensors", eval_keys)
-            save_file(weights, str(out / "model.safetensors"))
+            if run.dynamics is not None:
+                run.dynamics.save(out / "dynamics.safetensors", run.eval_keys)
+            runfolder.save_tensors_atomic(weights, out / "model.safetensors")
         except OSError as e:
-            (out / "model.safetensors").unlink(missing_ok=True)  # a partial file would look like a finished run
-            raise storage_error(e, out, "final model.safetensors") from None
+            error = storage_error(e, out, "final model.safetensors")
+    agree(accelerator, error)
+    if run.args.push_to_hub and accelerator.is_main_process:
+        import hub
+
+        hub.push_run(out, run.args.push_to_hub)
     accelerator.end_training()
-    accelerator.print(f"final test_acc={metrics['test_acc']:.4f} best_test_acc={state['best_acc']:.4f} "
-                      f"(step {state['best_step']}) output_dir={out}")
+    accelerator.print(f"final test_acc={metrics['test_acc']:.4f} best_test_acc={run.state['best_acc']:.4f} "
+                      f"(step {run.state['best_step']}) output_dir={out}")
+
+
+def make_accelerator(args: argparse.Namespace) -> Accelerator:
+    """Accelerate's view of the devices and processes; the values it decides go back into args."""
+    dynamo = TorchDynamoPlugin(backend="inductor", mode=args.compile_mode or "default") if args.compile else None
+    accelerator = Accelerator(cpu=args.cpu, mixed_precision=args.mixed_precision,
+                              gradient_accumulation_steps=args.gradient_accumulation_steps,
+                              log_with=args.report_to, project_dir=args.output_dir, dynamo_plugin=dynamo)
+    args.mixed_precision = ran_precision(accelerator)  # what runs, also when it came from the accelerate config
+    check_processes(args, accelerator)
+    if args.num_workers is None:
+        args.num_workers = data.default_workers(accelerator.num_processes)
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    elif accelerator.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    return accelerator
+
+
+def main(argv: list[str] | None = None) -> None:
+    # ---- config: every value resolved and checked; nothing touched yet
+    args = resolve_config(argv)
+    if vars(args).pop("print_config"):  # what a recipe means, before paying for it: no data, no Accelerator
+        print(json.dumps(planned_config(args), indent=2))
+        return
+    datasets.disable_progress_bars()  # the noise maps take a second; our own bar shows training
+    check_trackers(args.report_to)
+    accelerator = make_accelerator(args)
+    if args.weights == "imagenet":  # download (once) or fail with one line before the data is loaded
+        with accelerator.main_process_first():
+            models.imagenet_state_dict(args.model)
+    # ---- folder: locked; what to resume and whether to replace a run decided, nothing deleted yet
+    out, ckpt, clear = open_run_folder(args, accelerator)
+    run = Run(args, accelerator, out)
+    # ---- data, model, loss
+    build_data(run)
+    build_model(run)
+    run.config = run_config(args, run.info, accelerator.num_processes, accelerator.device)
+    if ckpt is not None:
+        check_same_run(ckpt, run.config)
+    record = noise.noise_record(run.train_ds, args.noise, args.noise_rate, args.noise_seed, run.info.num_classes,
+                                pairs=noise.parse_pairs(args.noise_pairs) or run.info.pairs_preset,
+                                noise_file=args.noise_file, noise_key=args.noise_key, key_column=args.key_column) \
+        if accelerator.is_main_process else {}
+    start_run_folder(out, run.config, record, clear, ckpt, accelerator)  # the first write, after every check
+    if args.report_to:
+        accelerator.init_trackers("proselflc", config={k: v for k, v in run.config.items()
+                                                       if isinstance(v, (int, float, str, bool))})
+    if ckpt is not None:
+        load_checkpoint(run, ckpt)
+    # ---- loop, save
+    STOP["training"] = True
+    metrics = train_loop(run)
+    save_final(run, metrics)
 
 
 def cli(argv: list[str] | None = None) -> int:
     """Run main(); bad input becomes one 'error: ...' line and exit code 2 (PROSELFLC_DEBUG=1 shows the traceback).
-    Under torchrun the line is printed by the process of rank 0 only; the run folder's lock is released in any case."""
+    Under torchrun, an error every process raises is printed by rank 0 only, an error of one process during training
+    by that process (the others stop when it does); a stop signal exits 143. The folder's lock is released in any case."""
+    rank = int(os.environ.get("RANK", "0"))
     try:
         main(argv)
-    except (ValueError, FileNotFoundError, FloatingPointError, OSError) as e:
+    except Finished as e:
+        if rank == 0:
+            print(e, file=sys.stderr)
+    except Stopped as e:
+        if rank == 0:
+            print(e, file=sys.stderr)
+        return EXIT_STOPPED
+    except (ValueError, FileNotFoundError, FloatingPointError, OSError, torch.distributed.DistError) as e:
         if os.environ.get("PROSELFLC_DEBUG"):
             raise
+        if isinstance(e, torch.distributed.DistError):  # a peer process failed and said why; this one just stops
+            return 2
         if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):  # a write refused by the system
             e = f"{e.strerror or e}: {e.filename or 'a file of the run'}; check the folder's permissions and free space"
-        if int(os.environ.get("RANK", "0")) == 0:
+        if rank == 0 or (STOP["training"] and not getattr(e, "agreed", False) and not isinstance(e, AgreedError)):
             print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
-        release_run_folder_locks()
+        STOP["training"] = False
+        runfolder.release_locks()
     return 0
 
 
+atexit.register(runfolder.release_locks)  # also when main() is called without cli()
+
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))  # unwind: cli() releases the lock
+    for stop_signal in (signal.SIGTERM, signal.SIGUSR1):  # preemption: checkpoint, then exit 143 (on_stop_signal)
+        signal.signal(stop_signal, on_stop_signal)
     sys.exit(cli())

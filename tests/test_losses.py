@@ -131,16 +131,20 @@ def test_methods_and_module_api():
         assert torch.allclose(per_example.sum(), summed, atol=1e-13)
 
 
-def test_all_hparam_keys_accepted_none_means_default_unused_ignored():
+def test_none_means_default_and_a_hyperparameter_the_method_does_not_use_is_refused():
     z, y, _ = _data()
     every = {k: None for k in losses.HPARAMS}
     for method in PAPER_METHODS:
         a = build_loss(method, C, total_steps=T, **every)(z, y, step=50)
         b = build_loss(method, C, total_steps=T)(z, y, step=50)
         assert torch.equal(a, b)
-    # unused values are ignored: cce with eps/q/alpha is plain cross entropy
-    a = build_loss("cce", C, eps=0.5, q=0.3, alpha=1.0, beta=2.0, exp_base=3.0, temperature=2.0)(z, y)
-    assert torch.allclose(a, F.cross_entropy(z, y))
+    for method, key, value in (("cce", "eps", 0.5), ("cce", "temperature", 0.5), ("cce", "exp_base", 12.0),
+                               ("proselflc", "q", 0.3), ("cce", "elr_beta", 0.5), ("ls", "detach_target", True)):
+        with pytest.raises(ValueError, match=f"{key} is not used by {method} \\(it is used by "):
+            build_loss(method, C, total_steps=T, **{key: value})
+    with pytest.raises(ValueError, match="zero loss"):
+        build_loss("sce", C, alpha=0.0, beta=0.0)
+    assert set(losses.FIXED_EPS) == {m for m in losses.METHODS if "eps" in losses.USES[m]}
 
 
 # --------------------------------------------------------------- exactness vs references
@@ -279,7 +283,7 @@ def test_target_method_matches_formula():
     z, y, q = _data(n=6, seed=7)
     for method in TARGET_METHODS:
         for hp in VARIANTS if method in SELF_TARGET else ({},):
-            fn = build_loss(method, C, total_steps=T, eps=0.3, **hp)
+            fn = build_loss(method, C, total_steps=T, **({"eps": 0.3} if method in losses.FIXED_EPS else {}), **hp)
             got = fn.target(z, y, step=40)
             want = _reference_target(method, z, q, step=40, eps=0.3, **hp)
             assert got.shape == (6, C)
@@ -472,8 +476,9 @@ def test_unknown_method_lists_valid_names():
     ({"trust": "max"}, "trust='max'"), ({"elr_beta": 1.5}, r"elr_beta=1\.5"), ({"elr_lambda": -1}, "elr_lambda=-1"),
 ])
 def test_bad_hparams_raise_naming_the_value(hp, match):
+    method = next((m for m in METHODS if set(hp) <= set(losses.USES[m])), "proselflc")  # one that uses it
     with pytest.raises(ValueError, match=match):
-        build_loss("proselflc", 10, total_steps=100, **hp)
+        build_loss(method, 10, total_steps=100, **hp, **_extra(method))
 
 
 def test_bad_sizes_and_steps_raise():

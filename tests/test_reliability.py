@@ -10,6 +10,7 @@ import os
 import pickle
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -23,6 +24,7 @@ from safetensors.torch import load_file
 
 import eval as ev
 import losses
+import runfolder
 import sweep
 import train
 
@@ -55,7 +57,7 @@ def lock_holder(lock: Path, proc: subprocess.Popen, seconds: float = 120) -> int
     """The pid in a run's lock, once written (the lock file is created empty, then filled)."""
     wait_for(lock, proc, seconds)
     deadline = time.time() + seconds
-    while "pid" not in (holder := train.read_lock(lock)):
+    while "pid" not in (holder := runfolder.read_lock(lock)):
         assert proc.poll() is None and time.time() < deadline, f"{lock} stayed empty"
         time.sleep(0.05)
     return int(holder["pid"])
@@ -122,13 +124,13 @@ def test_a_second_run_into_a_busy_folder_is_refused_and_a_dead_runs_lock_is_take
     finally:
         first.send_signal(signal.SIGTERM)
         first.wait(timeout=60)
-    assert not (out / train.LOCK_NAME).exists(), "SIGTERM must unwind and release the lock"
+    assert not (out / runfolder.LOCK_NAME).exists(), "SIGTERM must unwind and release the lock"
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    (out / train.LOCK_NAME).write_text(json.dumps({"pid": int(dead.stdout), "host": train.socket.gethostname()}))
+    (out / runfolder.LOCK_NAME).write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname()}))
     assert train.cli([*TINY, "--output-dir", str(out), "--overwrite"]) == 0
     assert f"locked by pid {int(dead.stdout)}" in capsys.readouterr().err
-    assert not (out / train.LOCK_NAME).exists()
+    assert not (out / runfolder.LOCK_NAME).exists()
 
 
 # ---- 3. sweep.py forwards SIGTERM and waits for its runs
@@ -138,15 +140,15 @@ def test_a_terminated_sweep_leaves_no_train_py_running(tmp_path):
                              "--seeds", "0", "1", "--budgets", "300", "--jobs", "2", "--output-root", str(root),
                              "--", *TINY[1:], "--max-steps", "100000", "--eval-every", "100000", "--save-every", "100000"],
                             cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    locks = [root / f"digits-symmetric-0.2-cce-T300-seed{s}" / train.LOCK_NAME for s in (0, 1)]
+    locks = [root / f"digits-symmetric-0.2-cce-T300-seed{s}" / runfolder.LOCK_NAME for s in (0, 1)]
     children = []
     spawned = psutil.Process(proc.pid)
     try:
         children = [lock_holder(lock, proc) for lock in locks]
-        assert all(train.pid_alive(pid) for pid in children)
+        assert all(runfolder.pid_alive(pid) for pid in children)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
-        survivors = [pid for pid in children if train.pid_alive(pid)]
+        survivors = [pid for pid in children if runfolder.pid_alive(pid)]
     finally:  # leave nothing behind when the test fails, also before the runs took their locks
         leftovers = spawned.children(recursive=True) if proc.poll() is None else []
         proc.kill()
@@ -154,7 +156,7 @@ def test_a_terminated_sweep_leaves_no_train_py_running(tmp_path):
             with contextlib.suppress(psutil.Error):
                 child.kill()
         for pid in children:
-            if train.pid_alive(pid):
+            if runfolder.pid_alive(pid):
                 os.kill(pid, signal.SIGKILL)
     assert proc.returncode == 128 + signal.SIGTERM and "sweep stopped by SIGTERM" in err
     assert survivors == []
@@ -256,25 +258,35 @@ def test_unwritable_output_folders_give_one_line(read_only_dir, tmp_path, capsys
 
 @pytest.mark.parametrize("when", ["checkpoint", "final save"])
 def test_a_full_disk_names_the_checkpoint_still_usable(tmp_path, capsys, monkeypatch, when):
-    def full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    real, calls = runfolder.save_tensors, []
 
-    if when == "checkpoint":
-        real, calls = train.Accelerator.save_state, []
+    def fails_at_the_second_checkpoint_or_the_final_save(tensors, path, metadata=None):
+        calls.append(path.name)
+        if (when == "checkpoint" and calls.count("model.safetensors") == 2) or path.name == "model.safetensors.tmp":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(tensors, path, metadata)
 
-        def second_fails(self, *args, **kwargs):
-            calls.append(1)
-            return full() if len(calls) == 2 else real(self, *args, **kwargs)
-
-        monkeypatch.setattr(train.Accelerator, "save_state", second_fails)
-    else:
-        monkeypatch.setattr(train, "save_file", full)
+    monkeypatch.setattr(runfolder, "save_tensors", fails_at_the_second_checkpoint_or_the_final_save)
     out = tmp_path / "run"
     assert train.cli([*TINY, "--max-steps", "6", "--output-dir", str(out)]) == 2
     line = one_error_line(capsys)
     usable = out / "checkpoints" / ("step_000004" if when == "final save" else "step_000002")
     assert "No space left on device" in line and f"{usable} is complete and still usable" in line
     assert not (out / "model.safetensors").exists() and not list((out / "checkpoints").glob("tmp_*"))
+    assert not list(out.glob("*.tmp"))
+
+
+def test_a_file_size_limit_gives_one_line_and_leaves_no_partial_checkpoint(tmp_path):
+    """A real write failure (ulimit -f: 'File too large', raised inside safetensors) at the first checkpoint."""
+    out = tmp_path / "run"
+    proc = subprocess.run(["bash", "-c", f"ulimit -f 40; exec {sys.executable} train.py {' '.join(TINY)} "
+                                         f"--output-dir {out}"], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=300)
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("note:")]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: cannot write the checkpoint step_000002") and "File too large" in lines[0]
+    assert "no checkpoint was completed yet" in lines[0]
+    assert list((out / "checkpoints").iterdir()) == [] and not (out / "model.safetensors").exists()
 
 
 def test_bad_data_and_label_files_give_one_line(tmp_path, capsys):
@@ -296,7 +308,8 @@ def test_bad_data_and_label_files_give_one_line(tmp_path, capsys):
              (["--dataset", "cifar10", "--data-dir", str(tmp_path)], "not a CIFAR python batch"),
              (["--dataset", "scripted", "--data-dir", str(script)], "loading script")]
     for flags, words in cases:
-        assert train.cli([*TINY, "--output-dir", str(tmp_path / "run"), *flags]) == 2
+        tiny = TINY[:1] + TINY[5:] if "--dataset" in flags else TINY  # --synthetic-size is for --dataset synthetic
+        assert train.cli([*tiny, "--output-dir", str(tmp_path / "run"), *flags]) == 2
         assert words in one_error_line(capsys)
     assert not (tmp_path / "pwned").exists()
 

@@ -111,7 +111,7 @@ def test_two_cpu_processes_share_t_and_count_every_test_example_once(tmp_path):
     assert [m["process_steps"] for m in metrics] == [[20, 20], [40, 40]]
     assert all(m["test_examples"] == 360 for m in metrics)
     assert json.loads((out / "config.json").read_text())["world_size"] == 2
-    assert (out / "checkpoints" / "step_000020" / "random_states_1.pkl").exists()
+    assert sorted(p.name for p in (out / "checkpoints" / "step_000020").glob("rng_*")) == ["rng_0.safetensors", "rng_1.safetensors"]
 
 
 def test_killed_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
@@ -204,9 +204,8 @@ def test_resume_with_other_hyperparameters_is_refused(tmp_path, capsys):
 
 
 def elr_targets_of(checkpoint: Path) -> torch.Tensor:
-    """The running targets train.py registered for checkpointing (one of Accelerate's custom_checkpoint_N.pkl)."""
-    states = [torch.load(path, weights_only=True) for path in sorted(checkpoint.glob("custom_checkpoint_*.pkl"))]
-    return next(state["elr_targets"] for state in states if "elr_targets" in state)
+    """The running targets in a checkpoint's own state (state.safetensors, 'loss.elr_targets')."""
+    return load_file(str(checkpoint / "state.safetensors"))["loss.elr_targets"]
 
 
 def test_elr_on_two_cpu_processes_keeps_one_set_of_running_targets(tmp_path):
