@@ -858,7 +858,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--relabel", metavar="PATH", help="--audit: write a label file with the flagged labels set to the predicted class")
     p.add_argument("--drop", metavar="PATH", help="--audit: write a label file without the flagged examples (label -1)")
     p.add_argument("--cpu", action="store_true", help="evaluate on the CPU even when a GPU is present")
+    mode.add_argument("--push-to-hub", metavar="RUN_DIR", help="upload a finished run with a model card to --repo-id (hub.py)")
+    p.add_argument("--repo-id", help="--push-to-hub: the Hub model repository, owner/name")
+    p.add_argument("--dry-run", action="store_true", help="--push-to-hub: stage the files in RUN_DIR-hub and list them, no network")
     args = p.parse_args(argv)
+    if args.push_to_hub or args.repo_id or args.dry_run:
+        return check_push_args(args)
     if not args.runs:
         raise ValueError("no run folders given: pass train.py run folders (or, for --table/--plot, a folder holding them)")
     if args.batch_size < 1 or args.top < 0:
@@ -866,10 +871,28 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def check_push_args(args: argparse.Namespace) -> argparse.Namespace:
+    """--push-to-hub RUN_DIR needs --repo-id and takes no other run folder; --repo-id/--dry-run need --push-to-hub."""
+    if not args.push_to_hub:
+        raise ValueError("--repo-id and --dry-run go with --push-to-hub RUN_DIR")
+    if not args.repo_id:
+        raise ValueError("--push-to-hub needs --repo-id owner/name: the Hub model repository to upload to")
+    if args.runs:
+        raise ValueError(f"--push-to-hub takes its one run folder, got {len(args.runs)} more: {' '.join(args.runs)}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Dispatch to the chosen use."""
     args = parse_args(argv)
     datasets.disable_progress_bars()  # the splits are small or cached; keep stderr for warnings and errors
+    if args.push_to_hub or any(r.startswith("hf://") for r in args.runs):
+        import hub  # only when asked: hub.py imports eval.py
+
+        if args.push_to_hub:
+            hub.push_run(Path(args.push_to_hub), args.repo_id, dry_run=args.dry_run)
+            return
+        args.runs = [str(hub.download_run(r)) if hub.is_hub_run(r) else r for r in args.runs]
     if args.table:
         table_main(args)
     elif args.plot:

@@ -58,6 +58,12 @@ HPARAMS: dict[str, object] = {  # None: resolved by method or number of classes 
     "detach_target": False, "temperature": None, "trust": None, "elr_beta": None, "elr_lambda": None,
     "num_examples": None, "reduction": "mean",
 }
+_PROSELFLC_HPARAMS = ("total_steps", "exp_base", "transit", "detach_target", "temperature", "trust")
+USED_HPARAMS: dict[str, tuple[str, ...]] = {  # the hyperparameters each method reads (the rest are ignored)
+    "cce": (), "ls": ("eps",), "cp": ("eps", "detach_target"), "bootsoft": ("eps", "detach_target"), "boothard": ("eps",),
+    "proselflc": _PROSELFLC_HPARAMS, "proselflc_t": _PROSELFLC_HPARAMS, "gce": ("q",), "sce": ("alpha", "beta"),
+    "elr": ("elr_beta", "elr_lambda"),
+}
 TRUSTS: tuple[str, ...] = ("entropy", "maxp")
 REDUCTIONS: tuple[str, ...] = ("mean", "sum", "none")
 
@@ -204,11 +210,7 @@ class TrainingLoss(torch.nn.Module):
 
     def extra_repr(self) -> str:
         """The method and the hyperparameters it uses."""
-        used = {"ls": "eps", "cp": "eps detach_target", "bootsoft": "eps detach_target", "boothard": "eps",
-                "proselflc": "total_steps exp_base transit detach_target temperature trust",
-                "gce": "q", "sce": "alpha beta", "elr": "elr_beta elr_lambda"}
-        used["proselflc_t"] = used["proselflc"]
-        keys = ["num_classes"] + used.get(self.method, "").split() + ["reduction"]
+        keys = ["num_classes", *USED_HPARAMS[self.method], "reduction"]
         return ", ".join([repr(self.method)] + [f"{k}={getattr(self, k)!r}" for k in keys])
 
     def epsilon(self, probs: Tensor, step: int | float | Tensor | None) -> Tensor:
