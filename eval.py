@@ -1,6 +1,6 @@
 """Evaluate, plot, tabulate and audit the run folders that train.py writes.
 
-Four uses:
+Four uses, and two with the Hub (hub.py):
 
     python eval.py RUN_DIR [--dataset D --data-dir DIR] [--json]
         Load config.json + model.safetensors (no optimizer, no training code), evaluate in fp32 on
@@ -15,6 +15,10 @@ Four uses:
         Which training labels are wrong: every training example ranked by label_quality from the
         training dynamics train.py kept (dynamics.safetensors), worst first, with is_label_issue;
         --relabel / --drop write a label file for `train.py --noise file --noise-file PATH`.
+    python eval.py --push-to-hub RUN_DIR --repo-id owner/name [--dry-run] [--stage-dir DIR]
+        Upload a finished run and a generated model card to a Hub model repository (hub.push_run).
+    python eval.py hf://owner/name
+        Download a pushed run into the Hugging Face cache and evaluate it as above.
 
 Definitions (all on softmax outputs p, C classes):
 - entropy: mean over examples of H(p) / log C, in [0, 1].
@@ -860,9 +864,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cpu", action="store_true", help="evaluate on the CPU even when a GPU is present")
     mode.add_argument("--push-to-hub", metavar="RUN_DIR", help="upload a finished run with a model card to --repo-id (hub.py)")
     p.add_argument("--repo-id", help="--push-to-hub: the Hub model repository, owner/name")
-    p.add_argument("--dry-run", action="store_true", help="--push-to-hub: stage the files in RUN_DIR-hub and list them, no network")
+    p.add_argument("--dry-run", action="store_true", help="--push-to-hub: stage the files and list them, no network")
+    p.add_argument("--stage-dir", help="--push-to-hub: where to stage the files (default: RUN_DIR-hub beside the run)")
     args = p.parse_args(argv)
-    if args.push_to_hub or args.repo_id or args.dry_run:
+    if args.push_to_hub or args.repo_id or args.dry_run or args.stage_dir:
         return check_push_args(args)
     if not args.runs:
         raise ValueError("no run folders given: pass train.py run folders (or, for --table/--plot, a folder holding them)")
@@ -872,9 +877,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def check_push_args(args: argparse.Namespace) -> argparse.Namespace:
-    """--push-to-hub RUN_DIR needs --repo-id and takes no other run folder; --repo-id/--dry-run need --push-to-hub."""
+    """--push-to-hub RUN_DIR needs --repo-id and takes no other run folder; --repo-id, --dry-run, --stage-dir need it."""
     if not args.push_to_hub:
-        raise ValueError("--repo-id and --dry-run go with --push-to-hub RUN_DIR")
+        raise ValueError("--repo-id, --dry-run and --stage-dir go with --push-to-hub RUN_DIR")
     if not args.repo_id:
         raise ValueError("--push-to-hub needs --repo-id owner/name: the Hub model repository to upload to")
     if args.runs:
@@ -890,7 +895,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         import hub  # only when asked: hub.py imports eval.py
 
         if args.push_to_hub:
-            hub.push_run(Path(args.push_to_hub), args.repo_id, dry_run=args.dry_run)
+            hub.push_run(Path(args.push_to_hub), args.repo_id, dry_run=args.dry_run,
+                         stage_dir=Path(args.stage_dir) if args.stage_dir else None)
             return
         args.runs = [str(hub.download_run(r)) if hub.is_hub_run(r) else r for r in args.runs]
     if args.table:

@@ -138,9 +138,10 @@ def card_body(run: ev.Run, noise: dict[str, Any], repo_id: str) -> str:
     cfg, last = run.config, run.metrics[-1]
     best = max(run.metrics, key=lambda m: m.get("test_acc", float("-inf")))
     dataset, kind, rate = ev.setting_of(cfg)
-    realised = noise.get("realised_rate")
+    method, realised = str(cfg.get("method")), noise.get("realised_rate")
     lines = [
-        f"# {ev.method_label(str(cfg.get('method')), cfg.get('eps'))} on {dataset}, {ev.noise_label(kind, rate)}",
+        f"# {ev.method_label(method, cfg.get('eps') if method in ev.EPS_METHODS else None)} on {dataset}, "
+        f"{ev.noise_label(kind, rate)}",
         "",
         f"A `{cfg.get('model')}` trained with `{cfg.get('method')}` by the ProSelfLC reference training suite "
         f"(`train.py`) on {dataset} with {ev.noise_label(kind, rate)} training labels; accuracy is measured on "
