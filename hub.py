@@ -49,10 +49,10 @@ def check_repo_id(repo_id: str) -> str:
     try:
         validate_repo_id(repo_id)
     except HFValidationError as e:
-        raise ValueError(f"--repo-id {repo_id!r} is not a Hub repository id ({str(e).splitlines()[0]}): "
+        raise ValueError(f"{repo_id!r} is not a Hub repository id ({str(e).splitlines()[0]}): "
                          "use owner/name") from None
     if repo_id.count("/") != 1:
-        raise ValueError(f"--repo-id {repo_id!r} is not a Hub repository id: use owner/name")
+        raise ValueError(f"{repo_id!r} is not a Hub repository id: use owner/name")
     return repo_id
 
 
