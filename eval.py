@@ -1,6 +1,6 @@
 """Evaluate, plot, tabulate and audit the run folders that train.py writes.
 
-Four uses:
+Four uses, and two with the Hub (hub.py):
 
     python eval.py RUN_DIR [--dataset D --data-dir DIR] [--json]
         Load config.json + model.safetensors (no optimizer, no training code), evaluate in fp32 on
@@ -15,6 +15,10 @@ Four uses:
         Which training labels are wrong: every training example ranked by label_quality from the
         training dynamics train.py kept (dynamics.safetensors), worst first, with is_label_issue;
         --relabel / --drop write a label file for `train.py --noise file --noise-file PATH`.
+    python eval.py --push-to-hub RUN_DIR --repo-id owner/name [--dry-run] [--stage-dir DIR]
+        Upload a finished run and a generated model card to a Hub model repository (hub.push_run).
+    python eval.py hf://owner/name
+        Download a pushed run into the Hugging Face cache and evaluate it as above.
 
 Definitions (all on softmax outputs p, C classes):
 - entropy: mean over examples of H(p) / log C, in [0, 1].
@@ -831,7 +835,7 @@ def audit_main(args: argparse.Namespace) -> None:
 FLAG_USES = {"csv": ("table",), "best_eps": ("table",), "relabel": ("audit",), "drop": ("audit",), "top": ("audit",),
              "score": ("audit",), "json": ("evaluate",), "dataset": ("evaluate", "audit"),
              "data_dir": ("evaluate", "audit"), "batch_size": ("evaluate", "audit"), "cpu": ("evaluate", "audit"),
-             "out": ("plot", "table", "audit")}
+             "out": ("plot", "table", "audit"), "repo_id": ("push",), "dry_run": ("push",), "stage_dir": ("push",)}
 OUTPUT_FLAGS = ("out", "csv", "relabel", "drop")
 
 
@@ -859,15 +863,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--relabel", metavar="PATH", help="--audit: write a label file with the flagged labels set to the predicted class")
     p.add_argument("--drop", metavar="PATH", help="--audit: write a label file without the flagged examples (label -1)")
     p.add_argument("--cpu", action="store_true", help="evaluate on the CPU even when a GPU is present")
+    mode.add_argument("--push-to-hub", metavar="RUN_DIR", help="upload a finished run with a model card to --repo-id (hub.py)")
+    p.add_argument("--repo-id", help="--push-to-hub: the Hub model repository, owner/name")
+    p.add_argument("--dry-run", action="store_true", help="--push-to-hub: stage the files and list them, no network")
+    p.add_argument("--stage-dir", help="--push-to-hub: where to stage the files (default: RUN_DIR-hub beside the run)")
     args = p.parse_args(argv)
-    use = "plot" if args.plot else "table" if args.table else "audit" if args.audit else "evaluate"
+    use = "push" if args.push_to_hub else "plot" if args.plot else "table" if args.table else "audit" if args.audit else "evaluate"
     for key, uses in FLAG_USES.items():
         if getattr(args, key) not in (None, False) and use not in uses:
-            raise ValueError(f"--{key.replace('_', '-')} is not used by {'evaluation' if use == 'evaluate' else '--' + use} "
-                             f"(only by {', '.join('evaluation' if u == 'evaluate' else '--' + u for u in uses)}): drop it")
+            raise ValueError(f"--{key.replace('_', '-')} is not used by {'evaluation' if use == 'evaluate' else '--' + use.replace('push', 'push-to-hub')} "
+                             f"(only by {', '.join('evaluation' if u == 'evaluate' else '--' + u.replace('push', 'push-to-hub') for u in uses)}): drop it")
     args.batch_size = 500 if args.batch_size is None else args.batch_size
     args.top = 10 if args.top is None else args.top
     args.score = args.score or "dynamics"
+    if use == "push":
+        return check_push_args(args)
     if not args.runs:
         raise ValueError("no run folders given: pass train.py run folders (or, for --table/--plot, a folder holding them)")
     if args.batch_size < 1 or args.top < 0:
@@ -896,10 +906,29 @@ def write_or_explain(write, path: str | Path) -> None:
         raise ValueError(f"cannot write {path} ({e.strerror or e}): choose a writable place with free space") from None
 
 
+def check_push_args(args: argparse.Namespace) -> argparse.Namespace:
+    """--push-to-hub RUN_DIR needs --repo-id and takes no other run folder; --repo-id, --dry-run, --stage-dir need it."""
+    if not args.push_to_hub:
+        raise ValueError("--repo-id, --dry-run and --stage-dir go with --push-to-hub RUN_DIR")
+    if not args.repo_id:
+        raise ValueError("--push-to-hub needs --repo-id owner/name: the Hub model repository to upload to")
+    if args.runs:
+        raise ValueError(f"--push-to-hub takes its one run folder, got {len(args.runs)} more: {' '.join(args.runs)}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Dispatch to the chosen use."""
     args = parse_args(argv)
     datasets.disable_progress_bars()  # the splits are small or cached; keep stderr for warnings and errors
+    if args.push_to_hub or any(r.startswith("hf://") for r in args.runs):
+        import hub  # only when asked: hub.py imports eval.py
+
+        if args.push_to_hub:
+            hub.push_run(Path(args.push_to_hub), args.repo_id, dry_run=args.dry_run,
+                         stage_dir=Path(args.stage_dir) if args.stage_dir else None)
+            return
+        args.runs = [str(hub.download_run(r)) if hub.is_hub_run(r) else r for r in args.runs]
     if args.table:
         table_main(args)
     elif args.plot:

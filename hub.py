@@ -1,0 +1,299 @@
+"""Share a finished run on the Hugging Face Hub, and fetch one back.
+
+    python eval.py --push-to-hub RUN_DIR --repo-id owner/name [--dry-run]
+        Stage the run's weights, config.json, noise.json, metrics.jsonl, the dynamics plot,
+        label_issues.csv (when the audit wrote one) and a model card README.md into RUN_DIR-hub/,
+        then create the model repository and upload that folder (--dry-run: stage and list only).
+    python eval.py hf://owner/name
+        Download a pushed run into the Hugging Face cache and evaluate it like a local run folder.
+
+The run folder itself is only read. The card is huggingface_hub's ModelCard: its YAML comes from
+ModelCardData (library_name, tags, datasets, metrics and a model-index holding the final clean test
+accuracy, exactly the last test_acc of metrics.jsonl).
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+from pathlib import Path
+from typing import Any
+
+import huggingface_hub
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub.errors import (HfHubHTTPError, HFValidationError, LocalEntryNotFoundError, LocalTokenNotFoundError,
+                                   OfflineModeIsEnabled)
+from huggingface_hub.utils import httpx, validate_repo_id  # httpx: the HTTP client huggingface_hub itself uses
+
+import data
+import eval as ev
+import losses
+
+# What a pushed run holds: copied from the run folder (the optional ones when present), plus the plot and the card.
+RUN_FILES = ("model.safetensors", "config.json", "noise.json", "metrics.jsonl")
+OPTIONAL_RUN_FILES = ("label_issues.csv",)
+PLOT = "dynamics.png"
+CARD = "README.md"
+STAGED_NAMES = frozenset((*RUN_FILES, *OPTIONAL_RUN_FILES, PLOT, CARD))
+HF_PREFIX = "hf://"
+# Every way huggingface_hub reports that the Hub cannot be used now: no token, offline mode, an HTTP error
+# status (401, 403, 5xx, ...), a refused or timed-out connection.
+HUB_ERRORS = (LocalTokenNotFoundError, OfflineModeIsEnabled, HfHubHTTPError, httpx.TransportError)
+# Flags of train.py that say where and how a run is kept, not what it computes: left out of the command.
+NOT_REPRODUCED = ("dataset", "recipe", "output_dir", "resume", "overwrite", "print_config")
+
+
+def check_repo_id(repo_id: str) -> str:
+    """`repo_id` if it is a valid 'owner/name' model repository id, else a one-line ValueError."""
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise ValueError(f"{repo_id!r} is not a Hub repository id ({str(e).splitlines()[0]}): "
+                         "use owner/name") from None
+    if repo_id.count("/") != 1:
+        raise ValueError(f"{repo_id!r} is not a Hub repository id: use owner/name")
+    return repo_id
+
+
+def finished_run(run_dir: Path) -> ev.Run:
+    """The run at `run_dir` if it has finished (model.safetensors written, metrics.jsonl at its last step)."""
+    if not (Path(run_dir) / "model.safetensors").is_file():
+        raise ValueError(f"{run_dir} has no model.safetensors: the run has not finished (push a finished run)")
+    return ev.load_run(Path(run_dir))  # model.safetensors is written last, after the final metrics line
+
+
+def method_keys(method: str) -> list[str]:
+    """config.json keys of the hyperparameters `method` reads (losses.USES, named as train.py's flags)."""
+    return [{"q": "gce_q"}.get(k, k) for k in losses.USES.get(method, ()) if k != "num_examples"]
+
+
+def reproduce_command(config: dict[str, Any]) -> str:
+    """`python train.py ...` with every flag whose value in config.json differs from its recipe's default.
+
+    Left out: where the run was kept (NOT_REPRODUCED), the hyperparameters of other methods, and the image
+    size of data held in memory (config.json records its native size; the flags apply to photos)."""
+    import train  # only here: train.py is only needed for its recipes
+
+    base = vars(train.resolve_args(["--dataset", str(config["dataset"]), "--recipe", str(config["recipe"])]))
+    other_methods = {k for m in losses.METHODS for k in method_keys(m)} - set(method_keys(str(config["method"])))
+    skip = {*NOT_REPRODUCED, *other_methods, *(("resize", "image_size") if config.get("input_path") == "memory" else ())}
+    argv = ["--dataset", str(config["dataset"])]
+    if config["recipe"] != train.recipe_for(str(config["dataset"])):
+        argv += ["--recipe", str(config["recipe"])]
+    for key, default in base.items():
+        value = config.get(key)
+        if key in skip or value is None or value == default:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):  # store_true flags, and --no-X for the BooleanOptionalAction ones
+            argv.append(flag if value else "--no-" + flag[2:])
+        else:
+            argv += [flag, str(value)]
+    world = int(config.get("world_size") or 1)
+    launcher = ["accelerate", "launch", "--num_processes", str(world)] if world > 1 else ["python"]
+    return shlex.join([*launcher, "train.py", *argv])
+
+
+def dataset_id(config: dict[str, Any]) -> str:
+    """The dataset as the Hub names it (cifar10 -> uoft-cs/cifar10), else the name the run was given."""
+    name = str(config["dataset"])
+    return data.HUB_IDS.get(name, name)
+
+
+def eval_result(run: ev.Run, noise: dict[str, Any]) -> EvalResult:
+    """The model-index entry: the final clean test accuracy (last test_acc of metrics.jsonl) and what it was measured on."""
+    dataset, kind, rate = ev.setting_of(run.config)
+    return EvalResult(
+        task_type="image-classification", dataset_type=dataset_id(run.config),
+        dataset_name=f"{dataset}, clean test split (trained on {ev.noise_label(kind, rate)} training labels)",
+        dataset_split="test", dataset_args={"noise": kind, "noise_rate": rate,
+                                            "realised_noise_rate": noise.get("realised_rate")},
+        metric_type="accuracy", metric_name="final clean test accuracy",
+        metric_value=run.metrics[-1]["test_acc"])
+
+
+def card_data(run: ev.Run, noise: dict[str, Any], model_name: str) -> ModelCardData:
+    """The card's YAML metadata; library_name pytorch: the weights are a plain torch state dict in safetensors."""
+    method = str(run.config.get("method"))
+    kind = str(noise.get("kind", run.config.get("noise")))
+    tags = list(dict.fromkeys(["noisy-labels", method, "proselflc", "image-classification", f"noise-{kind}"]))
+    return ModelCardData(library_name="pytorch", tags=tags, datasets=[dataset_id(run.config)], metrics=["accuracy"],
+                         model_name=model_name, eval_results=[eval_result(run, noise)])
+
+
+def hyperparameter_rows(config: dict[str, Any]) -> list[str]:
+    """Markdown table rows of the method's and the optimiser's values from config.json."""
+    keys = ("method", *method_keys(str(config.get("method"))), "model", "weights", "max_steps", "batch_size", "lr",
+            "momentum", "weight_decay", "lr_schedule", "milestones", "poly_power", "seed", "mixed_precision", "world_size")
+    return [f"| `{k}` | {config[k]} |" for k in keys if config.get(k) is not None]
+
+
+def card_body(run: ev.Run, noise: dict[str, Any], repo_id: str) -> str:
+    """The card's Markdown: method, hyperparameters, noise record, accuracy, plot, command, how to load."""
+    cfg, last = run.config, run.metrics[-1]
+    best = max(run.metrics, key=lambda m: m.get("test_acc", float("-inf")))
+    dataset, kind, rate = ev.setting_of(cfg)
+    method, realised = str(cfg.get("method")), noise.get("realised_rate")
+    lines = [
+        f"# {ev.method_label(method, cfg.get('eps') if method in ev.EPS_METHODS else None)} on {dataset}, "
+        f"{ev.noise_label(kind, rate)}",
+        "",
+        f"A `{cfg.get('model')}` trained with `{cfg.get('method')}` by the ProSelfLC reference training suite "
+        f"(`train.py`) on {dataset} with {ev.noise_label(kind, rate)} training labels; accuracy is measured on "
+        "the clean test split.",
+        "",
+        "## Result",
+        "",
+        f"- final clean test accuracy: **{last['test_acc']:.4f}** (step {last['step']} of {cfg.get('total_steps')})",
+        f"- best clean test accuracy: {best['test_acc']:.4f} (step {best['step']})",
+        "",
+        f"![learning dynamics]({PLOT})",
+        "",
+        "## Label noise (noise.json)",
+        "",
+        f"- kind: `{noise.get('kind', kind)}`, requested rate {noise.get('requested_rate', rate)}"
+        + (f", realised rate {realised:.4f} ({noise.get('num_noisy')} of {noise.get('num_examples')} "
+           "training labels changed)" if isinstance(realised, (int, float)) else ""),
+        f"- noise seed: {noise.get('seed', cfg.get('noise_seed'))}",
+        "",
+        "## Method and hyperparameters (config.json)",
+        "",
+        "| hyperparameter | value |",
+        "|---|---|",
+        *hyperparameter_rows(cfg),
+        "",
+        "## Reproduce",
+        "",
+        "In a checkout of the suite (at commit `{}`):".format(cfg.get("git_commit") or "unknown"),
+        "",
+        "```bash",
+        reproduce_command(cfg),
+        "```",
+        "",
+        "## Load the weights",
+        "",
+        "```python",
+        "import json",
+        "from huggingface_hub import snapshot_download",
+        "from safetensors.torch import load_file",
+        "import models  # models.py of the ProSelfLC suite",
+        "",
+        f'folder = snapshot_download("{repo_id}")',
+        'cfg = json.load(open(f"{folder}/config.json"))',
+        'model = models.build_model(cfg["model"], cfg["num_classes"], cfg["in_channels"])',
+        'model.load_state_dict(load_file(f"{folder}/model.safetensors"))',
+        "model.eval()",
+        "```",
+        "",
+        f"or evaluate it on the clean test split: `python eval.py {HF_PREFIX}{repo_id}`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def read_noise(run_dir: Path) -> dict[str, Any]:
+    """noise.json of a run folder ({} for a run without one)."""
+    f = Path(run_dir) / "noise.json"
+    if not f.is_file():
+        return {}
+    try:
+        record = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{f} is not valid JSON ({e}): the run folder is damaged") from None
+    return record if isinstance(record, dict) else {}
+
+
+def model_card(run_dir: Path, repo_id: str | None = None) -> ModelCard:
+    """The model card of a finished run: ModelCardData YAML, then the Markdown body."""
+    run = finished_run(Path(run_dir))
+    noise = read_noise(Path(run_dir))
+    repo_id = repo_id or f"OWNER/{Path(run_dir).resolve().name}"
+    data = card_data(run, noise, model_name=repo_id.split("/")[-1])
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{card_body(run, noise, repo_id)}")
+
+
+def default_stage_dir(run_dir: Path) -> Path:
+    """RUN_DIR-hub beside the run folder: the staging folder when none is given."""
+    run_dir = Path(run_dir).resolve()
+    return run_dir.with_name(run_dir.name + "-hub")
+
+
+def prepare_stage_dir(stage_dir: Path, run_dir: Path) -> None:
+    """An empty staging folder outside the run folder; a previous staging of ours is emptied, anything else refused."""
+    if stage_dir.resolve() == run_dir.resolve() or stage_dir.resolve().is_relative_to(run_dir.resolve()):
+        raise ValueError(f"the staging folder {stage_dir} lies inside the run folder {run_dir}: choose another")
+    if stage_dir.exists():
+        if not stage_dir.is_dir():
+            raise ValueError(f"the staging folder {stage_dir} is a file: choose a folder")
+        foreign = sorted(p.name for p in stage_dir.iterdir() if p.name not in STAGED_NAMES or not p.is_file())
+        if foreign:
+            raise ValueError(f"the staging folder {stage_dir} holds other files ({', '.join(foreign[:3])}): "
+                             "choose an empty or new folder")
+        for p in stage_dir.iterdir():
+            p.unlink()
+    stage_dir.mkdir(parents=True, exist_ok=True)
+
+
+def stage_run(run_dir: Path, repo_id: str, stage_dir: Path) -> list[Path]:
+    """Copy the run's files, draw the plot and write the card into stage_dir; return the staged files."""
+    run = finished_run(run_dir)
+    card = model_card(run_dir, repo_id)  # before any write: a damaged run leaves no half-staged folder
+    prepare_stage_dir(stage_dir, run_dir)
+    for name in (*RUN_FILES, *OPTIONAL_RUN_FILES):
+        if (run_dir / name).is_file():
+            shutil.copyfile(run_dir / name, stage_dir / name)
+    ev.plot_runs([run], stage_dir / PLOT)
+    card.save(stage_dir / CARD)
+    return sorted(stage_dir.iterdir())
+
+
+def upload(stage_dir: Path, repo_id: str, private: bool) -> str:
+    """create_repo (exist_ok) + upload_folder of the staged folder; the commit URL. Hub failures: one-line ValueError."""
+    try:
+        if huggingface_hub.get_token() is None:
+            raise LocalTokenNotFoundError("no Hugging Face token: run `hf auth login` or set HF_TOKEN")
+        huggingface_hub.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        info = huggingface_hub.upload_folder(repo_id=repo_id, folder_path=stage_dir, repo_type="model",
+                                             commit_message="Upload a ProSelfLC run")
+    except HUB_ERRORS as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"cannot push to the Hub as {repo_id} ({type(e).__name__}: {first}); the staged "
+                         f"files are in {stage_dir}") from None
+    return str(getattr(info, "commit_url", info))
+
+
+def push_run(run_dir: Path, repo_id: str, *, dry_run: bool = False, stage_dir: Path | None = None,
+             private: bool = False) -> Path:
+    """Stage a finished run (the run folder is only read) and upload it to the model repo `repo_id`; the staged folder."""
+    run_dir = Path(run_dir)
+    check_repo_id(repo_id)
+    if not run_dir.is_dir():
+        raise ValueError(f"{run_dir} is not a folder: pass a finished train.py run folder")
+    finished_run(run_dir)
+    stage_dir = Path(stage_dir) if stage_dir is not None else default_stage_dir(run_dir)
+    staged = stage_run(run_dir, repo_id, stage_dir)
+    listing = "\n".join(f"  {p.name} ({p.stat().st_size:,} bytes)" for p in staged)
+    if dry_run:
+        print(f"dry run: would upload {len(staged)} files from {stage_dir} to https://huggingface.co/{repo_id}:\n{listing}")
+        return stage_dir
+    url = upload(stage_dir, repo_id, private)
+    print(f"pushed {len(staged)} files from {stage_dir} to https://huggingface.co/{repo_id} ({url}):\n{listing}")
+    return stage_dir
+
+
+def is_hub_run(text: str) -> bool:
+    """Whether a RUN_DIR argument names a pushed run (hf://owner/name)."""
+    return text.startswith(HF_PREFIX)
+
+
+def download_run(text: str) -> Path:
+    """snapshot_download of hf://owner/name into the Hugging Face cache; the local folder, to use as a run folder."""
+    repo_id = check_repo_id(text[len(HF_PREFIX):])
+    try:
+        folder = huggingface_hub.snapshot_download(repo_id, repo_type="model",
+                                                   allow_patterns=[*RUN_FILES, *OPTIONAL_RUN_FILES, CARD])
+    except (*HUB_ERRORS, LocalEntryNotFoundError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"cannot download {text} from the Hub ({type(e).__name__}: {first})") from None
+    return Path(folder)
