@@ -1,5 +1,6 @@
 """Shared test set-up: the repo root on sys.path, and a fresh Accelerate state for every test."""
 
+import os
 import signal
 import subprocess
 import sys
@@ -10,6 +11,22 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}  # subprocess runs: one thread each
+# A run of a few seconds: 256 synthetic images, the small CNN, checkpoints and evaluations every 2 steps.
+TINY = ["--cpu", "--dataset", "synthetic", "--synthetic-size", "256", "--model", "digits_cnn", "--batch-size", "32",
+        "--max-steps", "4", "--save-every", "2", "--eval-every", "2"]
+
+
+def one_error_line(capsys) -> str:
+    """The single stderr line of a refused run (notes aside)."""
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip() and not line.startswith("note:")]
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under folder with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(autouse=True)

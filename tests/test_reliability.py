@@ -25,25 +25,11 @@ from safetensors.torch import load_file
 import eval as ev
 import losses
 import runfolder
+from conftest import ENV, TINY, one_error_line, snapshot
 import sweep
 import train
 
 ROOT = Path(train.__file__).resolve().parent
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-TINY = ["--cpu", "--dataset", "synthetic", "--synthetic-size", "256", "--model", "digits_cnn", "--batch-size", "32",
-        "--max-steps", "4", "--save-every", "2", "--eval-every", "2"]
-
-
-def one_error_line(capsys) -> str:
-    """The single stderr line of a refused run (notes aside)."""
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip() and not line.startswith("note:")]
-    assert len(lines) == 1 and lines[0].startswith("error: "), lines
-    return lines[0]
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    """Every file under folder with its bytes."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def wait_for(path: Path, proc: subprocess.Popen, seconds: float = 120) -> None:
