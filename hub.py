@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import huggingface_hub
+from huggingface_hub import constants as hub_constants
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.errors import (HfHubHTTPError, HFValidationError, LocalEntryNotFoundError, LocalTokenNotFoundError,
                                    OfflineModeIsEnabled)
@@ -246,6 +247,17 @@ def stage_run(run_dir: Path, repo_id: str, stage_dir: Path) -> list[Path]:
     ev.plot_runs([run], stage_dir / PLOT)
     card.save(stage_dir / CARD)
     return sorted(stage_dir.iterdir())
+
+
+def check_can_push(repo_id: str) -> None:
+    """Before a run that ends with a push (train.py --push-to-hub): a valid id, a token and no offline mode."""
+    check_repo_id(repo_id)
+    if hub_constants.HF_HUB_OFFLINE:
+        raise ValueError(f"--push-to-hub {repo_id}: HF_HUB_OFFLINE is set, so the run could not be pushed at its end; "
+                         "unset it, or push later with eval.py --push-to-hub")
+    if huggingface_hub.get_token() is None:
+        raise ValueError(f"--push-to-hub {repo_id}: no Hugging Face token (run `hf auth login` or set HF_TOKEN), so the "
+                         "run could not be pushed at its end; nothing was run")
 
 
 def upload(stage_dir: Path, repo_id: str, private: bool) -> str:

@@ -365,6 +365,10 @@ def check_run_flags(args: argparse.Namespace) -> None:
         raise ValueError("--noise file needs --noise-file PATH of an existing CIFAR-N .pt, .npy, .csv or .parquet file "
                          f"(got {args.noise_file!r})")
     noise.parse_pairs(args.noise_pairs)  # raises on a malformed or self-mapping pair list
+    if args.push_to_hub:
+        import hub  # its model card uses eval.py's plots: imported only by runs that push
+
+        hub.check_can_push(args.push_to_hub)
     runfolder.check_folder_path(Path(args.output_dir))
 
 

@@ -169,6 +169,15 @@ def test_print_config_checks_what_a_run_checks(capsys, flags, words):
     assert words in one_error_line(capsys)
 
 
+def test_push_to_hub_is_checked_before_the_run(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # no stored token
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    for repo, words in (("not a repo id", "is not a Hub repository id"), ("owner/name", "no Hugging Face token")):
+        assert train.cli([*TINY, "--output-dir", str(tmp_path / "run"), "--push-to-hub", repo]) == 2
+        assert words in one_error_line(capsys)
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_label_file_giving_one_key_two_labels_is_refused():
     import numpy as np
 
