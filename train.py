@@ -1109,6 +1109,12 @@ def main(argv: list[str] | None = None) -> None:
     save_final(run, metrics)
 
 
+def peer_failed(e: RuntimeError) -> bool:
+    """Whether a collective failed because another process of the run exited (its own error line says why)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and (
+        isinstance(e, torch.distributed.DistError) or "closed by peer" in str(e) or "remote worker" in str(e))
+
+
 def cli(argv: list[str] | None = None) -> int:
     """Run main(); bad input becomes one 'error: ...' line and exit code 2 (PROSELFLC_DEBUG=1 shows the traceback).
     Under torchrun, an error every process raises is printed by rank 0 only, an error of one process during training
@@ -1123,11 +1129,13 @@ def cli(argv: list[str] | None = None) -> int:
         if rank == 0:
             print(e, file=sys.stderr)
         return EXIT_STOPPED
-    except (ValueError, FileNotFoundError, FloatingPointError, OSError, torch.distributed.DistError) as e:
+    except RuntimeError as e:
+        if not peer_failed(e) or os.environ.get("PROSELFLC_DEBUG"):
+            raise
+        return 2  # another process failed and printed why; this one stops without a second line
+    except (ValueError, FileNotFoundError, FloatingPointError, OSError) as e:
         if os.environ.get("PROSELFLC_DEBUG"):
             raise
-        if isinstance(e, torch.distributed.DistError):  # a peer process failed and said why; this one just stops
-            return 2
         if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):  # a write refused by the system
             e = f"{e.strerror or e}: {e.filename or 'a file of the run'}; check the folder's permissions and free space"
         if rank == 0 or (STOP["training"] and not getattr(e, "agreed", False) and not isinstance(e, AgreedError)):
