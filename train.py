@@ -621,7 +621,7 @@ def stop_requested(accelerator: Accelerator, sync_step: bool) -> bool:
         return STOP["signal"] != 0
     if not sync_step:
         return False
-    return accelerator.reduce(torch.tensor(STOP["signal"], device=accelerator.device), "max").item() != 0
+    return accelerator.gather(torch.tensor([STOP["signal"]], device=accelerator.device)).max().item() != 0
 
 
 def agree(accelerator: Accelerator, error: str | None) -> None:

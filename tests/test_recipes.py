@@ -114,7 +114,7 @@ def test_another_max_steps_scales_the_recipes_milestones():
     assert train.resolve_args(["--dataset", "cifar100", "--max-steps", "3000"]).milestones == "1500,2200"
     assert train.resolve_args(["--dataset", "cifar100", "--max-steps", "3000", "--milestones", "100"]).milestones == "100"
     args = train.resolve_args(["--recipe", "imagenet", "--lr-schedule", "step"])
-    assert (args.milestones, args.poly_power) == ("", None) and train.check_args(args, 1) == []  # a constant lr
+    assert (args.milestones, args.poly_power) == ("", None) and train.milestone_steps(args) == []  # a constant lr
     args = train.resolve_args(["--recipe", "cifar", "--lr-schedule", "poly"])
     assert (args.milestones, args.poly_power) == (None, 2.0)
 
