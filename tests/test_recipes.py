@@ -27,20 +27,20 @@ def print_config(capsys, monkeypatch, *flags: str) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
-def test_print_config_shows_the_papers_imagenet_recipe(capsys, monkeypatch):
-    config = print_config(capsys, monkeypatch, "--dataset", "imagenet", "--data-dir", "/data/imagenet")
+def test_print_config_shows_the_papers_imagenet_recipe(capsys, monkeypatch, tmp_path):
+    config = print_config(capsys, monkeypatch, "--dataset", "imagenet", "--data-dir", str(tmp_path))
     assert {k: config[k] for k in ("recipe", "model", "weights", "lr", "momentum", "weight_decay", "batch_size",
                                    "max_steps", "lr_schedule", "poly_power", "milestones", "resize", "image_size",
                                    "data_dir")} == {
         "recipe": "imagenet", "model": "resnet50", "weights": "none", "lr": 2e-3, "momentum": 0.95,
         "weight_decay": 1e-4, "batch_size": 64, "max_steps": 500_000, "lr_schedule": "poly", "poly_power": 2.0,
-        "milestones": None, "resize": 256, "image_size": 224, "data_dir": "/data/imagenet"}
+        "milestones": None, "resize": 256, "image_size": 224, "data_dir": str(tmp_path)}
     assert config["num_classes"] is None and config["in_channels"] is None  # decided by the data
     assert config["train_eval_size"] == 50_000  # not all 1.28M examples at every evaluation
 
 
-def test_print_config_shows_the_papers_clothing1m_recipe(capsys, monkeypatch):
-    config = print_config(capsys, monkeypatch, "--dataset", "clothing1m", "--data-dir", "/data/clothing1m")
+def test_print_config_shows_the_papers_clothing1m_recipe(capsys, monkeypatch, tmp_path):
+    config = print_config(capsys, monkeypatch, "--dataset", "clothing1m", "--data-dir", str(tmp_path))
     assert {k: config[k] for k in ("recipe", "model", "weights", "lr", "momentum", "weight_decay", "batch_size",
                                    "max_steps", "lr_schedule", "poly_power", "milestones", "resize", "image_size",
                                    "noise")} == {
@@ -90,14 +90,20 @@ def other_value(key: str, value):
     """A flag value different from the recipe's `value` for `key`."""
     named = {"model": "resnet18", "weights": "mine.safetensors", "method": "cce", "noise": "symmetric",
              "milestones": "1,2", "resize": 40, "image_size": 36, "lr_schedule": "cosine" if value != "cosine" else "step",
-             "in_memory": "no", "augment": "rrc", "train_eval_size": 123 if value != 123 else 124}
+             "in_memory": "no", "augment": "rrc", "train_eval_size": 123 if value != 123 else 124, "momentum": 0.5}
     if key in named:
         return named[key]
     return value + 1 if isinstance(value, int) and not isinstance(value, bool) else value + 0.125
 
 
+USED_WITH = {"synthetic_size": ["--dataset", "synthetic"], "synthetic_classes": ["--dataset", "synthetic"],
+             "resize": ["--image-size", "32"], "noise_rate": ["--noise", "symmetric"], "noise_seed": ["--noise", "symmetric", "--noise-rate", "0.2"]}
+
+
 @pytest.mark.parametrize("recipe", list(train.RECIPES))
-def test_every_recipe_value_is_a_flag_that_overrides_it(recipe):
+def test_every_recipe_value_is_a_flag_that_overrides_it(recipe, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.safetensors").write_bytes(b"")  # --weights names a file: it must exist
     assert all(getattr(train.parse_args([]), key) is None for key in train.RECIPES[recipe])  # no second default
     for key, value in train.RECIPES[recipe].items():
         if key == "channels_last":
@@ -106,7 +112,8 @@ def test_every_recipe_value_is_a_flag_that_overrides_it(recipe):
         if key == "milestones" and value is None or key == "poly_power" and train.RECIPES[recipe]["lr_schedule"] != "poly":
             continue  # not used by this recipe's schedule (giving it is an error, tested below)
         new = other_value(key, value)
-        args = train.resolve_args(["--recipe", recipe, f"--{key.replace('_', '-')}", str(new)])
+        uses = USED_WITH.get(key, [])  # a flag the run would not use is refused: give it a run that uses it
+        args = train.resolve_args(["--recipe", recipe, *uses, f"--{key.replace('_', '-')}", str(new)])
         assert getattr(args, key) == new, key
 
 
