@@ -316,7 +316,7 @@ def offline_hub(monkeypatch):
     [
         (["--dataset", "tinyimagenet"], "unknown dataset 'tinyimagenet': choose one of digits, synthetic, cifar10, cifar100, imagenet"),
         (["--dataset", "cifar10"], "cannot load 'uoft-cs/cifar10' from the Hugging Face Hub (offline mode"),
-        (["--dataset", "cifar10", "--data-dir", "/no/such/folder"], "data path '/no/such/folder' does not exist"),
+        (["--dataset", "cifar10", "--data-dir", "/no/such/folder"], "--data-dir /no/such/folder: no such folder"),
         (["--noise", "symmetric", "--noise-rate", "1.0"], "[0, 1)"),
         (["--label-column", "target"], "no label column 'target': the dataset has columns"),
         (["--image-column", "pixels"], "no image column 'pixels': the dataset has columns"),

@@ -58,6 +58,8 @@ def fake_run(root: Path, method: str, noise: str, rate: float, seed: int, acc: f
                   "entropy_clean": 0.5 / k, "entropy_noisy": 0.6 / k * curve}
         lines.append(json.dumps(m))
     (path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    if finished:  # train.py writes the final model last: it marks a run finished
+        (path / "model.safetensors").write_bytes(b"x")
     return path
 
 
@@ -173,7 +175,7 @@ def test_sweep_grid_and_skip(tmp_path: Path) -> None:
     assert all("--dataset" in j.args and "cifar100" in j.args and "resnet44" in j.args for j in jobs)
     job = jobs[0]
     assert sweep.status(job.output_dir) == "new"
-    fake_run(tmp_path / "x", "cce", "symmetric", 0.4, 0, 0.5).rename(job.output_dir)
+    fake_run(tmp_path / "x", "cce", "symmetric", 0.4, 0, 0.5, finished=False).rename(job.output_dir)
     assert sweep.status(job.output_dir) == "started"  # metrics but no model.safetensors
     (job.output_dir / "model.safetensors").write_bytes(b"x")
     assert sweep.status(job.output_dir) == "finished"

@@ -149,8 +149,8 @@ def test_a_bad_repo_id_an_unfinished_run_and_a_bad_stage_dir_are_refused(run: Pa
 
 @pytest.mark.parametrize("args, words", [
     (["--push-to-hub", "RUN"], "needs --repo-id"),
-    (["--repo-id", "a/b", "RUN"], "go with --push-to-hub"),
-    (["--stage-dir", "S", "RUN"], "go with --push-to-hub"),
+    (["--repo-id", "a/b", "RUN"], r"--repo-id is not used by evaluation \(only by --push-to-hub\)"),
+    (["--stage-dir", "S", "RUN"], r"--stage-dir is not used by evaluation \(only by --push-to-hub\)"),
     (["--push-to-hub", "RUN", "--repo-id", "a/b", "OTHER"], "takes its one run folder"),
     (["--push-to-hub", "RUN", "--repo-id", "a b"], "is not a Hub repository id"),
 ])

@@ -302,7 +302,7 @@ def test_bad_data_and_label_files_give_one_line(tmp_path, capsys):
 
 def test_eval_refuses_a_config_that_is_not_an_object_and_an_unwritable_plot(killed_run, read_only_dir, tmp_path):
     run = Path(shutil.copytree(killed_run, tmp_path / "run"))
-    with pytest.raises(ValueError, match="cannot write the plot"):
+    with pytest.raises(ValueError, match="dynamics.png cannot be written"):
         ev.main(["--plot", str(run), "--out", str(read_only_dir / "dynamics.png")])
     (run / "config.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="holds a JSON list, not the object"):
