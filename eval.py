@@ -29,7 +29,7 @@ Definitions (all on softmax outputs p, C classes):
   prints it. p_bar_i = their mean fits the noisy labels, p_bar ~ q T, with q the clean-label posterior
   and T[i, j] = P(given j | true i). T comes from cleanlab's confident joint C of p_bar (C[j, k]: examples
   given j with p_bar_k >= the mean p_bar_k of the examples given k; rows scaled to the label counts), keeping
-  off the diagonal only the pairs whose count is significantly above an even spread of its row's off-diagonal
+  off the diagonal only the pairs whose count is significantly above an even spread of all off-diagonal
   mass (significant_pairs: a class the data shows clean keeps the identity row), and
   q_i = max(p_bar_i T^-1, 0) normalised; T is then re-estimated from the counts of (given label, argmax q)
   until argmax q stops changing (hard EM; a round that would flag half of some label's examples is refused).
@@ -675,18 +675,20 @@ def confident_joint(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def significant_pairs(counts: torch.Tensor, alpha: float = 0.05) -> torch.Tensor:
     """bool [C, C]: which off-diagonal counts[i, j] (true i, given j) are noise, not the estimate's own scatter.
 
-    Null hypothesis for a pair: row i's off-diagonal mass m_i is spread evenly over the C - 1 other classes,
-    counts[i, j] ~ Poisson(lambda_i), lambda_i = max(m_i / (C - 1), 1) (the floor: a count of one or two is
-    the estimate's noise, not a pair). A pair is kept when P(X >= counts[i, j]) = gammainc(counts[i, j],
-    lambda_i) < alpha / (C (C - 1)) (Bonferroni over the pairs). An even spread is what symmetric noise
-    gives, and there it does not change argmax q (T = a I + b 1 1^T keeps the order of p), so pruning it
-    loses nothing; pairs and partial pair noise stand far above it, and a clean class keeps no pair.
+    Null hypothesis for a pair: the off-diagonal mass m of the whole matrix is spread evenly over the
+    C (C - 1) pairs, counts[i, j] ~ Poisson(lambda), lambda = max(m / (C (C - 1)), 1) (the floor: a count of
+    one or two is scatter, not a pair). A pair is kept when P(X >= counts[i, j]) = gammainc(counts[i, j],
+    lambda) < alpha / (C (C - 1)) (Bonferroni over the pairs). An even spread is what symmetric noise gives,
+    and there pruning loses nothing: T = a I + b 1 1^T keeps the order of p, so argmax q = argmax p. Pair-flip
+    and partial pair noise stand far above it, and a class whose off-diagonal counts are only scatter keeps
+    the identity row.
     """
     num_classes = len(counts)
     off = counts * (1 - torch.eye(num_classes))
-    lam = (off.sum(dim=1, keepdim=True) / max(num_classes - 1, 1)).clamp(min=1.0)
-    tail = torch.where(off > 0, torch.special.gammainc(off.clamp(min=1e-12), lam.expand_as(off)), torch.ones_like(off))
-    return tail < alpha / max(num_classes * (num_classes - 1), 1)
+    pairs = max(num_classes * (num_classes - 1), 1)
+    lam = torch.full_like(off, max(float(off.sum()) / pairs, 1.0))
+    tail = torch.where(off > 0, torch.special.gammainc(off.clamp(min=1e-12), lam), torch.ones_like(off))
+    return tail < alpha / pairs
 
 
 def noise_transition(joint: torch.Tensor) -> torch.Tensor:
