@@ -25,14 +25,19 @@ Definitions (all on softmax outputs p, C classes):
 - ECE (Guo et al. 2017): 15 equal-width bins over the confidence max_k p_k, bin b = (b/15, (b+1)/15];
   ECE = sum_b |B_b|/N * |accuracy(B_b) - mean confidence(B_b)|.
 - audit score (training dynamics; the early-learning effect, Arpit et al. 2017; Northcutt et al. 2021;
-  Patrini et al. 2017): train.py adds softmax(z_i) of every training step of the first --audit-epochs
-  epochs (15) that held example i, from the forward pass before that step's update, so i was last fitted
-  an epoch earlier and the network has not memorised the noisy labels yet (a stream: its evaluations in
-  that window). p_bar_i = their mean fits the noisy labels, p_bar ~ q T, with q the clean-label posterior
+  Patrini et al. 2017): train.py adds softmax(z_i) of every training step of the early window that held
+  example i, from the forward pass before that step's update, so i was last fitted an epoch earlier and the
+  network has not memorised the noisy labels yet (a stream: its evaluations in that window). The window is
+  --audit-epochs, or chosen by the run (train.py's TrainingDynamics.window_closes: it closes once the labels
+  the network had missed start being fitted significantly more often, i.e. memorisation starts); the audit
+  prints it. p_bar_i = their mean fits the noisy labels, p_bar ~ q T, with q the clean-label posterior
   and T[i, j] = P(given j | true i). T comes from cleanlab's confident joint C of p_bar (C[j, k]: examples
-  given j with p_bar_k >= the mean p_bar_k of the examples given k; rows scaled to the label counts), and
+  given j with p_bar_k >= the mean p_bar_k of the examples given k; rows scaled to the label counts), keeping
+  off the diagonal only the pairs whose count is significantly above an even spread of all off-diagonal
+  mass (significant_pairs: a class the data shows clean keeps the identity row), and
   q_i = max(p_bar_i T^-1, 0) normalised; T is then re-estimated from the counts of (given label, argmax q)
-  until argmax q stops changing (hard EM). label_quality_i = q_i[y_i] (y = the given label),
+  until argmax q stops changing (hard EM; a round that would flag half of some label's examples is refused).
+  label_quality_i = q_i[y_i] (y = the given label),
   predicted_label_i = argmax_k q_i[k], is_label_issue_i = predicted_label_i != y_i: the threshold needs no
   clean labels. aum_i = mean over all evaluations of z_i[y_i] - max_{k != y_i} z_i[k] (the area under
   the margin, Pleiss et al. 2020) is a column. With --score final, or a run without dynamics.safetensors,
@@ -611,8 +616,9 @@ def final_model_columns(logits: torch.Tensor, labels: torch.Tensor) -> dict[str,
     return {"final_predicted_label": probs.argmax(dim=1), "final_label_quality": probs.gather(1, labels[:, None]).squeeze(1)}
 
 
-def read_dynamics(run_dir: Path, train_ds: Any) -> dict[str, torch.Tensor] | None:
-    """dynamics.safetensors scattered onto the rows of the map-style training split (None if the run has none).
+def read_dynamics(run_dir: Path, train_ds: Any) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+    """(dynamics.safetensors scattered onto the rows of the map-style training split, its metadata); None if the
+    run has none.
 
     A streamed run's rows are positions in its evaluated subset; their example keys (in the file's
     metadata) place them in the split. Rows never evaluated get count 0.
@@ -640,7 +646,7 @@ def read_dynamics(run_dir: Path, train_ds: Any) -> dict[str, torch.Tensor] | Non
         if len(rows) != n:
             raise ValueError(f"{path} has {len(rows)} rows but the training split has {n}: pass the run's --dataset")
     out = {k: torch.zeros((n, *v.shape[1:]), dtype=v.dtype).index_copy(0, rows, v) for k, v in dyn.items()}
-    return out
+    return out, meta
 
 
 def pair_counts(rows: torch.Tensor, cols: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -661,10 +667,34 @@ def confident_joint(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return joint / joint.sum(dim=1, keepdim=True).clamp(min=1) * given[:, None]
 
 
+def significant_pairs(counts: torch.Tensor, alpha: float = 0.05) -> torch.Tensor:
+    """bool [C, C]: which off-diagonal counts[i, j] (true i, given j) are noise, not the estimate's own scatter.
+
+    Null hypothesis for a pair: the off-diagonal mass m of the whole matrix is spread evenly over the
+    C (C - 1) pairs, counts[i, j] ~ Poisson(lambda), lambda = max(m / (C (C - 1)), 1) (the floor: a count of
+    one or two is scatter, not a pair). A pair is kept when P(X >= counts[i, j]) = gammainc(counts[i, j],
+    lambda) < alpha / (C (C - 1)) (Bonferroni over the pairs). An even spread is what symmetric noise gives,
+    and there pruning loses nothing: T = a I + b 1 1^T keeps the order of p, so argmax q = argmax p. Pair-flip
+    and partial pair noise stand far above it, and a class whose off-diagonal counts are only scatter keeps
+    the identity row.
+    """
+    num_classes = len(counts)
+    off = counts * (1 - torch.eye(num_classes))
+    pairs = max(num_classes * (num_classes - 1), 1)
+    lam = torch.full_like(off, max(float(off.sum()) / pairs, 1.0))
+    tail = torch.where(off > 0, torch.special.gammainc(off.clamp(min=1e-12), lam), torch.ones_like(off))
+    return tail < alpha / pairs
+
+
 def noise_transition(joint: torch.Tensor) -> torch.Tensor:
-    """T[i, j] = P(given j | true i) = C[j, i] / sum_j C[j, i]; a class nobody is confidently in keeps its labels."""
-    mass = joint.sum(dim=0)
-    return torch.where(mass[:, None] > 0, joint.T / mass.clamp(min=1e-12)[:, None], torch.eye(len(joint)))
+    """T[i, j] = P(given j | true i) from the counts C[j, i] (given j, true i), keeping only significant_pairs off
+    the diagonal (the rest of row i's mass stays on its diagonal); a class nobody is in keeps its labels."""
+    counts = joint.T
+    keep = significant_pairs(counts) | torch.eye(len(joint), dtype=torch.bool)
+    kept = torch.where(keep, counts, 0.0)
+    kept.diagonal().add_(counts.sum(dim=1) - kept.sum(dim=1))
+    mass = kept.sum(dim=1)
+    return torch.where(mass[:, None] > 0, kept / mass.clamp(min=1e-12)[:, None], torch.eye(len(joint)))
 
 
 def clean_posterior(probs: torch.Tensor, transition: torch.Tensor) -> torch.Tensor:
@@ -680,13 +710,17 @@ def clean_posterior(probs: torch.Tensor, transition: torch.Tensor) -> torch.Tens
 
 def audit_posterior(p_bar: torch.Tensor, labels: torch.Tensor, rounds: int = 10) -> torch.Tensor:
     """q = clean_posterior(p_bar, T): T from the confident joint, then re-estimated from the counts of
-    (given, argmax q) until argmax q stops changing (hard EM, at most `rounds` times)."""
+    (given, argmax q) until argmax q stops changing (hard EM, at most `rounds` times). A round that would flag
+    half or more of some given label's examples is refused (each label is mostly right: noise below 1/2 per
+    label, as T being invertible towards q needs), and the last accepted q stands."""
     num_classes = p_bar.shape[1]
+    given = torch.bincount(labels, minlength=num_classes)
     q = clean_posterior(p_bar, noise_transition(confident_joint(p_bar, labels)))
     for _ in range(rounds):
         new = clean_posterior(p_bar, noise_transition(pair_counts(labels, q.argmax(dim=1), num_classes)))
-        if torch.equal(new.argmax(dim=1), q.argmax(dim=1)):
-            return new
+        flagged = torch.bincount(labels[new.argmax(dim=1) != labels], minlength=num_classes)
+        if torch.equal(new.argmax(dim=1), q.argmax(dim=1)) or (2 * flagged >= given.clamp(min=1)).any():
+            return q if (2 * flagged >= given.clamp(min=1)).any() else new
         q = new
     return q
 
@@ -782,13 +816,15 @@ def audit_main(args: argparse.Namespace) -> None:
     logits = predict(model, train_ds, info, accelerator, args.batch_size)
     columns = final_model_columns(logits, labels)
     columns["eps"], columns["corrected_label"] = corrected_targets(logits, labels, cfg)
-    dyn = read_dynamics(run_dir, train_ds) if args.score == "dynamics" else None
+    found = read_dynamics(run_dir, train_ds) if args.score == "dynamics" else None
+    dyn, meta = found or (None, {})
     if dyn is not None:
         if not torch.equal(dyn["label"][dyn["count"] > 0], labels[dyn["count"] > 0]):
             raise ValueError(f"{run_dir}: the training labels differ from the run's: pass the run's --dataset and noise files")
         scored = dyn["early_count"] > 0
         columns |= dynamics_columns(dyn, scored)
         how = "the early training dynamics"
+        window = meta.get("window_text") or f"epochs [0, {meta.get('audit_epochs', '?')})"
     else:
         if args.score == "dynamics" and accelerator.is_main_process:
             print(f"notice: {run_dir} has no usable dynamics.safetensors (trained before the audit kept training dynamics, "
@@ -806,6 +842,8 @@ def audit_main(args: argparse.Namespace) -> None:
         write_or_explain(lambda: write_audit_csv(out, ranked, keys, train, columns, known_noise), out)
         print(f"{int(is_issue.sum())} of {int(scored.sum())} training labels flagged as label issues by {how}: "
               f"its predicted class differs from the given label; wrote {out}")
+        if dyn is not None:
+            print(f"early window: {window}")
         names = getattr(train_ds.features["label"], "names", None)
         print(f"most flagged (given -> predicted): {top_confusions(labels, columns['predicted_label'], is_issue, names)}")
         for rank, i in enumerate([i for i in ranked if is_issue[i]][: args.top], 1):

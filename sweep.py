@@ -66,7 +66,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         dataset="digits", model=None,
         methods=("cce", "ls", "cp", "bootsoft", "boothard", "gce", "sce", "proselflc", "proselflc_t", "elr"),
         settings=(("symmetric", 0.4),), budgets=(300, 1500),
-        seeds=(0, 1), eps=(0.25,), exp_base={}, train_args=("--eval-every", "50"),
+        seeds=(0, 1, 2), eps=(0.25,), exp_base={}, train_args=("--eval-every", "50"),
         launcher="python", cpu=True, jobs=2, plot_setting=("symmetric", 0.4),
     ),
 }

@@ -61,7 +61,7 @@ COMMON = dict(
     keep_checkpoints=2, log_every=20, channels_last=True,
     in_memory="auto", resize=256, image_size=224, augment="paper", max_bad_fraction=0.01,  # photos (decode per batch)
     train_eval_size=None,  # None: the whole map-style split (a stream: 10,000)
-    audit_epochs=15.0,  # the label audit's early window (TrainingDynamics), before the network memorises the noise
+    audit_epochs=None,  # the label audit's early window (TrainingDynamics); None: the run chooses it (window_closes)
 )
 RECIPES = {
     # Section 5.1 (1): CIFAR-100, ResNet-44 (by input size), pad-4 crop and flip
@@ -154,7 +154,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "stream; 0 turns it off)")
     d.add_argument("--audit-epochs", type=float,
                    help="the label audit's early window: the predictions of the first this many epochs are averaged, "
-                        f"before the network memorises the noisy labels ({by_recipe('audit_epochs')})")
+                        "before the network memorises the noisy labels (default: chosen by the run, ending when the "
+                        "given labels the network had not fitted start being fitted more often: memorisation; a stream: "
+                        f"{TrainingDynamics.STREAM_EPOCHS:g})")
     m = p.add_argument_group("model and loss")
     m.add_argument("--model", help=f"one of {', '.join(models.MODELS)} ({by_recipe('model')}; -: by input size: "
                                    "digits_cnn up to 16 px, resnet44 up to 64 px, resnet50 above)")
@@ -347,7 +349,7 @@ def check_numbers(args: argparse.Namespace) -> None:
         raise ValueError(f"--noise-rate must be in [0, 1), got {args.noise_rate}")
     if args.train_eval_size is not None and args.train_eval_size < 0:
         raise ValueError(f"--train-eval-size must be 0 (off) or more, got {args.train_eval_size}")
-    if not args.audit_epochs > 0:
+    if args.audit_epochs is not None and not args.audit_epochs > 0:
         raise ValueError(f"--audit-epochs must be above 0 (the label audit's early window, in epochs), got {args.audit_epochs}")
     milestone_steps(args)
 
@@ -495,40 +497,88 @@ def predict(model, loader, accelerator: Accelerator, info, channels_last: bool) 
 class TrainingDynamics:
     """Per-row sums of the predictions on the training split, the label audit's input (eval.py).
 
-    early_prob_sum[i] = sum of softmax(z_i) over the training steps of the first --audit-epochs epochs whose
-    batch held row i, early_count[i] their number: z_i is the training forward pass, before that step's
-    update, so example i was last fitted an epoch earlier, and the network fits clean labels before it
-    memorises the noisy ones (Arpit et al. 2017). A stream's batches carry no row of the scored subset, so
-    there the early sums come from the evaluations within the window instead (at least the first one; its
-    length unknown, an epoch counts as the subset's size).
+    early_prob_sum[i] = sum of softmax(z_i) over the training steps of the early window whose batch held row i,
+    early_count[i] their number: z_i is the training forward pass, before that step's update, so example i was
+    last fitted an epoch earlier, and the network fits clean labels before it memorises the noisy ones (Arpit
+    et al. 2017). The window is --audit-epochs epochs, or by default chosen by the run (window_closes): per
+    epoch e, of the rows whose previous prediction missed their given label, the share now predicted as it,
+    m_e = hits_e / misses_e. Learning drives m_e down; once the network memorises the labels it has not
+    fitted, m_e rises again; the window closes at the start of the epoch where that rise is significant.
+    Extra state for it: last_pred (int32 per row: 5 MB for ImageNet's 1.28M rows, against 5 GB of sums) and
+    two counts per epoch. A stream's batches carry no row of the scored subset, so there the early sums come
+    from the evaluations within --audit-epochs epochs (STREAM_EPOCHS if not given; at least the first
+    evaluation; its length unknown, an epoch counts as the subset's size).
     margin_sum[i] = sum over evaluations of z_y - max_{k != y} z_k of the un-augmented image (the area under
     the margin, Pleiss et al. 2020), count[i] = evaluations of row i, over the whole run. y = the given
     (noisy) label; rows are the training split's rows (a stream: positions in the evaluated subset). Every
-    process holds the same sums, on the device.
+    process holds the same sums and counts, on the device, so every process closes the window at the same step.
     """
 
-    def __init__(self, labels: torch.Tensor, num_classes: int, device: torch.device, audit_epochs: float,
-                 from_batches: bool):
+    STREAM_EPOCHS = 15.0  # a stream's window when --audit-epochs is not given
+    SMOOTH = 5  # epochs pooled on each side of the test in window_closes
+    Z = 3.0  # one-sided z of the two-proportion test in window_closes
+
+    def __init__(self, labels: torch.Tensor, num_classes: int, device: torch.device, audit_epochs: float | None,
+                 from_batches: bool, total_images: int = 0):
         self.label = labels.to(device)
-        self.audit_epochs, self.from_batches = audit_epochs, from_batches
+        self.from_batches, self.auto = from_batches, audit_epochs is None and from_batches
+        fixed = audit_epochs if audit_epochs is not None else self.STREAM_EPOCHS
+        self.window_end = math.inf if self.auto else float(fixed)  # in epochs; inf: still open
         self.margin_sum = torch.zeros(len(labels), device=device)
         self.count = torch.zeros(len(labels), dtype=torch.int64, device=device)
         self.early_prob_sum = torch.zeros(len(labels), num_classes, device=device)
         self.early_count = torch.zeros(len(labels), dtype=torch.int64, device=device)
+        self.last_pred = torch.full((len(labels),), -1, dtype=torch.int32, device=device)
+        epochs = math.ceil(total_images / max(len(labels), 1)) + 1 if self.auto else 0  # of the whole run
+        self.misses = torch.zeros(epochs, dtype=torch.int64, device=device)
+        self.hits = torch.zeros_like(self.misses)
+        self.epoch = 0
+
+    @classmethod
+    def window_closes(cls, hits: list[int], misses: list[int]) -> bool:
+        """Whether the window ends after these completed epochs: m = sum(hits) / sum(misses) of the last SMOOTH
+        epochs exceeds the lowest such m before (m0 over n0 misses) by Z sqrt(m0 (1 - m0) (1/n + 1/n0))."""
+        k = cls.SMOOTH
+        best = None
+        for e in range(k - 1, len(misses)):
+            n = sum(misses[e - k + 1:e + 1])
+            if n == 0:
+                continue
+            m = sum(hits[e - k + 1:e + 1]) / n
+            if best is not None and e >= 2 * k - 1 and m - best[0] > cls.Z * math.sqrt(best[0] * (1 - best[0]) * (1 / n + 1 / best[1])):
+                return True
+            if best is None or m < best[0]:
+                best = (m, n)
+        return False
 
     def observes_step(self, t: int, global_batch: int) -> bool:
-        """Whether training step t (0-based) adds its batch to the early sums: epoch t * B / N < audit_epochs."""
-        return self.from_batches and t * global_batch < self.audit_epochs * len(self.label)
+        """Whether training step t (0-based) adds its batch to the early sums: epoch t * B / N < the window's end.
+        An open window is tested at the first step of each epoch (one host sync per epoch)."""
+        if not self.from_batches:
+            return False
+        epoch = t * global_batch // len(self.label)
+        if self.auto and epoch > self.epoch and math.isinf(self.window_end) and epoch < len(self.misses):
+            if self.window_closes(self.hits[:epoch].tolist(), self.misses[:epoch].tolist()):
+                self.window_end = float(epoch)
+        self.epoch = epoch
+        return t * global_batch < self.window_end * len(self.label)
 
     def observes_evaluation(self, step: int, global_batch: int, eval_every: int) -> bool:
         """Whether the evaluation after `step` adds to the early sums (streams): the first one, or within the window."""
-        return not self.from_batches and (step <= eval_every or step * global_batch <= self.audit_epochs * len(self.label))
+        return not self.from_batches and (step <= eval_every or step * global_batch <= self.window_end * len(self.label))
 
     @torch.no_grad()
     def observe(self, logits: torch.Tensor, rows: torch.Tensor) -> None:
-        """Add softmax(logits) at `rows` to the early sums (every process passes the gathered batch; no host sync)."""
+        """Add softmax(logits) at `rows` to the early sums and, while the window is chosen, count this epoch's hits
+        and misses (every process passes the gathered batch; no host sync)."""
         self.early_prob_sum.index_add_(0, rows, logits.float().softmax(1))
         self.early_count.index_add_(0, rows, torch.ones_like(rows))
+        if self.auto and self.from_batches and self.epoch < len(self.misses):
+            pred, given, last = logits.argmax(1), self.label[rows], self.last_pred[rows]
+            missed = (last >= 0) & (last != given)
+            self.misses[self.epoch] += missed.sum()
+            self.hits[self.epoch] += (missed & (pred == given)).sum()
+            self.last_pred[rows] = pred.to(torch.int32)
 
     @torch.no_grad()
     def update(self, logits: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, early: bool) -> None:
@@ -543,17 +593,34 @@ class TrainingDynamics:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"margin_sum": self.margin_sum, "count": self.count, "early_prob_sum": self.early_prob_sum,
-                "early_count": self.early_count}
+                "early_count": self.early_count, "last_pred": self.last_pred, "misses": self.misses,
+                "hits": self.hits, "window_end": torch.tensor(self.window_end, dtype=torch.float64)}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         for name, value in state.items():
-            getattr(self, name).copy_(value)
+            if name == "window_end":
+                self.window_end = float(value)
+            else:
+                getattr(self, name).copy_(value)
+
+    def window_text(self) -> str:
+        """The early window as saved and printed, e.g. 'epochs [0, 21) chosen by the run'."""
+        end = self.window_end if math.isfinite(self.window_end) else self.epoch + 1
+        how = "--audit-epochs" if not self.auto else ("chosen by the run" if math.isfinite(self.window_end) else
+                                                        "chosen by the run: never closed, the whole run")
+        if not self.from_batches:
+            how = "evaluations of a stream within " + how.replace("chosen by the run", "the default")
+        return f"epochs [0, {end:g}) ({how})"
 
     def save(self, path: Path, keys: list[str] | None) -> None:
         """dynamics.safetensors: the sums, count and given label per row; the window and a stream's subset keys in the metadata."""
-        tensors = {k: v.cpu().contiguous() for k, v in (self.state_dict() | {"label": self.label}).items()}
+        tensors = {k: v.cpu().contiguous() for k, v in (self.state_dict() | {"label": self.label}).items()
+                   if k in ("margin_sum", "count", "early_prob_sum", "early_count", "label")}
         meta = {"rows": "split"} if keys is None else {"rows": "stream_subset", "keys": json.dumps(keys)}
-        meta |= {"early": "training_batches" if self.from_batches else "evaluations", "audit_epochs": str(self.audit_epochs)}
+        end = self.window_end
+        meta |= {"early": "training_batches" if self.from_batches else "evaluations",
+                 "audit_epochs": f"{end:g}" if math.isfinite(end) else f"{self.epoch + 1:g}",
+                 "window": "auto" if self.auto else "fixed", "window_text": self.window_text()}
         runfolder.save_tensors_atomic(tensors, path, meta)
 
 
@@ -807,7 +874,8 @@ def build_data(run: Run) -> None:
         columns = ("image", "label", "clean_label", "is_noisy", "index")
         run.train_eval_loader = data.eval_loader(data.eval_dataset(eval_ds, info, rows, columns), info, workers)
         run.dynamics = TrainingDynamics(data.label_tensors(eval_ds)["label"], info.num_classes, accelerator.device,
-                                        args.audit_epochs, from_batches=not args.streaming)  # a stream's rows differ
+                                        args.audit_epochs, from_batches=not args.streaming,  # a stream's rows differ
+                                        total_images=args.max_steps * args.batch_size)
         run.eval_keys = list(eval_ds["example_key"]) if args.streaming else None  # a stream's subset by key
 
 
