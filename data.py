@@ -596,16 +596,15 @@ def augment_batch(x: torch.Tensor, pad: int, flip: bool, generator: torch.Genera
     """uint8 [B,C,H,W] -> uint8 [B,C,H,W]: zero-pad by `pad`, random HxW crop per example, and a
     horizontal flip with p = 0.5 per example when `flip`; one gather, no loop over examples.
 
-    The random offsets come from `generator` (its device) or the global RNG on x's device.
+    The random offsets are drawn on x's device, from `generator` (on that device) or its global RNG: no copy.
     """
     b, c, h, w = x.shape
-    device = generator.device if generator is not None else x.device
-    dy = torch.randint(0, 2 * pad + 1, (b, 1), generator=generator, device=device).to(x.device)
-    dx = torch.randint(0, 2 * pad + 1, (b, 1), generator=generator, device=device).to(x.device)
+    dy = torch.randint(0, 2 * pad + 1, (b, 1), generator=generator, device=x.device)
+    dx = torch.randint(0, 2 * pad + 1, (b, 1), generator=generator, device=x.device)
     rows = dy + torch.arange(h, device=x.device)  # [B,H] rows of the padded image
     cols = dx + torch.arange(w, device=x.device)  # [B,W]
     if flip:
-        mirrored = (torch.rand((b, 1), generator=generator, device=device) < 0.5).to(x.device)
+        mirrored = torch.rand((b, 1), generator=generator, device=x.device) < 0.5
         cols = torch.where(mirrored, cols.flip(1), cols)  # crop then mirror = read the crop's columns backwards
     padded = F.pad(x, (pad, pad, pad, pad)) if pad else x
     wp = w + 2 * pad
@@ -756,6 +755,21 @@ def step_rows(num_examples: int, global_batch: int, seed: int, step: int, rank: 
     return rows.view(world, -1)[rank]
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """tensor on device without the host waiting: a CUDA copy goes from pinned memory, non_blocking."""
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        tensor = tensor.pin_memory()  # the caching host allocator keeps it until the copy has run
+    return tensor.to(device, non_blocking=True)
+
+
+def batch_loader(dataset: torch.utils.data.Dataset, device: torch.device, workers: int, sampler: Any = None,
+                 batch_size: int | None = None) -> torch.utils.data.DataLoader:
+    """DataLoader decoding in `workers` processes (0: in this one); batches pinned when they go to a CUDA
+    device, so that .to(device, non_blocking=True) neither waits nor stages through pageable memory."""
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                                       prefetch_factor=4 if workers else None, pin_memory=device.type == "cuda")
+
+
 class DecodedSteps(torch.utils.data.Dataset):
     """Item `step`: this process's training batch of that step, read from the memory-mapped Arrow split
     and decoded with the training transform (in a DataLoader worker)."""
@@ -894,6 +908,7 @@ def stream_batches(
     num_workers: int | None = None,
     info: DatasetInfo | None = None,
     key_column: str | None = None,
+    device: torch.device | None = None,
 ) -> Iterator[dict[str, Any]]:
     """One epoch of streamed training batches for this process (dict of CPU tensors as to_tensors, plus index).
 
@@ -902,15 +917,12 @@ def stream_batches(
     drop_last: every batch has batch_size examples (each worker drops its last partial batch).
     num_workers: decoding processes (default default_workers); 0 decodes in this process.
     info with resize > 0: photos, decoded with the training transform (photo_batch).
+    device: where the batches go next (a CUDA device: they come pinned, see batch_loader).
     """
     workers = default_workers(num_processes) if num_workers is None else num_workers
     epoch_ds = StreamEpoch(train_iterable, batch_size, seed, epoch, process_index, num_processes, shuffle_buffer,
                            drop_last, info, key_column)
-    if workers == 0:
-        yield from epoch_ds
-        return
-    loader = torch.utils.data.DataLoader(epoch_ds, batch_size=None, num_workers=workers, prefetch_factor=4)
-    yield from loader
+    yield from batch_loader(epoch_ds, device or torch.device("cpu"), workers)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -922,13 +934,21 @@ class TrainBatches:
     augmented), label (int64 [B]), index (int64 [B]: the row in the map-style split; for a stream the
     integer key column's value, else -1).
 
-    memory: the split decoded once onto the device; rows of a permutation per epoch from (seed, epoch);
-      augment_batch (pad-crop-flip) with a generator from (seed, step, process).
+    memory: the split decoded once onto the device; the epoch's rows copied there once per epoch and
+      sliced per step; augment_batch (pad-crop-flip) drawn on the device from (seed, step, process).
     decode: the same rows, read from the memory-mapped Arrow split and decoded per batch in DataLoader
-      workers with the photo transform (crop and flip from (seed, step, row)).
+      workers with the photo transform (crop and flip from (seed, step, row)), pinned for a CUDA device.
     stream: stream_batches epoch after epoch; a resume skips (reads again) the batches already seen.
     Unreadable images are skipped and counted (bad_files); more than max_bad_fraction of the split
     (of the examples seen, for a stream) stops the run with one line naming them.
+
+    What determines the data (map-style): step t is step i of epoch e = divmod(t, N // global_batch) and
+    takes rows [i B, (i + 1) B) of randperm(N) drawn on the CPU from seed * 1_000_003 + e (step_rows),
+    process `rank` the rank-th of `world` equal parts; the crops and flips come from a generator seeded
+    with seed * 1_000_003 + t * 1_009 + rank on the device (a CUDA device draws other values than the
+    CPU, the same on every run). So a batch is a pure function of (seed, t, rank, world, device type),
+    and a resume at any step continues byte-identically. Between log steps nothing is read back to the
+    host and nothing is copied from pageable memory (tests/test_device_path.py).
     """
 
     def __init__(
@@ -955,22 +975,22 @@ class TrainBatches:
             raise ValueError(f"--batch-size {global_batch} exceeds the {len(ds)} training examples")
 
     def _memory(self) -> Iterator[dict[str, torch.Tensor]]:
-        """Rows of the split held on the device."""
+        """Rows of the split held on the device: the epoch's permutation (step_rows' order) is copied to the
+        device once per epoch, without waiting, and each step slices it there."""
         t = to_tensors(self.ds)
         images, labels = t["image"].to(self.device), t["label"].to(self.device)
+        steps_per_epoch, order, epoch = len(labels) // self.global_batch, None, None
         for step in itertools.count(self.start_step):
-            rows = step_rows(len(labels), self.global_batch, self.seed, step, self.rank, self.world).to(self.device)
+            e, i = divmod(step, steps_per_epoch)
+            if e != epoch:
+                order, epoch = to_device(_epoch_permutation(len(labels), self.seed, e), self.device), e
+            rows = order[i * self.global_batch : (i + 1) * self.global_batch].view(self.world, -1)[self.rank]
             yield {"image": images[rows], "label": labels[rows], "index": rows}
 
     def _decoded(self) -> Iterator[dict[str, Any]]:
         """Batches decoded in DataLoader workers, in step order."""
         steps = DecodedSteps(self.ds, self.info, self.global_batch, self.seed, self.rank, self.world)
-        sampler = range(self.start_step, 2**40)
-        if self.workers == 0:
-            yield from (steps[s] for s in sampler)
-            return
-        yield from torch.utils.data.DataLoader(steps, batch_size=None, sampler=sampler, num_workers=self.workers,
-                                               prefetch_factor=4)
+        yield from batch_loader(steps, self.device, self.workers, sampler=range(self.start_step, 2**40))
 
     def _stream(self) -> Iterator[dict[str, Any]]:
         """Streamed batches epoch after epoch, from start_step on."""
@@ -978,7 +998,7 @@ class TrainBatches:
         while True:
             for batch in stream_batches(self.ds, self.global_batch // self.world, self.seed, epoch, self.rank,
                                         self.world, num_workers=self.workers, info=self.info,
-                                        key_column=self.key_column):
+                                        key_column=self.key_column, device=self.device):
                 if seen >= self.start_step:
                     yield batch
                 seen += 1
