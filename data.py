@@ -15,17 +15,23 @@ bytes with an `image_shape` column), `label` (int), optionally `coarse_label` an
 The train split then gets label noise (noise.add_label_noise: `label` noisy, `clean_label`,
 `is_noisy`, `example_key`); the test split stays clean and map-style.
 
-Training input: TrainBatches is the one batch source train.py loops over. It picks the path that
+Training input: TrainBatches is the one batch source train.py loops over. It takes the path that
 prepare_data chose from the data (DatasetInfo.input_path, recorded in config.json):
-- memory: small data of one image size; to_tensors decodes the split once into one uint8
-  [N,C,H,W] tensor on the device, indexed with a permutation per epoch and augmented in batches
-  (augment_batch: pad, crop, flip).
-- decode: photos of any size; each batch is read from the memory-mapped Arrow split and decoded
-  in DataLoader workers with the paper's transform (photo_batch: warp to resize, random crop,
-  flip; or RandomResizedCrop), nothing decoded ahead of time.
-- stream: stream_batches shards (split_dataset_by_node after reshard, once), shuffles with a
-  buffer and seed, set_epoch, and decodes in DataLoader workers.
-Evaluation: eval_dataset gives the examples (decoded once in memory, or per batch with warp + centre crop).
+
+    prepare_data(cfg) -> train, test, info;  TrainBatches by info.input_path:
+      memory   one image size, fits   to_tensors: decoded once -> uint8 [N,C,H,W] on the device
+               MEMORY_BUDGET          -> rows of the epoch's permutation, sliced on the device
+                                      -> augment_batch (pad, crop, flip), drawn on the device
+      decode   photos, any size       DecodedSteps: the step's rows read from the memory-mapped
+                                      Arrow split -> photo_batch (warp, crop, flip) in DataLoader
+                                      workers -> pinned -> .to(device, non_blocking=True)
+      stream   --streaming            StreamEpoch: split_dataset_by_node once, shuffle buffer,
+                                      set_epoch -> decoded in DataLoader workers -> pinned -> device
+                                      (images of one small size: augment_batch there, as memory)
+    each path -> {"image" uint8, "label", "index"} per step -> train.py normalises and steps
+
+Evaluation: EvalBatches gives the examples (fixed-size data decoded once onto the device and sliced;
+photos per batch with warp + centre crop, in workers) and predict their logits, on every process.
 """
 
 from __future__ import annotations
@@ -40,7 +46,6 @@ import pickle
 import re
 import socket
 import sys
-import weakref
 import urllib.parse
 from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
@@ -560,23 +565,18 @@ def table_batch(table: pa.Table, images: bool = True) -> dict[str, torch.Tensor]
     return {"image": images, "label": label, "clean_label": clean, "is_noisy": is_noisy}
 
 
-_TENSOR_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
 def to_tensors(ds: Any) -> dict[str, torch.Tensor]:
     """Map-style split -> {"image": uint8 [N,C,H,W], "label", "clean_label": int64 [N], "is_noisy": bool [N]}.
 
-    Decoded once and held in memory (per dataset object), so later calls are free. Only for the
-    in-memory path: photos are decoded per batch (eval_dataset, TrainBatches).
+    Decodes the whole split on each call: the caller keeps the result (TrainBatches holds it on the device).
+    Only for fixed-size data: photos are decoded per batch (EvalBatches, TrainBatches).
     """
     import datasets
 
     if not isinstance(ds, datasets.Dataset):
         raise ValueError("to_tensors needs a map-style split: stream with stream_batches, or use data.materialise")
-    if ds not in _TENSOR_CACHE:
-        columns = [c for c in ("image", "image_shape", "label", "clean_label", "is_noisy") if c in ds.column_names]
-        _TENSOR_CACHE[ds] = table_batch(ds.select_columns(columns).with_format("arrow")[:])
-    return _TENSOR_CACHE[ds]
+    columns = [c for c in ("image", "image_shape", "label", "clean_label", "is_noisy") if c in ds.column_names]
+    return table_batch(ds.select_columns(columns).with_format("arrow")[:])
 
 
 def label_tensors(ds: Any) -> dict[str, torch.Tensor]:
@@ -748,11 +748,19 @@ def _epoch_permutation(num_examples: int, seed: int, epoch: int) -> torch.Tensor
     return torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
 
 
+def step_part(num_examples: int, global_batch: int, step: int, rank: int, world: int) -> tuple[int, slice]:
+    """(epoch, the positions in that epoch's permutation) that process `rank` trains on at `step`: step i of
+    epoch e = divmod(step, N // global_batch) takes positions [i B, (i + 1) B), process rank its rank-th 1/world."""
+    epoch, i = divmod(step, num_examples // global_batch)
+    per_process = global_batch // world
+    start = i * global_batch + rank * per_process
+    return epoch, slice(start, start + per_process)
+
+
 def step_rows(num_examples: int, global_batch: int, seed: int, step: int, rank: int, world: int) -> torch.Tensor:
     """Rows of the map-style split that process `rank` trains on at `step`: its share of the global batch."""
-    epoch, i = divmod(step, num_examples // global_batch)
-    rows = _epoch_permutation(num_examples, seed, epoch)[i * global_batch : (i + 1) * global_batch]
-    return rows.view(world, -1)[rank]
+    epoch, part = step_part(num_examples, global_batch, step, rank, world)
+    return _epoch_permutation(num_examples, seed, epoch)[part]
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -788,46 +796,84 @@ class DecodedSteps(torch.utils.data.Dataset):
 
 
 class DecodedExamples(torch.utils.data.Dataset):
-    """Evaluation examples `rows` of a map-style split, decoded per batch with warp + centre crop, as tuples
-    of `columns` (image, label, clean_label, is_noisy, index = the row in the split)."""
+    """Item `items` (a list of positions in `rows`): those examples of a map-style split as one uint8 image
+    batch [B,3,S,S], decoded with warp + centre crop (in a DataLoader worker); an unreadable image is zeros."""
 
-    def __init__(self, ds: Any, info: DatasetInfo, rows: torch.Tensor, columns: tuple[str, ...]):
-        keep = [c for c in ("image", "image_shape", "label", "clean_label", "is_noisy") if c in ds.column_names]
-        self.ds, self.info, self.rows, self.columns = ds.select_columns(keep), info, rows, columns
+    def __init__(self, ds: Any, info: DatasetInfo, rows: torch.Tensor):
+        self.ds = ds.select_columns([c for c in ("image", "image_shape") if c in ds.column_names])
+        self.info, self.rows = info, rows
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitems__(self, items: list[int]) -> list[tuple[torch.Tensor, ...]]:
+    def __getitem__(self, items: list[int]) -> torch.Tensor:
         rows = self.rows[items].numpy()
         batch = photo_batch(self.ds.with_format("arrow")[rows.tolist()], rows, self.info, None)
         for name in batch["bad"]:
             print(f"warning: unreadable image {name} evaluated as a black image", file=sys.stderr)
-        batch.setdefault("clean_label", batch["label"])
-        batch.setdefault("is_noisy", torch.zeros_like(batch["label"], dtype=torch.bool))
-        return list(zip(*(batch[c] for c in self.columns)))
-
-    def __getitem__(self, item: int) -> tuple[torch.Tensor, ...]:
-        return self.__getitems__([item])[0]
+        return batch["image"]
 
 
-def eval_loader(dataset: torch.utils.data.Dataset, info: DatasetInfo, num_workers: int,
-                batch_size: int = 1024) -> torch.utils.data.DataLoader:
-    """Batches of an eval_dataset in order; photos are decoded in num_workers DataLoader workers."""
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers if info.resize else 0)
+def process_part(rows: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """Process rank's contiguous 1/world of rows, padded with the last row to ceil(N / world) each: gathered
+    in rank order and cut to N, the parts give back rows' order."""
+    per = -(-len(rows) // world)
+    padded = torch.cat([rows, rows[-1:].expand(per * world - len(rows))])
+    return padded[rank * per : (rank + 1) * per]
 
 
-def eval_dataset(
-    ds: Any, info: DatasetInfo, rows: torch.Tensor | None = None, columns: tuple[str, ...] = ("image", "label")
-) -> torch.utils.data.Dataset:
-    """Examples `rows` (default all) of a map-style split as tuples of `columns` from image (uint8),
-    label, clean_label, is_noisy, index (the row): decoded once in memory (fixed-size data), else per batch."""
-    rows = torch.arange(len(ds)) if rows is None else rows
-    if info.resize == 0:
-        t = to_tensors(ds)
-        t = {**t, "index": torch.arange(len(t["label"]))}
-        return torch.utils.data.TensorDataset(*(t[c][rows] for c in columns))
-    return DecodedExamples(ds, info, rows, columns)
+class EvalBatches:
+    """Examples `rows` (default all) of a map-style split for predict: iterating gives this process's part
+    (process_part) as uint8 image batches of batch_size on `device`; label, clean_label, is_noisy and index
+    (the row) hold every example's values on `device`, in rows' order.
+
+    Fixed-size data (resize 0) is decoded once onto the device and sliced there; photos are decoded per
+    batch in `workers` DataLoader workers with warp + centre crop, pinned for a CUDA device.
+    """
+
+    def __init__(self, ds: Any, info: DatasetInfo, device: torch.device, batch_size: int,
+                 rows: torch.Tensor | None = None, rank: int = 0, world: int = 1, workers: int = 0):
+        rows = torch.arange(len(ds)) if rows is None else rows
+        labels = label_tensors(ds)
+        self.label, self.clean_label, self.is_noisy = (to_device(labels[k][rows], device)
+                                                       for k in ("label", "clean_label", "is_noisy"))
+        self.index, self.device, self.batch_size = to_device(rows, device), device, batch_size
+        self.part, self.images, self.photos = process_part(rows, rank, world), None, None
+        if info.resize:
+            sampler = torch.utils.data.BatchSampler(range(len(self.part)), batch_size, drop_last=False)
+            self.photos = batch_loader(DecodedExamples(ds, info, self.part), device, workers, sampler=sampler)
+        else:
+            columns = [c for c in ("image", "image_shape") if c in ds.column_names]
+            table = ds.select_columns(columns).with_format("arrow")[self.part.tolist()]
+            self.images = to_device(nchw(decode_table(table)), device)
+
+    def __len__(self) -> int:
+        return len(self.label)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        if self.photos is not None:
+            yield from (images.to(self.device, non_blocking=True) for images in self.photos)
+        else:
+            yield from self.images.split(self.batch_size)
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, batches: EvalBatches, info: DatasetInfo, channels_last: bool = False,
+            gather: Any = None) -> torch.Tensor:
+    """fp32 logits [N, C] of batches' N examples in their order, on every process: each process runs its
+    part in eval mode, gather (accelerator.gather; None for one process) joins the parts, the padding is cut.
+
+    Lives here, beside EvalBatches, because the cut undoes process_part's padding; train.py's evaluation
+    and eval.py both call it."""
+    training = model.training
+    model.eval()
+    parts = []
+    for images in batches:
+        x = normalize(images, info.mean, info.std)
+        parts.append(model(x.contiguous(memory_format=torch.channels_last) if channels_last else x).float())
+    model.train(training)
+    logits = torch.cat(parts)
+    return (logits if gather is None else gather(logits))[: len(batches)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -979,12 +1025,12 @@ class TrainBatches:
         device once per epoch, without waiting, and each step slices it there."""
         t = to_tensors(self.ds)
         images, labels = t["image"].to(self.device), t["label"].to(self.device)
-        steps_per_epoch, order, epoch = len(labels) // self.global_batch, None, None
+        order, epoch = None, None
         for step in itertools.count(self.start_step):
-            e, i = divmod(step, steps_per_epoch)
+            e, part = step_part(len(labels), self.global_batch, step, self.rank, self.world)
             if e != epoch:
                 order, epoch = to_device(_epoch_permutation(len(labels), self.seed, e), self.device), e
-            rows = order[i * self.global_batch : (i + 1) * self.global_batch].view(self.world, -1)[self.rank]
+            rows = order[part]
             yield {"image": images[rows], "label": labels[rows], "index": rows}
 
     def _decoded(self) -> Iterator[dict[str, Any]]:

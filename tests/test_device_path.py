@@ -3,12 +3,14 @@ evaluation that slices device tensors in large batches."""
 
 import collections
 import contextlib
+import json
 
-import pytest
 import torch
+from conftest import data_config
 
 import data
 import losses
+import models
 import train
 
 # Tensor methods that read a device value on the host: each one waits for the device to finish.
@@ -84,3 +86,37 @@ def test_training_steps_between_log_steps_read_nothing_from_the_device(tmp_path,
         step = {name: marks[k + 1].get(name, 0) - marks[k].get(name, 0) for name in set(marks[k + 1]) | set(marks[k])}
         per_step.append({name: n for name, n in step.items() if n})
     assert per_step == [{}] * (steps - 2), per_step
+
+
+def test_evaluation_slices_device_tensors_and_predict_equals_a_bare_forward(monkeypatch):
+    """In-memory evaluation: no DataLoader, the split decoded once; predict's logits, in split order, equal a
+    bare forward of the same images, also when 3 processes each run a padded part and the parts are gathered."""
+    _, test_ds, info = data.prepare_data(data_config())
+    torch.manual_seed(0)
+    model = models.build_model("digits_cnn", info.num_classes, info.channels).eval()
+    monkeypatch.setattr(torch.utils.data, "DataLoader", None)  # in-memory evaluation must not build one
+    whole = data.EvalBatches(test_ds, info, torch.device("cpu"), batch_size=128)
+    assert [len(x) for x in whole] == [128, 128, 104] and len(whole) == 360
+    t = data.to_tensors(test_ds)
+    with torch.no_grad():
+        bare = model(data.normalize(t["image"], info.mean, info.std))
+    assert torch.allclose(data.predict(model, whole, info), bare, atol=1e-5)
+    assert torch.equal(whole.label, t["label"]) and torch.equal(whole.index, torch.arange(360))
+    rows = torch.tensor([5, 3, 300, 7, 11])
+    parts = [data.EvalBatches(test_ds, info, torch.device("cpu"), 1, rows, rank, 3) for rank in range(3)]
+    assert [len(list(p)) for p in parts] == [2, 2, 2]  # ceil(5 / 3) each: the last part padded with row 11
+    logits = [data.predict(model, p, info) for p in parts]  # each process's own part ...
+    gathered = data.predict(model, parts[0], info, gather=lambda mine: torch.cat([mine, *logits[1:]]))  # ... gathered
+    assert torch.allclose(gathered, bare[rows], atol=1e-5) and torch.equal(parts[2].label, t["label"][rows])
+
+
+def test_eval_batch_size_follows_the_batch_size_and_is_recorded(tmp_path, capsys):
+    assert train.resolve_args(["--batch-size", "64"]).eval_batch_size == 64
+    assert train.resolve_args(["--eval-batch-size", "1000"]).eval_batch_size == 1000
+    assert train.resolve_args(["--dataset", "cifar100"]).train_eval_size == 10_000  # a small share of the run
+    out = tmp_path / "run"
+    assert train.cli(["--cpu", "--max-steps", "2", "--eval-every", "2", "--eval-batch-size", "50",
+                      "--output-dir", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["eval_batch_size"] == 50
+    assert train.cli(["--cpu", "--eval-batch-size", "0", "--output-dir", str(tmp_path / "bad")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "error: --eval-batch-size must be at least 1, got 0"

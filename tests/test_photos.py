@@ -70,7 +70,8 @@ def test_mixed_sizes_and_modes_take_the_decode_path(folder):
     train_ds, test_ds, info = data.prepare_data(data_config(dataset=str(folder), resize=36, image_size=32))
     assert (info.input_path, info.resize, info.image_size, info.channels) == ("decode", 36, 32, 3)
     assert info.mean == data.IMAGENET_STATS[0]
-    images, labels = next(iter(data.eval_loader(data.eval_dataset(test_ds, info), info, 0, batch_size=10)))
+    batches = data.EvalBatches(test_ds, info, torch.device("cpu"), batch_size=10)
+    images, labels = next(iter(batches)), batches.label
     assert images.shape == (10, 3, 32, 32) and images.dtype == torch.uint8
     red = images[labels == 0].float().mean((0, 2, 3))
     assert red[0] > red[2] + 50  # RGB order kept through L/CMYK/RGBA/P conversions (greyscale ones pull it down)
