@@ -111,6 +111,7 @@ class DatasetInfo(NamedTuple):
     resize: int = 0  # > 0: images are decoded per example with the photo transform (warp to resize, crop image_size)
     augment: str = "pad"  # pad (pad-crop-flip in batches), paper or rrc
     clean_subset: bool = False  # clean labels are known for a subset only (Clothing1M): has_clean_label column
+    noise: noise.NoiseSpec | None = None  # the training split's label noise, resolved once (noise.resolve_noise)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1314,11 +1315,9 @@ def prepare_data(cfg: Mapping[str, Any]) -> tuple[Any, Any, DatasetInfo]:
     c = resolve_config(cfg)
     name = str(c["dataset"])
     _check_dataset_name(name, c["data_dir"])
-    noise.check_noise_args(c["noise"], c["noise_rate"])
     preset = pairs_preset(name)
-    pairs = noise.parse_pairs(c["noise_pairs"]) or preset
-    if c["noise"] == "asymmetric" and pairs is None:
-        noise.resolve_pairs(None, c["noise_seed"], 0)  # raises the one-line "needs class structure" error
+    pairs = c["noise_pairs"] or preset
+    noise.check_noise_args(c["noise"], c["noise_rate"], pairs)  # before loading: what needs no data
     if c["noise"] == "file" and not (c["noise_file"] and os.path.isfile(c["noise_file"])):
         raise ValueError(
             "--noise file needs --noise-file PATH of an existing CIFAR-N .pt, .npy, .csv or .parquet file "
@@ -1328,14 +1327,13 @@ def prepare_data(cfg: Mapping[str, Any]) -> tuple[Any, Any, DatasetInfo]:
         c["key_column"] = "key"  # the release's image key: no hashing of a million files
     train, test = load_splits(c)
     num_classes = _num_classes(train, test)
-    clean_subset = "has_clean_label" in noise.features_of(train) and c["noise"] == "none"
+    spec = noise.resolve_noise(c["noise"], c["noise_rate"], c["noise_seed"], num_classes, pairs, c["noise_file"],
+                               c["noise_key"])
+    clean_subset = "has_clean_label" in noise.features_of(train) and spec.kind == "none"
     if clean_subset:  # real noisy labels (Clothing1M): keep the known clean ones, key by the release's key
         train = train.map(lambda keys: {"example_key": keys}, input_columns=c["key_column"], batched=True)
     else:
-        train = noise.add_label_noise(
-            train, c["noise"], c["noise_rate"], c["noise_seed"], num_classes, key_column=c["key_column"],
-            pairs=pairs, noise_file=c["noise_file"], noise_key=c["noise_key"],
-        )
+        train = noise.add_label_noise(train, spec, key_column=c["key_column"])
     path, photo = choose_input_path(train, c["in_memory"], c["image_size"])
     known = {v: k for k, v in HUB_IDS.items()}.get(name, name)  # "uoft-cs/cifar10" is cifar10 too
     if photo:
@@ -1360,5 +1358,6 @@ def prepare_data(cfg: Mapping[str, Any]) -> tuple[Any, Any, DatasetInfo]:
         resize=resize,
         augment=c["augment"] if photo else "pad",
         clean_subset=clean_subset,
+        noise=spec,
     )
     return train, test, info

@@ -788,9 +788,7 @@ def main(argv: list[str] | None = None) -> None:
     accelerator.wait_for_everyone()  # every process has read config.json before the main one rewrites it
     if accelerator.is_main_process:
         (out / "config.json").write_text(json.dumps(config, indent=2))
-        record = noise.noise_record(train_ds, args.noise, args.noise_rate, args.noise_seed, info.num_classes,
-                                    pairs=noise.parse_pairs(args.noise_pairs) or info.pairs_preset,
-                                    noise_file=args.noise_file, noise_key=args.noise_key, key_column=args.key_column)
+        record = noise.noise_record(train_ds, info.noise, key_column=args.key_column)
         (out / "noise.json").write_text(json.dumps(record, indent=2))
     if args.report_to:
         accelerator.init_trackers("proselflc", config={k: v for k, v in config.items() if isinstance(v, (int, float, str, bool))})
