@@ -845,8 +845,10 @@ class EvalBatches:
             self.photos = batch_loader(DecodedExamples(ds, info, self.part), device, workers, sampler=sampler)
         else:
             columns = [c for c in ("image", "image_shape") if c in ds.column_names]
-            table = ds.select_columns(columns).with_format("arrow")[self.part.tolist()]
-            self.images = to_device(nchw(decode_table(table)), device)
+            start = int(self.part[0])
+            whole = torch.equal(self.part, torch.arange(start, start + len(self.part)))  # a test split's part
+            rows = slice(start, start + len(self.part)) if whole else self.part.tolist()  # a slice reads 10x faster
+            self.images = to_device(nchw(decode_table(ds.select_columns(columns).with_format("arrow")[rows])), device)
 
     def __len__(self) -> int:
         return len(self.label)
