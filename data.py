@@ -15,17 +15,23 @@ bytes with an `image_shape` column), `label` (int), optionally `coarse_label` an
 The train split then gets label noise (noise.add_label_noise: `label` noisy, `clean_label`,
 `is_noisy`, `example_key`); the test split stays clean and map-style.
 
-Training input: TrainBatches is the one batch source train.py loops over. It picks the path that
+Training input: TrainBatches is the one batch source train.py loops over. It takes the path that
 prepare_data chose from the data (DatasetInfo.input_path, recorded in config.json):
-- memory: small data of one image size; to_tensors decodes the split once into one uint8
-  [N,C,H,W] tensor on the device, indexed with a permutation per epoch and augmented in batches
-  (augment_batch: pad, crop, flip).
-- decode: photos of any size; each batch is read from the memory-mapped Arrow split and decoded
-  in DataLoader workers with the paper's transform (photo_batch: warp to resize, random crop,
-  flip; or RandomResizedCrop), nothing decoded ahead of time.
-- stream: stream_batches shards (split_dataset_by_node after reshard, once), shuffles with a
-  buffer and seed, set_epoch, and decodes in DataLoader workers.
-Evaluation: eval_dataset gives the examples (decoded once in memory, or per batch with warp + centre crop).
+
+    prepare_data(cfg) -> train, test, info;  TrainBatches by info.input_path:
+      memory   one image size, fits   to_tensors: decoded once -> uint8 [N,C,H,W] on the device
+               MEMORY_BUDGET          -> rows of the epoch's permutation, sliced on the device
+                                      -> augment_batch (pad, crop, flip), drawn on the device
+      decode   photos, any size       DecodedSteps: the step's rows read from the memory-mapped
+                                      Arrow split -> photo_batch (warp, crop, flip) in DataLoader
+                                      workers -> pinned -> .to(device, non_blocking=True)
+      stream   --streaming            StreamEpoch: split_dataset_by_node once, shuffle buffer,
+                                      set_epoch -> decoded in DataLoader workers -> pinned -> device
+                                      (images of one small size: augment_batch there, as memory)
+    each path -> {"image" uint8, "label", "index"} per step -> train.py normalises and steps
+
+Evaluation: EvalBatches gives the examples (fixed-size data decoded once onto the device and sliced;
+photos per batch with warp + centre crop, in workers) and predict their logits, on every process.
 """
 
 from __future__ import annotations
@@ -40,7 +46,6 @@ import pickle
 import re
 import socket
 import sys
-import weakref
 import urllib.parse
 from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
@@ -105,6 +110,7 @@ class DatasetInfo(NamedTuple):
     resize: int = 0  # > 0: images are decoded per example with the photo transform (warp to resize, crop image_size)
     augment: str = "pad"  # pad (pad-crop-flip in batches), paper or rrc
     clean_subset: bool = False  # clean labels are known for a subset only (Clothing1M): has_clean_label column
+    noise: noise.NoiseSpec | None = None  # the training split's label noise, resolved once (noise.resolve_noise)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -559,23 +565,18 @@ def table_batch(table: pa.Table, images: bool = True) -> dict[str, torch.Tensor]
     return {"image": images, "label": label, "clean_label": clean, "is_noisy": is_noisy}
 
 
-_TENSOR_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
 def to_tensors(ds: Any) -> dict[str, torch.Tensor]:
     """Map-style split -> {"image": uint8 [N,C,H,W], "label", "clean_label": int64 [N], "is_noisy": bool [N]}.
 
-    Decoded once and held in memory (per dataset object), so later calls are free. Only for the
-    in-memory path: photos are decoded per batch (eval_dataset, TrainBatches).
+    Decodes the whole split on each call: the caller keeps the result (TrainBatches holds it on the device).
+    Only for fixed-size data: photos are decoded per batch (EvalBatches, TrainBatches).
     """
     import datasets
 
     if not isinstance(ds, datasets.Dataset):
         raise ValueError("to_tensors needs a map-style split: stream with stream_batches, or use data.materialise")
-    if ds not in _TENSOR_CACHE:
-        columns = [c for c in ("image", "image_shape", "label", "clean_label", "is_noisy") if c in ds.column_names]
-        _TENSOR_CACHE[ds] = table_batch(ds.select_columns(columns).with_format("arrow")[:])
-    return _TENSOR_CACHE[ds]
+    columns = [c for c in ("image", "image_shape", "label", "clean_label", "is_noisy") if c in ds.column_names]
+    return table_batch(ds.select_columns(columns).with_format("arrow")[:])
 
 
 def label_tensors(ds: Any) -> dict[str, torch.Tensor]:
@@ -595,16 +596,15 @@ def augment_batch(x: torch.Tensor, pad: int, flip: bool, generator: torch.Genera
     """uint8 [B,C,H,W] -> uint8 [B,C,H,W]: zero-pad by `pad`, random HxW crop per example, and a
     horizontal flip with p = 0.5 per example when `flip`; one gather, no loop over examples.
 
-    The random offsets come from `generator` (its device) or the global RNG on x's device.
+    The random offsets are drawn on x's device, from `generator` (on that device) or its global RNG: no copy.
     """
     b, c, h, w = x.shape
-    device = generator.device if generator is not None else x.device
-    dy = torch.randint(0, 2 * pad + 1, (b, 1), generator=generator, device=device).to(x.device)
-    dx = torch.randint(0, 2 * pad + 1, (b, 1), generator=generator, device=device).to(x.device)
+    dy = torch.randint(0, 2 * pad + 1, (b, 1), generator=generator, device=x.device)
+    dx = torch.randint(0, 2 * pad + 1, (b, 1), generator=generator, device=x.device)
     rows = dy + torch.arange(h, device=x.device)  # [B,H] rows of the padded image
     cols = dx + torch.arange(w, device=x.device)  # [B,W]
     if flip:
-        mirrored = (torch.rand((b, 1), generator=generator, device=device) < 0.5).to(x.device)
+        mirrored = torch.rand((b, 1), generator=generator, device=x.device) < 0.5
         cols = torch.where(mirrored, cols.flip(1), cols)  # crop then mirror = read the crop's columns backwards
     padded = F.pad(x, (pad, pad, pad, pad)) if pad else x
     wp = w + 2 * pad
@@ -748,11 +748,34 @@ def _epoch_permutation(num_examples: int, seed: int, epoch: int) -> torch.Tensor
     return torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
 
 
+def step_part(num_examples: int, global_batch: int, step: int, rank: int, world: int) -> tuple[int, slice]:
+    """(epoch, the positions in that epoch's permutation) that process `rank` trains on at `step`: step i of
+    epoch e = divmod(step, N // global_batch) takes positions [i B, (i + 1) B), process rank its rank-th 1/world."""
+    epoch, i = divmod(step, num_examples // global_batch)
+    per_process = global_batch // world
+    start = i * global_batch + rank * per_process
+    return epoch, slice(start, start + per_process)
+
+
 def step_rows(num_examples: int, global_batch: int, seed: int, step: int, rank: int, world: int) -> torch.Tensor:
     """Rows of the map-style split that process `rank` trains on at `step`: its share of the global batch."""
-    epoch, i = divmod(step, num_examples // global_batch)
-    rows = _epoch_permutation(num_examples, seed, epoch)[i * global_batch : (i + 1) * global_batch]
-    return rows.view(world, -1)[rank]
+    epoch, part = step_part(num_examples, global_batch, step, rank, world)
+    return _epoch_permutation(num_examples, seed, epoch)[part]
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """tensor on device without the host waiting: a CUDA copy goes from pinned memory, non_blocking."""
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        tensor = tensor.pin_memory()  # the caching host allocator keeps it until the copy has run
+    return tensor.to(device, non_blocking=True)
+
+
+def batch_loader(dataset: torch.utils.data.Dataset, device: torch.device, workers: int, sampler: Any = None,
+                 batch_size: int | None = None) -> torch.utils.data.DataLoader:
+    """DataLoader decoding in `workers` processes (0: in this one); batches pinned when they go to a CUDA
+    device, so that .to(device, non_blocking=True) neither waits nor stages through pageable memory."""
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                                       prefetch_factor=4 if workers else None, pin_memory=device.type == "cuda")
 
 
 class DecodedSteps(torch.utils.data.Dataset):
@@ -773,46 +796,86 @@ class DecodedSteps(torch.utils.data.Dataset):
 
 
 class DecodedExamples(torch.utils.data.Dataset):
-    """Evaluation examples `rows` of a map-style split, decoded per batch with warp + centre crop, as tuples
-    of `columns` (image, label, clean_label, is_noisy, index = the row in the split)."""
+    """Item `items` (a list of positions in `rows`): those examples of a map-style split as one uint8 image
+    batch [B,3,S,S], decoded with warp + centre crop (in a DataLoader worker); an unreadable image is zeros."""
 
-    def __init__(self, ds: Any, info: DatasetInfo, rows: torch.Tensor, columns: tuple[str, ...]):
-        keep = [c for c in ("image", "image_shape", "label", "clean_label", "is_noisy") if c in ds.column_names]
-        self.ds, self.info, self.rows, self.columns = ds.select_columns(keep), info, rows, columns
+    def __init__(self, ds: Any, info: DatasetInfo, rows: torch.Tensor):
+        self.ds = ds.select_columns([c for c in ("image", "image_shape") if c in ds.column_names])
+        self.info, self.rows = info, rows
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitems__(self, items: list[int]) -> list[tuple[torch.Tensor, ...]]:
+    def __getitem__(self, items: list[int]) -> torch.Tensor:
         rows = self.rows[items].numpy()
         batch = photo_batch(self.ds.with_format("arrow")[rows.tolist()], rows, self.info, None)
         for name in batch["bad"]:
             print(f"warning: unreadable image {name} evaluated as a black image", file=sys.stderr)
-        batch.setdefault("clean_label", batch["label"])
-        batch.setdefault("is_noisy", torch.zeros_like(batch["label"], dtype=torch.bool))
-        return list(zip(*(batch[c] for c in self.columns)))
-
-    def __getitem__(self, item: int) -> tuple[torch.Tensor, ...]:
-        return self.__getitems__([item])[0]
+        return batch["image"]
 
 
-def eval_loader(dataset: torch.utils.data.Dataset, info: DatasetInfo, num_workers: int,
-                batch_size: int = 1024) -> torch.utils.data.DataLoader:
-    """Batches of an eval_dataset in order; photos are decoded in num_workers DataLoader workers."""
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers if info.resize else 0)
+def process_part(rows: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """Process rank's contiguous 1/world of rows, padded with the last row to ceil(N / world) each: gathered
+    in rank order and cut to N, the parts give back rows' order."""
+    per = -(-len(rows) // world)
+    padded = torch.cat([rows, rows[-1:].expand(per * world - len(rows))])
+    return padded[rank * per : (rank + 1) * per]
 
 
-def eval_dataset(
-    ds: Any, info: DatasetInfo, rows: torch.Tensor | None = None, columns: tuple[str, ...] = ("image", "label")
-) -> torch.utils.data.Dataset:
-    """Examples `rows` (default all) of a map-style split as tuples of `columns` from image (uint8),
-    label, clean_label, is_noisy, index (the row): decoded once in memory (fixed-size data), else per batch."""
-    rows = torch.arange(len(ds)) if rows is None else rows
-    if info.resize == 0:
-        t = to_tensors(ds)
-        t = {**t, "index": torch.arange(len(t["label"]))}
-        return torch.utils.data.TensorDataset(*(t[c][rows] for c in columns))
-    return DecodedExamples(ds, info, rows, columns)
+class EvalBatches:
+    """Examples `rows` (default all) of a map-style split for predict: iterating gives this process's part
+    (process_part) as uint8 image batches of batch_size on `device`; label, clean_label, is_noisy and index
+    (the row) hold every example's values on `device`, in rows' order.
+
+    Fixed-size data (resize 0) is decoded once onto the device and sliced there; photos are decoded per
+    batch in `workers` DataLoader workers with warp + centre crop, pinned for a CUDA device.
+    """
+
+    def __init__(self, ds: Any, info: DatasetInfo, device: torch.device, batch_size: int,
+                 rows: torch.Tensor | None = None, rank: int = 0, world: int = 1, workers: int = 0):
+        rows = torch.arange(len(ds)) if rows is None else rows
+        labels = label_tensors(ds)
+        self.label, self.clean_label, self.is_noisy = (to_device(labels[k][rows], device)
+                                                       for k in ("label", "clean_label", "is_noisy"))
+        self.index, self.device, self.batch_size = to_device(rows, device), device, batch_size
+        self.part, self.images, self.photos = process_part(rows, rank, world), None, None
+        if info.resize:
+            sampler = torch.utils.data.BatchSampler(range(len(self.part)), batch_size, drop_last=False)
+            self.photos = batch_loader(DecodedExamples(ds, info, self.part), device, workers, sampler=sampler)
+        else:
+            columns = [c for c in ("image", "image_shape") if c in ds.column_names]
+            start = int(self.part[0])
+            whole = torch.equal(self.part, torch.arange(start, start + len(self.part)))  # a test split's part
+            rows = slice(start, start + len(self.part)) if whole else self.part.tolist()  # a slice reads 10x faster
+            self.images = to_device(nchw(decode_table(ds.select_columns(columns).with_format("arrow")[rows])), device)
+
+    def __len__(self) -> int:
+        return len(self.label)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        if self.photos is not None:
+            yield from (images.to(self.device, non_blocking=True) for images in self.photos)
+        else:
+            yield from self.images.split(self.batch_size)
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, batches: EvalBatches, info: DatasetInfo, channels_last: bool = False,
+            gather: Any = None) -> torch.Tensor:
+    """fp32 logits [N, C] of batches' N examples in their order, on every process: each process runs its
+    part in eval mode, gather (accelerator.gather; None for one process) joins the parts, the padding is cut.
+
+    Lives here, beside EvalBatches, because the cut undoes process_part's padding; train.py's evaluation
+    and eval.py both call it."""
+    training = model.training
+    model.eval()
+    parts = []
+    for images in batches:
+        x = normalize(images, info.mean, info.std)
+        parts.append(model(x.contiguous(memory_format=torch.channels_last) if channels_last else x).float())
+    model.train(training)
+    logits = torch.cat(parts)
+    return (logits if gather is None else gather(logits))[: len(batches)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -893,6 +956,7 @@ def stream_batches(
     num_workers: int | None = None,
     info: DatasetInfo | None = None,
     key_column: str | None = None,
+    device: torch.device | None = None,
 ) -> Iterator[dict[str, Any]]:
     """One epoch of streamed training batches for this process (dict of CPU tensors as to_tensors, plus index).
 
@@ -901,15 +965,12 @@ def stream_batches(
     drop_last: every batch has batch_size examples (each worker drops its last partial batch).
     num_workers: decoding processes (default default_workers); 0 decodes in this process.
     info with resize > 0: photos, decoded with the training transform (photo_batch).
+    device: where the batches go next (a CUDA device: they come pinned, see batch_loader).
     """
     workers = default_workers(num_processes) if num_workers is None else num_workers
     epoch_ds = StreamEpoch(train_iterable, batch_size, seed, epoch, process_index, num_processes, shuffle_buffer,
                            drop_last, info, key_column)
-    if workers == 0:
-        yield from epoch_ds
-        return
-    loader = torch.utils.data.DataLoader(epoch_ds, batch_size=None, num_workers=workers, prefetch_factor=4)
-    yield from loader
+    yield from batch_loader(epoch_ds, device or torch.device("cpu"), workers)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -921,13 +982,21 @@ class TrainBatches:
     augmented), label (int64 [B]), index (int64 [B]: the row in the map-style split; for a stream the
     integer key column's value, else -1).
 
-    memory: the split decoded once onto the device; rows of a permutation per epoch from (seed, epoch);
-      augment_batch (pad-crop-flip) with a generator from (seed, step, process).
+    memory: the split decoded once onto the device; the epoch's rows copied there once per epoch and
+      sliced per step; augment_batch (pad-crop-flip) drawn on the device from (seed, step, process).
     decode: the same rows, read from the memory-mapped Arrow split and decoded per batch in DataLoader
-      workers with the photo transform (crop and flip from (seed, step, row)).
+      workers with the photo transform (crop and flip from (seed, step, row)), pinned for a CUDA device.
     stream: stream_batches epoch after epoch; a resume skips (reads again) the batches already seen.
     Unreadable images are skipped and counted (bad_files); more than max_bad_fraction of the split
     (of the examples seen, for a stream) stops the run with one line naming them.
+
+    What determines the data (map-style): step t is step i of epoch e = divmod(t, N // global_batch) and
+    takes rows [i B, (i + 1) B) of randperm(N) drawn on the CPU from seed * 1_000_003 + e (step_rows),
+    process `rank` the rank-th of `world` equal parts; the crops and flips come from a generator seeded
+    with seed * 1_000_003 + t * 1_009 + rank on the device (a CUDA device draws other values than the
+    CPU, the same on every run). So a batch is a pure function of (seed, t, rank, world, device type),
+    and a resume at any step continues byte-identically. Between log steps nothing is read back to the
+    host and nothing is copied from pageable memory (tests/test_device_path.py).
     """
 
     def __init__(
@@ -954,22 +1023,22 @@ class TrainBatches:
             raise ValueError(f"--batch-size {global_batch} exceeds the {len(ds)} training examples")
 
     def _memory(self) -> Iterator[dict[str, torch.Tensor]]:
-        """Rows of the split held on the device."""
+        """Rows of the split held on the device: the epoch's permutation (step_rows' order) is copied to the
+        device once per epoch, without waiting, and each step slices it there."""
         t = to_tensors(self.ds)
         images, labels = t["image"].to(self.device), t["label"].to(self.device)
+        order, epoch = None, None
         for step in itertools.count(self.start_step):
-            rows = step_rows(len(labels), self.global_batch, self.seed, step, self.rank, self.world).to(self.device)
+            e, part = step_part(len(labels), self.global_batch, step, self.rank, self.world)
+            if e != epoch:
+                order, epoch = to_device(_epoch_permutation(len(labels), self.seed, e), self.device), e
+            rows = order[part]
             yield {"image": images[rows], "label": labels[rows], "index": rows}
 
     def _decoded(self) -> Iterator[dict[str, Any]]:
         """Batches decoded in DataLoader workers, in step order."""
         steps = DecodedSteps(self.ds, self.info, self.global_batch, self.seed, self.rank, self.world)
-        sampler = range(self.start_step, 2**40)
-        if self.workers == 0:
-            yield from (steps[s] for s in sampler)
-            return
-        yield from torch.utils.data.DataLoader(steps, batch_size=None, sampler=sampler, num_workers=self.workers,
-                                               prefetch_factor=4)
+        yield from batch_loader(steps, self.device, self.workers, sampler=range(self.start_step, 2**40))
 
     def _stream(self) -> Iterator[dict[str, Any]]:
         """Streamed batches epoch after epoch, from start_step on."""
@@ -977,7 +1046,7 @@ class TrainBatches:
         while True:
             for batch in stream_batches(self.ds, self.global_batch // self.world, self.seed, epoch, self.rank,
                                         self.world, num_workers=self.workers, info=self.info,
-                                        key_column=self.key_column):
+                                        key_column=self.key_column, device=self.device):
                 if seen >= self.start_step:
                     yield batch
                 seen += 1
@@ -1247,11 +1316,9 @@ def prepare_data(cfg: Mapping[str, Any]) -> tuple[Any, Any, DatasetInfo]:
     c = resolve_config(cfg)
     name = str(c["dataset"])
     _check_dataset_name(name, c["data_dir"])
-    noise.check_noise_args(c["noise"], c["noise_rate"])
     preset = pairs_preset(name)
-    pairs = noise.parse_pairs(c["noise_pairs"]) or preset
-    if c["noise"] == "asymmetric" and pairs is None:
-        noise.resolve_pairs(None, c["noise_seed"], 0)  # raises the one-line "needs class structure" error
+    pairs = c["noise_pairs"] or preset
+    noise.check_noise_args(c["noise"], c["noise_rate"], pairs)  # before loading: what needs no data
     if c["noise"] == "file" and not (c["noise_file"] and os.path.isfile(c["noise_file"])):
         raise ValueError(
             "--noise file needs --noise-file PATH of an existing CIFAR-N .pt, .npy, .csv or .parquet file "
@@ -1261,14 +1328,13 @@ def prepare_data(cfg: Mapping[str, Any]) -> tuple[Any, Any, DatasetInfo]:
         c["key_column"] = "key"  # the release's image key: no hashing of a million files
     train, test = load_splits(c)
     num_classes = _num_classes(train, test)
-    clean_subset = "has_clean_label" in noise.features_of(train) and c["noise"] == "none"
+    spec = noise.resolve_noise(c["noise"], c["noise_rate"], c["noise_seed"], num_classes, pairs, c["noise_file"],
+                               c["noise_key"])
+    clean_subset = "has_clean_label" in noise.features_of(train) and spec.kind == "none"
     if clean_subset:  # real noisy labels (Clothing1M): keep the known clean ones, key by the release's key
         train = train.map(lambda keys: {"example_key": keys}, input_columns=c["key_column"], batched=True)
     else:
-        train = noise.add_label_noise(
-            train, c["noise"], c["noise_rate"], c["noise_seed"], num_classes, key_column=c["key_column"],
-            pairs=pairs, noise_file=c["noise_file"], noise_key=c["noise_key"],
-        )
+        train = noise.add_label_noise(train, spec, key_column=c["key_column"])
     path, photo = choose_input_path(train, c["in_memory"], c["image_size"])
     known = {v: k for k, v in HUB_IDS.items()}.get(name, name)  # "uoft-cs/cifar10" is cifar10 too
     if photo:
@@ -1293,5 +1359,6 @@ def prepare_data(cfg: Mapping[str, Any]) -> tuple[Any, Any, DatasetInfo]:
         resize=resize,
         augment=c["augment"] if photo else "pad",
         clean_subset=clean_subset,
+        noise=spec,
     )
     return train, test, info

@@ -488,29 +488,13 @@ def load_model(run_dir: Path, cfg: dict[str, Any], info: data.DatasetInfo) -> to
     return model.float().eval()
 
 
-@torch.no_grad()
-def predict(model: torch.nn.Module, ds: Any, info: data.DatasetInfo, accelerator: Accelerator,
-            batch_size: int) -> torch.Tensor:
-    """fp32 logits [N, C] for every example of split `ds`, in split order, on CPU (every process gets all).
-
-    The images come from data.eval_dataset (in memory, or decoded per batch for photos). The
-    DataLoader is prepared by Accelerate (each process its shard) and gather_for_metrics drops the
-    padding of the last batch, so every example counts once; the gathered index restores order.
-    """
-    images = data.eval_dataset(ds, info, columns=("image", "index"))
-    loader = data.eval_loader(images, info, data.default_workers(accelerator.num_processes), batch_size)
-    loader = accelerator.prepare(loader)
-    model = model.to(accelerator.device)
-    logits, index = [], []
-    for x, i in loader:
-        out = model(data.normalize(x, info.mean, info.std)).float()
-        out, i = accelerator.gather_for_metrics((out, i))
-        logits.append(out.cpu())
-        index.append(i.cpu())
-    logits_all, index_all = torch.cat(logits), torch.cat(index)
-    if len(index_all) != len(images) or not torch.equal(torch.sort(index_all).values, torch.arange(len(images))):
-        raise RuntimeError(f"gathered {len(index_all)} predictions for {len(images)} examples")  # a bug, not user input
-    return logits_all[torch.argsort(index_all)]
+def split_logits(model: torch.nn.Module, ds: Any, info: data.DatasetInfo, accelerator: Accelerator,
+                 batch_size: int) -> torch.Tensor:
+    """fp32 logits [N, C] of every example of split `ds`, in split order, on CPU, on every process: data.predict
+    over data.EvalBatches (each process its part, batch_size per process)."""
+    batches = data.EvalBatches(ds, info, accelerator.device, batch_size, rank=accelerator.process_index,
+                               world=accelerator.num_processes, workers=data.default_workers(accelerator.num_processes))
+    return data.predict(model.to(accelerator.device), batches, info, gather=accelerator.gather).cpu()
 
 
 def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = ECE_BINS) -> float:
@@ -571,7 +555,7 @@ def evaluate_main(args: argparse.Namespace) -> None:
     model = load_model(run_dir, cfg, info)
     accelerator = Accelerator(cpu=args.cpu, mixed_precision="no")  # evaluation is always fp32
     test = data.label_tensors(test_ds)
-    logits = predict(model, test_ds, info, accelerator, args.batch_size)
+    logits = split_logits(model, test_ds, info, accelerator, args.batch_size)
     result = {"run": str(run_dir), "method": cfg.get("method"), "dataset": info.name,
               **classification_metrics(logits, test["label"]), "processes": accelerator.num_processes}
     recorded = recorded_test_acc(run_dir)
@@ -813,7 +797,7 @@ def audit_main(args: argparse.Namespace) -> None:
     accelerator = Accelerator(cpu=args.cpu, mixed_precision="no")
     train = data.label_tensors(train_ds)
     labels = train["label"]
-    logits = predict(model, train_ds, info, accelerator, args.batch_size)
+    logits = split_logits(model, train_ds, info, accelerator, args.batch_size)
     columns = final_model_columns(logits, labels)
     columns["eps"], columns["corrected_label"] = corrected_targets(logits, labels, cfg)
     found = read_dynamics(run_dir, train_ds) if args.score == "dynamics" else None

@@ -15,13 +15,12 @@ The result has `label` (noisy: the training target), `clean_label`, `is_noisy` a
 
 from __future__ import annotations
 
-import csv
 import functools
 import hashlib
 import os
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -75,12 +74,47 @@ def synthetic_fine_to_coarse(num_classes: int) -> tuple[int, ...]:
     return tuple(c // SYNTHETIC_GROUP for c in range(num_classes))
 
 
-def check_noise_args(kind: str, rate: float) -> None:
-    """Raise ValueError unless kind is in NOISE_KINDS and 0 <= rate < 1."""
+def check_noise_args(kind: str, rate: float, pairs: Any = None) -> None:
+    """Raise ValueError unless kind is in NOISE_KINDS, 0 <= rate < 1, and asymmetric noise has pairs (given or a
+    preset): the checks that need no data, so a run can make them before loading it."""
     if kind not in NOISE_KINDS:
         raise ValueError(f"unknown noise kind {kind!r}: choose one of {', '.join(NOISE_KINDS)}")
     if not 0.0 <= float(rate) < 1.0:
         raise ValueError(f"noise rate must be in [0, 1): got {rate}")
+    if kind == "asymmetric" and pairs in (None, "", {}):
+        raise ValueError(
+            "asymmetric noise needs class structure: this dataset has no preset pairs; pass "
+            "--noise-pairs 'src:dst,...' (e.g. '9:1,3:5,5:3') or use cifar10, cifar100 or synthetic"
+        )
+
+
+class NoiseSpec(NamedTuple):
+    """The label noise of a run, resolved once (resolve_noise): add_label_noise applies it, noise_record reports it."""
+
+    kind: str
+    rate: float
+    seed: int
+    num_classes: int
+    pairs: dict[int, int] | None = None  # asymmetric: the flip map {src: dst}, presets drawn from the seed
+    fine_to_coarse: tuple[int, ...] | None = None  # the pairs preset's superclass table, checked against coarse_label
+    file: str | None = None  # kind file: the labels (CIFAR-N .pt, .npy, .csv or .parquet)
+    key: str | None = None  # kind file: which labels of the file (e.g. worse_label)
+
+
+def resolve_noise(kind: str, rate: float, seed: int, num_classes: int, pairs: Any = None, noise_file: str | None = None,
+                  noise_key: str | None = None) -> NoiseSpec:
+    """The one resolution of the noise flags: checked, pairs parsed and resolved (asymmetric only), as a NoiseSpec.
+
+    pairs: {src: dst}, "src:dst,..." or a preset in PAIR_PRESETS (cifar100, synthetic: drawn from seed).
+    """
+    check_noise_args(kind, rate, pairs)
+    pair_map = fine_to_coarse = None
+    if kind == "asymmetric":
+        parsed = parse_pairs(pairs)
+        pair_map = resolve_pairs(parsed, seed, num_classes)
+        fine_to_coarse = preset_fine_to_coarse(parsed, num_classes) if isinstance(parsed, str) else None
+    return NoiseSpec(kind, float(rate), int(seed), int(num_classes), pair_map, fine_to_coarse,
+                     noise_file if kind == "file" else None, noise_key if kind == "file" else None)
 
 
 def parse_pairs(spec: Any) -> dict[int, int] | str | None:
@@ -133,12 +167,8 @@ def preset_fine_to_coarse(preset: str, num_classes: int) -> tuple[int, ...] | No
 
 def resolve_pairs(pairs: Any, seed: int, num_classes: int) -> dict[int, int]:
     """Asymmetric flip map {src: dst} from a dict, 'a:b,...' string or preset (drawn from seed)."""
+    check_noise_args("asymmetric", 0.0, pairs)
     pairs = parse_pairs(pairs)
-    if pairs is None:
-        raise ValueError(
-            "asymmetric noise needs class structure: this dataset has no preset pairs; pass "
-            "--noise-pairs 'src:dst,...' (e.g. '9:1,3:5,5:3') or use cifar10, cifar100 or synthetic"
-        )
     if pairs == "cifar10":
         resolved = dict(CIFAR10_PAIRS)
         expected = 10
@@ -302,8 +332,21 @@ def int_labels(values: Any, path: str) -> np.ndarray:
     raise ValueError(f"noise file {path} holds {labels.dtype} values, not integer class labels: write class indices 0..C-1")
 
 
-def load_noise_file(path: str, noise_key: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-    """(noisy labels, clean labels or None) in dataset order from .pt (CIFAR-N), .npy, .csv or .parquet."""
+def _label_table(path: str, ext: str) -> pa.Table:
+    """A .csv or .parquet label file as one Arrow table, read once; a `key` column stays strings (hex keys such
+    as 0123456789abcdef are no numbers)."""
+    if ext == ".csv":
+        import pyarrow.csv as pcsv
+
+        return pcsv.read_csv(path, convert_options=pcsv.ConvertOptions(column_types={"key": pa.string()}))
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path)
+
+
+def load_noise_file(path: str, noise_key: str | None = None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """(noisy labels, clean labels or None, example keys or None) from .pt (CIFAR-N), .npy, .csv or .parquet: the
+    labels in dataset order, or in any order with a `key` column (.csv/.parquet; eval.py --relabel/--drop writes one)."""
     if not path or not os.path.isfile(path):
         raise ValueError(f"noise file {path!r} not found: pass --noise-file with a .pt, .npy, .csv or .parquet file")
     ext = os.path.splitext(path)[1].lower()
@@ -321,42 +364,16 @@ def load_noise_file(path: str, noise_key: str | None = None) -> tuple[np.ndarray
         if not isinstance(obj, Mapping):
             obj = {"noisy_label": obj}
         columns = {k: (v.numpy() if hasattr(v, "numpy") else np.asarray(v)) for k, v in obj.items()}
-        return _pick_column(columns, noise_key, path)
+        return (*_pick_column(columns, noise_key, path), None)
     if ext == ".npy":
-        return int_labels(np.load(path, allow_pickle=False), path), None
+        return int_labels(np.load(path, allow_pickle=False), path), None, None
     if ext in (".csv", ".parquet"):
-        if ext == ".csv":
-            import pyarrow.csv as pcsv
-
-            table = pcsv.read_csv(path)
-        else:
-            import pyarrow.parquet as pq
-
-            table = pq.read_table(path)
-        return _pick_column({n: table.column(n).to_numpy() for n in table.column_names}, noise_key, path)
+        table = _label_table(path, ext)
+        keys = None
+        if "key" in table.column_names:
+            keys = np.asarray([str(k) for k in table.column("key").to_pylist()], dtype=object)
+        return (*_pick_column({n: table.column(n).to_numpy() for n in table.column_names}, noise_key, path), keys)
     raise ValueError(f"noise file {path} has unknown type {ext!r}: use .pt (CIFAR-N), .npy, .csv or .parquet")
-
-
-def load_file_keys(path: str) -> np.ndarray | None:
-    """The `key` column of a .csv/.parquet label file as strings (eval.py --relabel/--drop writes one), else None."""
-    ext = os.path.splitext(path)[1].lower()
-    if ext == ".csv":
-        import pyarrow.csv as pcsv
-
-        with open(path, newline="") as f:
-            names = next(csv.reader(f), [])
-        if "key" not in names:
-            return None
-        table = pcsv.read_csv(path, convert_options=pcsv.ConvertOptions(column_types={"key": pa.string()}))
-    elif ext == ".parquet":
-        import pyarrow.parquet as pq
-
-        if "key" not in pq.read_schema(path).names:
-            return None
-        table = pq.read_table(path, columns=["key"])
-    else:
-        return None
-    return np.asarray([str(k) for k in table.column("key").to_pylist()], dtype=object)
 
 
 def labels_by_key(file_keys: np.ndarray, file_labels: np.ndarray, keys: np.ndarray, key_column: str | None,
@@ -408,19 +425,15 @@ def _noise_batch(
     table: pa.Table,
     indices: list[int] | None = None,
     *,
-    kind: str,
-    rate: float,
-    seed: int,
-    num_classes: int,
+    spec: NoiseSpec,
     label_column: str,
     key_column: str | None,
     image_column: str,
-    pairs: dict[int, int] | None,
-    fine_to_coarse: tuple[int, ...] | None,
     file_labels: np.ndarray | None,
     file_keys: np.ndarray | None,
 ) -> pa.Table:
     """Arrow batch -> batch with label (noisy), clean_label, is_noisy, example_key."""
+    num_classes, fine_to_coarse = spec.num_classes, spec.fine_to_coarse
     clean = table.column(label_column).to_numpy().astype(np.int64)
     if len(clean) and (clean.min() < 0 or clean.max() >= num_classes):
         raise ValueError(f"label column {label_column!r} has ids outside [0, {num_classes})")
@@ -433,7 +446,7 @@ def _noise_batch(
             )
     keys = example_keys(table, key_column, image_column)
     if file_labels is None:
-        noisy = noisy_labels(clean, keys, kind, rate, seed, num_classes, pairs)
+        noisy = noisy_labels(clean, keys, spec.kind, spec.rate, spec.seed, num_classes, spec.pairs)
     elif file_keys is None:
         noisy = file_labels[np.asarray(indices, dtype=np.int64)]  # map-style: row i of the file
     else:
@@ -487,42 +500,31 @@ def _stream_file_keys(
 
 def add_label_noise(
     ds: Any,
-    kind: str,
-    rate: float,
-    seed: int,
-    num_classes: int,
+    spec: NoiseSpec,
     label_column: str = "label",
     key_column: str | None = None,
-    pairs: Any = None,
-    noise_file: str | None = None,
-    noise_key: str | None = None,
     image_column: str | None = None,
 ) -> Any:
-    """Dataset/IterableDataset -> same with label (noisy), clean_label, is_noisy, example_key (a map).
+    """Dataset/IterableDataset -> same with label (noisy), clean_label, is_noisy, example_key (a map) by `spec`.
 
     image_column (hashed for the example key without key_column): default by find_image_column, so
-    a Hub layout whose images are in `img` works as it comes.
-    pairs (asymmetric): {src: dst}, "src:dst,..." or a preset in PAIR_PRESETS. noise_file / noise_key
-    (file): labels in dataset order; a stream must come unshuffled (one pass places each file row
-    by its example key, so the shuffle and split may follow).
+    a Hub layout whose images are in `img` works as it comes. A file's labels (spec.file, spec.key)
+    are in dataset order; a stream must come unshuffled (one pass places each file row by its
+    example key, so the shuffle and split may follow).
     """
     import datasets
 
-    check_noise_args(kind, rate)
+    kind, num_classes, noise_file = spec.kind, spec.num_classes, spec.file
     features = features_of(ds)
     columns = list(features)
     image_column = None if key_column else (find_image_column(features, image_column) or "image")
     for role, name in (("label", label_column), ("key", key_column), ("image", image_column)):
         if name is not None and name not in columns:
             raise ValueError(f"no {role} column {name!r}: the dataset has columns {', '.join(columns)}")
-    pair_map = resolve_pairs(pairs, seed, num_classes) if kind == "asymmetric" else None
-    preset = parse_pairs(pairs) if kind == "asymmetric" else None
-    fine_to_coarse = preset_fine_to_coarse(preset, num_classes) if isinstance(preset, str) else None
     file_labels = file_keys = None
     streaming = isinstance(ds, datasets.IterableDataset)
     if kind == "file":
-        file_labels, file_clean = load_noise_file(noise_file, noise_key)
-        file_row_keys = load_file_keys(noise_file)
+        file_labels, file_clean, file_row_keys = load_noise_file(noise_file, spec.key)
         if streaming:
             keys, clean = _stream_file_keys(ds, key_column, label_column, image_column)
         else:
@@ -546,15 +548,10 @@ def add_label_noise(
                 )
     fn = functools.partial(
         _noise_batch,
-        kind=kind,
-        rate=float(rate),
-        seed=int(seed),
-        num_classes=int(num_classes),
+        spec=spec,
         label_column=label_column,
         key_column=key_column,
         image_column=image_column,
-        pairs=pair_map,
-        fine_to_coarse=fine_to_coarse,
         file_labels=file_labels,
         file_keys=file_keys,
     )
@@ -595,27 +592,17 @@ def expected_rate(kind: str, rate: float, clean: np.ndarray, pairs: Mapping[int,
     return None
 
 
-def noise_record(
-    ds: Any,
-    kind: str,
-    rate: float,
-    seed: int,
-    num_classes: int,
-    pairs: Any = None,
-    noise_file: str | None = None,
-    noise_key: str | None = None,
-    key_column: str | None = None,
-) -> dict:
+def noise_record(ds: Any, spec: NoiseSpec, key_column: str | None = None) -> dict:
     """JSON-serialisable summary: kind, requested/expected/realised rates (overall, per class), pairs, seed, noisy keys.
 
-    Reads the noise columns of `ds` (one pass over a stream). noisy_indices are the positions in
-    the map-style split (null when streaming); noisy_keys are the stable example keys.
+    Reads the noise columns of `ds` (one pass over a stream) noised by `spec`. noisy_indices are the
+    positions in the map-style split (null when streaming); noisy_keys are the stable example keys.
     """
     import datasets
 
+    kind, rate, num_classes, pair_map = spec.kind, spec.rate, spec.num_classes, spec.pairs
     cols = _noise_columns(ds)
     clean, noisy_mask = cols["clean_label"].astype(np.int64), cols["is_noisy"].astype(bool)
-    pair_map = resolve_pairs(pairs, seed, num_classes) if kind == "asymmetric" else None
     per_class = []
     for c in range(num_classes):
         in_class = clean == c
@@ -628,13 +615,13 @@ def noise_record(
         "realised_rate": float(noisy_mask.mean()) if len(noisy_mask) else 0.0,
         "realised_rate_per_class": per_class,
         "pairs": None if pair_map is None else {str(a): int(b) for a, b in sorted(pair_map.items())},
-        "seed": int(seed),
+        "seed": spec.seed,
         "num_classes": int(num_classes),
         "num_examples": int(len(clean)),
         "num_noisy": int(noisy_mask.sum()),
         "key": key_column or KEY_HASH,
-        "noise_file": noise_file if kind == "file" else None,
-        "noise_key": noise_key if kind == "file" else None,
+        "noise_file": spec.file,
+        "noise_key": spec.key,
         "noisy_keys": [str(k) for k in cols["example_key"][noisy_mask]],
         "noisy_indices": None if streaming else [int(i) for i in np.flatnonzero(noisy_mask)],
     }

@@ -61,12 +61,17 @@ COMMON = dict(
     keep_checkpoints=2, log_every=20, channels_last=True,
     in_memory="auto", resize=256, image_size=224, augment="paper", max_bad_fraction=0.01,  # photos (decode per batch)
     train_eval_size=None,  # None: the whole map-style split (a stream: 10,000)
+    eval_batch_size=None,  # None: the --batch-size (evaluation needs less memory per example than training)
     audit_epochs=None,  # the label audit's early window (TrainingDynamics); None: the run chooses it (window_closes)
 )
 RECIPES = {
     # Section 5.1 (1): CIFAR-100, ResNet-44 (by input size), pad-4 crop and flip
     "cifar": {**COMMON, "max_steps": 30_000, "batch_size": 256, "lr": 0.1, "milestones": "15000,22000",
-              "eval_every": 1_000, "save_every": 5_000},
+              "eval_every": 1_000, "save_every": 5_000,
+              # 30 evaluations of all 50,000 + 10,000 test images would be ~8% of the run's forward passes
+              # (a training step is ~3 forwards); 10,000 + 10,000 are ~2.6%, and 10,000 random examples
+              # still measure the Figure 3 fractions to about +-0.5%
+              "train_eval_size": 10_000},
     # the quick start: 300 steps on 8x8 digits in about 10 s on a CPU
     "digits": {**COMMON, "max_steps": 300, "batch_size": 128, "lr": 0.1, "milestones": "150,220",
                "eval_every": 50, "save_every": 100},
@@ -197,6 +202,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                     "launch of a restart loop)")
     r.add_argument("--overwrite", action="store_true", help="replace a run already in --output-dir")
     r.add_argument("--eval-every", type=int, help=f"({by_recipe('eval_every')})")
+    r.add_argument("--eval-batch-size", type=int, help="global batch of the evaluations (default: the --batch-size)")
     r.add_argument("--save-every", type=int, help=f"({by_recipe('save_every')})")
     r.add_argument("--keep-checkpoints", type=int, help=f"({by_recipe('keep_checkpoints')})")
     r.add_argument("--log-every", type=int, help=f"progress and non-finite loss check interval ({by_recipe('log_every')})")
@@ -257,6 +263,8 @@ def fill_defaults(args: argparse.Namespace) -> None:
         args.exp_base = paper or LOSS_DEFAULTS["exp_base"]
     if args.train_eval_size is None and args.streaming:
         args.train_eval_size = 10_000
+    if args.eval_batch_size is None:
+        args.eval_batch_size = args.batch_size
     if args.output_dir is None:
         name = args.dataset.rstrip("/").replace("/", "_")
         args.output_dir = f"runs/{name}-{args.noise}-{args.noise_rate:g}-{args.method}-seed{args.seed}"
@@ -480,20 +488,6 @@ def sync_running_targets(accelerator: Accelerator, loss_fn: losses.TrainingLoss,
         loss_fn.elr_targets[accelerator.gather(rows)] = accelerator.gather(loss_fn.elr_targets[rows])
 
 
-@torch.no_grad()
-def predict(model, loader, accelerator: Accelerator, info, channels_last: bool) -> list[torch.Tensor]:
-    """Logits (fp32) and the loader's other columns for every example exactly once, gathered over processes."""
-    model.eval()
-    outs = []
-    for image, *rest in loader:
-        x = data.normalize(image, info.mean, info.std)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        outs.append(accelerator.gather_for_metrics((model(x).float(), *rest)))
-    model.train()
-    return [torch.cat(cols) for cols in zip(*outs)]
-
-
 class TrainingDynamics:
     """Per-row sums of the predictions on the training split, the label audit's input (eval.py).
 
@@ -624,15 +618,18 @@ class TrainingDynamics:
         runfolder.save_tensors_atomic(tensors, path, meta)
 
 
-def evaluate(model, test_loader, train_eval_loader, accelerator, info, channels_last: bool,
-             dynamics: TrainingDynamics | None = None, known_noise: bool = True, early: bool = True) -> dict:
+def evaluate(model, test_batches: data.EvalBatches, train_eval_batches: data.EvalBatches | None, accelerator, info,
+             channels_last: bool, dynamics: TrainingDynamics | None = None, known_noise: bool = True,
+             early: bool = True) -> dict:
     """Clean test accuracy/loss, the training dynamics and, with known noise, the paper's Figure 3 metrics."""
-    logits, labels = predict(model, test_loader, accelerator, info, channels_last)
+    logits, labels = data.predict(model, test_batches, info, channels_last, accelerator.gather), test_batches.label
     metrics = {"test_acc": (logits.argmax(1) == labels).float().mean().item(),
                "test_loss": F.cross_entropy(logits, labels).item(),
                "test_examples": len(labels)}
-    if train_eval_loader is not None:
-        logits, label, clean, noisy, rows = predict(model, train_eval_loader, accelerator, info, channels_last)
+    if train_eval_batches is not None:
+        logits = data.predict(model, train_eval_batches, info, channels_last, accelerator.gather)
+        b = train_eval_batches
+        label, clean, noisy, rows = b.label, b.clean_label, b.is_noisy, b.index
         if dynamics is not None:
             dynamics.update(logits, label, rows, early)
         if not known_noise:
@@ -844,8 +841,8 @@ class Run:
     out: Path
     info: Any = None
     train_ds: Any = None
-    test_loader: Any = None
-    train_eval_loader: Any = None
+    test_batches: Any = None
+    train_eval_batches: Any = None
     dynamics: TrainingDynamics | None = None
     eval_keys: list[str] | None = None
     model: Any = None
@@ -864,15 +861,17 @@ def build_data(run: Run) -> None:
     run.train_ds, test_ds, run.info = data.prepare_data(vars(args))
     info = run.info
     args.input_path, args.resize, args.image_size = info.input_path, info.resize, info.image_size  # into config.json
-    workers = args.num_workers
-    run.test_loader = data.eval_loader(data.eval_dataset(test_ds, info), info, workers)
+    workers, rank, world = args.num_workers, accelerator.process_index, accelerator.num_processes
+    eval_batch = max(1, args.eval_batch_size // world)  # per process, as the training batch
+    run.test_batches = data.EvalBatches(test_ds, info, accelerator.device, eval_batch, rank=rank, world=world,
+                                       workers=workers)
     eval_ds, rows = data.train_eval_subset(run.train_ds, args.train_eval_size)  # for the Figure 3 metrics
     if rows is not None:  # also without synthetic noise: the audit is for labels whose noise is unknown
         if info.clean_subset:
             accelerator.print(f"clean_fit/noisy_fit are measured on the {len(rows)} training examples with a known "
                               "clean label (clean_label_kv.txt)")
-        columns = ("image", "label", "clean_label", "is_noisy", "index")
-        run.train_eval_loader = data.eval_loader(data.eval_dataset(eval_ds, info, rows, columns), info, workers)
+        run.train_eval_batches = data.EvalBatches(eval_ds, info, accelerator.device, eval_batch, rows, rank, world,
+                                                 workers)
         run.dynamics = TrainingDynamics(data.label_tensors(eval_ds)["label"], info.num_classes, accelerator.device,
                                         args.audit_epochs, from_batches=not args.streaming,  # a stream's rows differ
                                         total_images=args.max_steps * args.batch_size)
@@ -896,8 +895,7 @@ def build_model(run: Run) -> None:
     run.loss_module = build_loss(args, info.num_classes, num_examples).to(accelerator.device)
     # the model is compiled by prepare (the accelerator's dynamo plugin); the loss is compiled here
     run.loss_fn = torch.compile(run.loss_module, mode=args.compile_mode) if args.compile else run.loss_module
-    run.model, run.optimizer, run.test_loader, run.train_eval_loader = accelerator.prepare(
-        model, optimizer, run.test_loader, run.train_eval_loader)
+    run.model, run.optimizer = accelerator.prepare(model, optimizer)  # evaluation batches are this process's own
 
 
 # ----------------------------------------------------------------------------- checkpoints: safetensors and JSON
@@ -1008,7 +1006,7 @@ def evaluate_and_log(run: Run, step: int, lr: float, sums: torch.Tensor, batches
     loss_sum, eps_sum = sums.tolist()
     metrics = {"step": step, "lr": lr, "train_loss": loss_sum / n, "epsilon": eps_sum / n}
     early = run.dynamics is not None and run.dynamics.observes_evaluation(step, args.batch_size, args.eval_every)
-    metrics |= evaluate(run.model, run.test_loader, run.train_eval_loader, accelerator, run.info, args.channels_last,
+    metrics |= evaluate(run.model, run.test_batches, run.train_eval_batches, accelerator, run.info, args.channels_last,
                         run.dynamics, known_noise=args.noise != "none" or run.info.clean_subset, early=early)
     metrics["process_steps"] = accelerator.gather(torch.tensor([step], device=accelerator.device)).tolist()
     metrics["bad_images"] = len(set(gather_object(sorted(batches.bad_files))))
@@ -1161,9 +1159,7 @@ def main(argv: list[str] | None = None) -> None:
     run.config = run_config(args, run.info, accelerator.num_processes, accelerator.device)
     if ckpt is not None:
         check_same_run(ckpt, run.config)
-    record = noise.noise_record(run.train_ds, args.noise, args.noise_rate, args.noise_seed, run.info.num_classes,
-                                pairs=noise.parse_pairs(args.noise_pairs) or run.info.pairs_preset,
-                                noise_file=args.noise_file, noise_key=args.noise_key, key_column=args.key_column) \
+    record = noise.noise_record(run.train_ds, run.info.noise, key_column=args.key_column) \
         if accelerator.is_main_process else {}
     start_run_folder(out, run.config, record, clear, ckpt, accelerator)  # the first write, after every check
     if args.report_to:

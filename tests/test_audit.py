@@ -335,7 +335,7 @@ def test_a_label_file_missing_examples_is_refused(small_digits: Path, tmp_path: 
     bad.write_text("key,label\n0123456789abcdef,3\n")
     with pytest.raises(ValueError, match="no row for 400 of the 400"):
         data.prepare_data(data_config(dataset=str(small_digits), noise="file", noise_file=str(bad)))
-    assert noise.load_file_keys(str(bad)).tolist() == ["0123456789abcdef"]  # hex keys stay strings
+    assert noise.load_noise_file(str(bad))[2].tolist() == ["0123456789abcdef"]  # hex keys stay strings
 
 
 # ----------------------------------------------------------------------------- bad input

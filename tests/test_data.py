@@ -50,14 +50,14 @@ def nchw(images: np.ndarray) -> torch.Tensor:
 def test_digits_default_split_and_info():
     train, test, info = data.prepare_data(data_config())
     assert (len(train), len(test)) == (1437, 360)
-    assert info == data.DatasetInfo("digits", 10, 1, 8, info.mean, info.std, 1, False, None)
+    assert info == data.DatasetInfo("digits", 10, 1, 8, info.mean, info.std, 1, False, None, noise=info.noise)
+    assert info.noise == noise.NoiseSpec("none", 0.0, 0, 10)
     t = data.to_tensors(train)
     assert t["image"].shape == (1437, 1, 8, 8) and t["image"].dtype == torch.uint8
     assert t["image"].max() == 255 and t["label"].dtype == torch.int64
     assert torch.equal(t["label"], t["clean_label"]) and not t["is_noisy"].any()
     counts = np.bincount(data.to_tensors(test)["label"].numpy())
     assert counts.min() >= 35 and counts.max() <= 37  # stratified: 36 per class
-    assert data.to_tensors(train) is t  # decoded once, then cached
     x = t["image"].float() / 255
     assert np.allclose(info.mean, x.mean(dim=(0, 2, 3)), atol=1e-3)
 
@@ -281,8 +281,8 @@ def test_streaming_synthetic_epochs_workers_and_noise_match_map_style():
     expected = sorted(zip((im.numpy().tobytes() for im in mapped["image"]), mapped["label"].tolist()))
     stream, _, stream_info = data.prepare_data({**cfg, "streaming": True})
     assert stream_info == mapped_info._replace(input_path="stream")  # statistics from the same first examples
-    args = ("symmetric", 0.4, 1, 10)
-    mapped_record, stream_record = noise.noise_record(mapped_ds, *args), noise.noise_record(stream, *args)
+    assert mapped_info.noise == noise.resolve_noise("symmetric", 0.4, 1, 10)  # resolved once, carried on DatasetInfo
+    mapped_record, stream_record = (noise.noise_record(d, i.noise) for d, i in ((mapped_ds, mapped_info), (stream, stream_info)))
     assert stream_record["num_noisy"] == mapped_record["num_noisy"] > 0
     assert sorted(stream_record["noisy_keys"]) == sorted(mapped_record["noisy_keys"])
 

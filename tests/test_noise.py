@@ -59,7 +59,8 @@ def test_cifar100_table_is_the_real_superclass_table():
 
 def test_symmetric_rate_excludes_true_class_and_reaches_every_other_class():
     r, num_classes = 0.4, 10
-    ds = noise.add_label_noise(label_dataset(50_000, num_classes), "symmetric", r, 3, num_classes, key_column="id")
+    spec = noise.resolve_noise("symmetric", r, 3, num_classes)
+    ds = noise.add_label_noise(label_dataset(50_000, num_classes), spec, key_column="id")
     c = columns(ds)
     assert abs(c["is_noisy"].mean() - r) < 0.01
     assert np.array_equal(c["is_noisy"], c["label"] != c["clean_label"])
@@ -77,7 +78,8 @@ def test_cifar100_asymmetric_swaps_two_classes_per_superclass():
     r = 0.4
     table = np.asarray(noise.CIFAR100_FINE_TO_COARSE)
     ds = label_dataset(50_000, 100, coarse=table)
-    noisy = noise.add_label_noise(ds, "asymmetric", r, seed=5, num_classes=100, key_column="id", pairs="cifar100")
+    spec = noise.resolve_noise("asymmetric", r, seed=5, num_classes=100, pairs="cifar100")
+    noisy = noise.add_label_noise(ds, spec, key_column="id")
     c = columns(noisy)
     flips = c["is_noisy"]
     assert np.array_equal(table[c["label"]], table[c["clean_label"]])  # every flip stays in its superclass
@@ -90,7 +92,7 @@ def test_cifar100_asymmetric_swaps_two_classes_per_superclass():
     for a in sources:  # each flipping class flips at rate r
         assert abs(flips[c["clean_label"] == a].mean() - r) < 0.1
     # the record reports the pairs that were drawn and the expected overall rate 2r/5
-    record = noise.noise_record(noisy, "asymmetric", r, 5, 100, pairs="cifar100", key_column="id")
+    record = noise.noise_record(noisy, spec, key_column="id")
     assert {(int(a), b) for a, b in record["pairs"].items()} == moves
     assert record["expected_rate"] == pytest.approx(2 * r / 5)
     # a different seed draws other pairs
@@ -100,31 +102,34 @@ def test_cifar100_asymmetric_swaps_two_classes_per_superclass():
 def test_cifar100_preset_is_checked_against_the_coarse_label_column():
     wrong = label_dataset(1_000, 100, coarse=np.arange(100) // 5)  # consecutive blocks: not the real table
     with pytest.raises(ValueError, match="coarse_label column disagrees"):
-        noise.add_label_noise(wrong, "asymmetric", 0.3, 0, 100, key_column="id", pairs="cifar100")
+        noise.add_label_noise(wrong, noise.resolve_noise("asymmetric", 0.3, 0, 100, pairs="cifar100"), key_column="id")
 
 
 def test_cifar10_asymmetric_uses_the_standard_pairs():
-    c = columns(noise.add_label_noise(label_dataset(20_000, 10), "asymmetric", 0.5, 0, 10, key_column="id", pairs="cifar10"))
+    spec = noise.resolve_noise("asymmetric", 0.5, 0, 10, pairs="cifar10")
+    c = columns(noise.add_label_noise(label_dataset(20_000, 10), spec, key_column="id"))
     moves = set(zip(c["clean_label"][c["is_noisy"]].tolist(), c["label"][c["is_noisy"]].tolist()))
     # truck->automobile, bird->airplane, deer->horse, cat<->dog
     assert moves == {(9, 1), (2, 0), (4, 7), (3, 5), (5, 3)}
 
 
 def test_pairflip_and_none():
-    c = columns(noise.add_label_noise(label_dataset(20_000, 7), "pairflip", 0.3, 0, 7, key_column="id"))
+    c = columns(noise.add_label_noise(label_dataset(20_000, 7), noise.resolve_noise("pairflip", 0.3, 0, 7),
+                                      key_column="id"))
     assert np.array_equal(c["label"][c["is_noisy"]], (c["clean_label"][c["is_noisy"]] + 1) % 7)
     assert abs(c["is_noisy"].mean() - 0.3) < 0.015
-    c = columns(noise.add_label_noise(label_dataset(100, 7), "none", 0.0, 0, 7, key_column="id"))
+    c = columns(noise.add_label_noise(label_dataset(100, 7), noise.resolve_noise("none", 0.0, 0, 7), key_column="id"))
     assert np.array_equal(c["label"], c["clean_label"]) and not c["is_noisy"].any()
 
 
 def test_same_seed_same_labels_any_order_other_seed_differs():
     ds = label_dataset(5_000, 10)
-    a = columns(noise.add_label_noise(ds, "symmetric", 0.4, 11, 10, key_column="id"))
-    shuffled = columns(noise.add_label_noise(ds.shuffle(seed=1), "symmetric", 0.4, 11, 10, key_column="id"))
+    spec = noise.resolve_noise("symmetric", 0.4, 11, 10)
+    a = columns(noise.add_label_noise(ds, spec, key_column="id"))
+    shuffled = columns(noise.add_label_noise(ds.shuffle(seed=1), spec, key_column="id"))
     by_key = dict(zip(shuffled["example_key"], shuffled["label"]))
     assert [by_key[k] for k in a["example_key"]] == a["label"].tolist()
-    b = columns(noise.add_label_noise(ds, "symmetric", 0.4, 12, 10, key_column="id"))
+    b = columns(noise.add_label_noise(ds, noise.resolve_noise("symmetric", 0.4, 12, 10), key_column="id"))
     assert np.array_equal(a["clean_label"], b["clean_label"])
     assert (a["label"] != b["label"]).mean() > 0.3
 
@@ -140,10 +145,10 @@ def test_uniforms_are_a_pure_function_of_seed_key_stream():
 
 def test_streaming_equals_map_style_shuffled_and_split_over_two_nodes():
     ds = png_dataset(600)  # keys are hashes of the PNG bytes (no key column)
-    mapped = columns(noise.add_label_noise(ds, "symmetric", 0.5, 2, 10))
+    mapped = columns(noise.add_label_noise(ds, noise.resolve_noise("symmetric", 0.5, 2, 10)))
     expected = dict(zip(mapped["example_key"], zip(mapped["label"], mapped["clean_label"])))
     assert len(expected) == 600
-    stream = noise.add_label_noise(ds.to_iterable_dataset(num_shards=4), "symmetric", 0.5, 2, 10)
+    stream = noise.add_label_noise(ds.to_iterable_dataset(num_shards=4), noise.resolve_noise("symmetric", 0.5, 2, 10))
     seen = []
     for rank in range(2):
         node = split_dataset_by_node(stream.shuffle(seed=9, buffer_size=100), rank=rank, world_size=2)
@@ -154,8 +159,8 @@ def test_streaming_equals_map_style_shuffled_and_split_over_two_nodes():
 
 def test_different_noise_seed_changes_streamed_labels():
     stream = png_dataset(300).to_iterable_dataset(num_shards=2)
-    a = [row["label"] for row in noise.add_label_noise(stream, "symmetric", 0.5, 1, 10)]
-    b = [row["label"] for row in noise.add_label_noise(stream, "symmetric", 0.5, 2, 10)]
+    a = [row["label"] for row in noise.add_label_noise(stream, noise.resolve_noise("symmetric", 0.5, 1, 10))]
+    b = [row["label"] for row in noise.add_label_noise(stream, noise.resolve_noise("symmetric", 0.5, 2, 10))]
     assert a != b
 
 
@@ -170,18 +175,18 @@ def test_cifar_n_file_noise_is_applied_in_map_style_and_streaming(tmp_path):
     worse = (clean + np.random.default_rng(0).integers(0, 2, size=200)) % 10
     path = str(tmp_path / "CIFAR-10_human.pt")
     write_cifar_n(path, clean, worse)
-    c = columns(noise.add_label_noise(ds, "file", 0.0, 0, 10, noise_file=path, noise_key="worse_label"))
+    spec = noise.resolve_noise("file", 0.0, 0, 10, noise_file=path, noise_key="worse_label")
+    c = columns(noise.add_label_noise(ds, spec))
     assert np.array_equal(c["label"], worse) and np.array_equal(c["clean_label"], clean)
     assert np.array_equal(c["is_noisy"], worse != clean)
     # the noise goes on the stream in file order; the shuffle and the split come after, as in training
-    stream = noise.add_label_noise(ds.to_iterable_dataset(num_shards=3), "file", 0.0, 0, 10, noise_file=path,
-                                   noise_key="worse_label")
+    stream = noise.add_label_noise(ds.to_iterable_dataset(num_shards=3), spec)
     streamed = {}
     for rank in range(2):
         node = split_dataset_by_node(stream.shuffle(seed=0, buffer_size=50), rank=rank, world_size=2)
         streamed.update({row["example_key"]: row["label"] for row in node})
     assert streamed == dict(zip(c["example_key"], c["label"].tolist()))
-    record = noise.noise_record(stream, "file", 0.0, 0, 10, noise_file=path, noise_key="worse_label")
+    record = noise.noise_record(stream, spec)
     assert record["realised_rate"] == pytest.approx((worse != clean).mean())
     assert record["noisy_indices"] is None and len(record["noisy_keys"]) == record["num_noisy"]
 
@@ -192,15 +197,15 @@ def test_noise_file_errors(tmp_path):
     path = str(tmp_path / "n.pt")
     write_cifar_n(path, clean, clean)
     with pytest.raises(ValueError, match="choose one with --noise-key"):
-        noise.add_label_noise(ds, "file", 0.0, 0, 10, noise_file=path)
+        noise.add_label_noise(ds, noise.resolve_noise("file", 0.0, 0, 10, noise_file=path))
     with pytest.raises(ValueError, match="has no key 'random_label9'"):
-        noise.add_label_noise(ds, "file", 0.0, 0, 10, noise_file=path, noise_key="random_label9")
+        noise.add_label_noise(ds, noise.resolve_noise("file", 0.0, 0, 10, noise_file=path, noise_key="random_label9"))
     write_cifar_n(path, np.r_[clean, 0], np.r_[clean, 0])
     with pytest.raises(ValueError, match="has 51 labels but the train split has 50"):
-        noise.add_label_noise(ds, "file", 0.0, 0, 10, noise_file=path, noise_key="worse_label")
+        noise.add_label_noise(ds, noise.resolve_noise("file", 0.0, 0, 10, noise_file=path, noise_key="worse_label"))
     write_cifar_n(path, (clean + 1) % 10, clean)
     with pytest.raises(ValueError, match="clean_label disagrees"):
-        noise.add_label_noise(ds, "file", 0.0, 0, 10, noise_file=path, noise_key="worse_label")
+        noise.add_label_noise(ds, noise.resolve_noise("file", 0.0, 0, 10, noise_file=path, noise_key="worse_label"))
 
 
 def test_npy_csv_parquet_label_files(tmp_path):
@@ -210,7 +215,8 @@ def test_npy_csv_parquet_label_files(tmp_path):
     (tmp_path / "n.csv").write_text("noisy\n" + "\n".join(map(str, noisy)) + "\n")
     datasets.Dataset.from_dict({"noisy_label": noisy}).to_parquet(str(tmp_path / "n.parquet"))
     for name in ("n.npy", "n.csv", "n.parquet"):
-        c = columns(noise.add_label_noise(ds, "file", 0.0, 0, 10, key_column="id", noise_file=str(tmp_path / name)))
+        spec = noise.resolve_noise("file", 0.0, 0, 10, noise_file=str(tmp_path / name))
+        c = columns(noise.add_label_noise(ds, spec, key_column="id"))
         assert np.array_equal(c["label"], noisy), name
 
 
@@ -232,23 +238,23 @@ def test_bad_arguments():
     ds = label_dataset(100, 10)
     for rate in (1.0, -0.1, 1.5):
         with pytest.raises(ValueError, match=r"noise rate must be in \[0, 1\)"):
-            noise.add_label_noise(ds, "symmetric", rate, 0, 10, key_column="id")
+            noise.add_label_noise(ds, noise.resolve_noise("symmetric", rate, 0, 10), key_column="id")
     with pytest.raises(ValueError, match="unknown noise kind 'gaussian'"):
-        noise.add_label_noise(ds, "gaussian", 0.1, 0, 10, key_column="id")
+        noise.add_label_noise(ds, noise.resolve_noise("gaussian", 0.1, 0, 10), key_column="id")
     with pytest.raises(ValueError, match="needs class structure"):
-        noise.add_label_noise(ds, "asymmetric", 0.2, 0, 10, key_column="id")
+        noise.add_label_noise(ds, noise.resolve_noise("asymmetric", 0.2, 0, 10), key_column="id")
     with pytest.raises(ValueError, match="bad noise pairs"):
         noise.parse_pairs("1-2")
     with pytest.raises(ValueError, match="is for 100 classes"):
-        noise.add_label_noise(ds, "asymmetric", 0.2, 0, 10, key_column="id", pairs="cifar100")
+        noise.add_label_noise(ds, noise.resolve_noise("asymmetric", 0.2, 0, 10, pairs="cifar100"), key_column="id")
     with pytest.raises(ValueError, match="no label column 'fine'"):
-        noise.add_label_noise(ds, "symmetric", 0.2, 0, 10, label_column="fine", key_column="id")
+        noise.add_label_noise(ds, noise.resolve_noise("symmetric", 0.2, 0, 10), label_column="fine", key_column="id")
     assert noise.parse_pairs("1:2,2:1") == {1: 2, 2: 1}
 
 
 def test_noise_record_is_json_and_consistent():
-    ds = noise.add_label_noise(label_dataset(2_000, 10), "symmetric", 0.2, 4, 10, key_column="id")
-    record = noise.noise_record(ds, "symmetric", 0.2, 4, 10, key_column="id")
+    ds = noise.add_label_noise(label_dataset(2_000, 10), noise.resolve_noise("symmetric", 0.2, 4, 10), key_column="id")
+    record = noise.noise_record(ds, noise.resolve_noise("symmetric", 0.2, 4, 10), key_column="id")
     json.loads(json.dumps(record))
     c = columns(ds)
     assert record["num_noisy"] == int(c["is_noisy"].sum()) == len(record["noisy_indices"])

@@ -70,7 +70,8 @@ def test_mixed_sizes_and_modes_take_the_decode_path(folder):
     train_ds, test_ds, info = data.prepare_data(data_config(dataset=str(folder), resize=36, image_size=32))
     assert (info.input_path, info.resize, info.image_size, info.channels) == ("decode", 36, 32, 3)
     assert info.mean == data.IMAGENET_STATS[0]
-    images, labels = next(iter(data.eval_loader(data.eval_dataset(test_ds, info), info, 0, batch_size=10)))
+    batches = data.EvalBatches(test_ds, info, torch.device("cpu"), batch_size=10)
+    images, labels = next(iter(batches)), batches.label
     assert images.shape == (10, 3, 32, 32) and images.dtype == torch.uint8
     red = images[labels == 0].float().mean((0, 2, 3))
     assert red[0] > red[2] + 50  # RGB order kept through L/CMYK/RGBA/P conversions (greyscale ones pull it down)
@@ -241,7 +242,35 @@ def test_add_label_noise_on_a_hub_layout_img_column():
     images = list(rng.integers(0, 256, size=(60, 8, 8, 3), dtype=np.uint8))
     features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(num_classes=10)})
     hub = datasets.Dataset.from_dict({"img": images, "label": np.arange(60) % 10}, features=features)
-    noisy = noise.add_label_noise(hub, "symmetric", 0.5, 0, 10)
-    renamed = noise.add_label_noise(hub.rename_column("img", "image"), "symmetric", 0.5, 0, 10)
+    noisy = noise.add_label_noise(hub, noise.resolve_noise("symmetric", 0.5, 0, 10))
+    renamed = noise.add_label_noise(hub.rename_column("img", "image"), noise.resolve_noise("symmetric", 0.5, 0, 10))
     assert noisy["label"] == renamed["label"] and noisy["example_key"] == renamed["example_key"]
     assert 0 < sum(noisy["is_noisy"]) < 60
+
+
+class TorchDraws:
+    """The numpy Generator calls crop_box makes, served from torch's global RNG in RandomResizedCrop.get_params' order."""
+
+    def uniform(self, low: float, high: float) -> float:
+        return torch.empty(1).uniform_(low, high).item()
+
+    def integers(self, low: int, high: int) -> int:
+        return torch.randint(low, high, size=(1,)).item()
+
+    def random(self) -> float:
+        return torch.rand(1).item()
+
+
+def test_rrc_crop_box_draws_torchvisions_boxes_for_the_same_generator():
+    """crop_box's rrc sampling (kept by hand: decode_photo sizes JPEG draft decoding by the box) is torchvision's
+    RandomResizedCrop.get_params: the same draws give the same boxes, fallback included (a 10:1 image)."""
+    from torchvision.transforms import RandomResizedCrop
+
+    for width, height in ((500, 375), (80, 60), (375, 500), (1000, 100), (33, 32)):
+        for seed in range(60):
+            torch.manual_seed(seed)
+            (left, top, right, bottom), _ = data.crop_box(TorchDraws(), width, height, 256, 224, "rrc")
+            torch.manual_seed(seed)
+            i, j, h, w = RandomResizedCrop.get_params(torch.zeros(3, height, width), list(data.RRC_SCALE),
+                                                      list(data.RRC_RATIO))
+            assert (top, left, bottom - top, right - left) == (i, j, h, w), (width, height, seed)
