@@ -517,7 +517,8 @@ class TrainingDynamics:
         self.label = labels.to(device)
         self.from_batches, self.auto = from_batches, audit_epochs is None and from_batches
         fixed = audit_epochs if audit_epochs is not None else self.STREAM_EPOCHS
-        self.window_end = math.inf if self.auto else float(fixed)  # in epochs; inf: still open
+        self.end = torch.tensor(math.inf if self.auto else float(fixed), dtype=torch.float64, device=device)
+        self._window_end = float(self.end)  # in epochs; inf: still open
         self.margin_sum = torch.zeros(len(labels), device=device)
         self.count = torch.zeros(len(labels), dtype=torch.int64, device=device)
         self.early_prob_sum = torch.zeros(len(labels), num_classes, device=device)
@@ -528,34 +529,52 @@ class TrainingDynamics:
         self.hits = torch.zeros_like(self.misses)
         self.epoch = 0
 
+    @property
+    def window_end(self) -> float:
+        """The window's end in epochs (inf: open) as last read from the device (refresh), or as set."""
+        return self._window_end
+
+    @window_end.setter
+    def window_end(self, value: float) -> None:
+        self._window_end = float(value)
+        self.end.fill_(float(value))
+
+    def refresh(self) -> None:
+        """Read the window's end from the device (one host sync: train.py calls it on --log-every steps)."""
+        self._window_end = float(self.end)
+
     @classmethod
-    def window_closes(cls, hits: list[int], misses: list[int]) -> bool:
-        """Whether the window ends after these completed epochs: m = sum(hits) / sum(misses) of the last SMOOTH
-        epochs exceeds the lowest such m before (m0 over n0 misses) by Z sqrt(m0 (1 - m0) (1/n + 1/n0))."""
-        k = cls.SMOOTH
-        best = None
-        for e in range(k - 1, len(misses)):
-            n = sum(misses[e - k + 1:e + 1])
-            if n == 0:
-                continue
-            m = sum(hits[e - k + 1:e + 1]) / n
-            if best is not None and e >= 2 * k - 1 and m - best[0] > cls.Z * math.sqrt(best[0] * (1 - best[0]) * (1 / n + 1 / best[1])):
-                return True
-            if best is None or m < best[0]:
-                best = (m, n)
-        return False
+    def window_closes(cls, hits, misses) -> torch.Tensor:
+        """Whether the window ends after these completed epochs (a bool tensor on their device, no host sync):
+        some m_e = sum(hits) / sum(misses) over epochs e-SMOOTH+1..e exceeds the lowest m of the epochs before it
+        (m0 over n0 misses) by Z sqrt(m0 (1 - m0) (1/n + 1/n0)), for e >= 2 SMOOTH - 1."""
+        hits, misses = torch.as_tensor(hits, dtype=torch.float64), torch.as_tensor(misses, dtype=torch.float64)
+        k, last = cls.SMOOTH, len(misses)
+        if last < 2 * k:
+            return torch.zeros((), dtype=torch.bool, device=misses.device)
+        pooled = lambda x: (c := torch.cat([x.new_zeros(1), x.cumsum(0)]))[k:] - c[:-k]  # noqa: E731 - e = k-1 .. last-1
+        n, h = pooled(misses), pooled(hits)
+        valid = n > 0
+        m = torch.where(valid, h / n.clamp(min=1), torch.inf)
+        low, where = torch.cummin(m, 0)  # the lowest m up to each epoch
+        m0 = torch.cat([m.new_full((1,), torch.inf), low[:-1]])  # ... before it
+        n0 = n[torch.cat([where.new_zeros(1), where[:-1]])]
+        e = torch.arange(k - 1, last, device=misses.device)
+        spread = cls.Z * torch.sqrt((m0 * (1 - m0)).clamp(min=0) * (1 / n.clamp(min=1) + 1 / n0.clamp(min=1)))
+        return (valid & (e >= 2 * k - 1) & torch.isfinite(m0) & (m - m0 > spread)).any()
 
     def observes_step(self, t: int, global_batch: int) -> bool:
         """Whether training step t (0-based) adds its batch to the early sums: epoch t * B / N < the window's end.
-        An open window is tested at the first step of each epoch (one host sync per epoch)."""
+        An open window is tested on the device at the first step of each epoch; the host reads the outcome on
+        --log-every steps (refresh), and observe() masks the steps in between, so no step syncs for it."""
         if not self.from_batches:
             return False
         epoch = t * global_batch // len(self.label)
-        if self.auto and epoch > self.epoch and math.isinf(self.window_end) and epoch < len(self.misses):
-            if self.window_closes(self.hits[:epoch].tolist(), self.misses[:epoch].tolist()):
-                self.window_end = float(epoch)
+        if self.auto and epoch > self.epoch and math.isinf(self._window_end) and epoch < len(self.misses):
+            closes = self.window_closes(self.hits[:epoch], self.misses[:epoch]) & self.end.isinf()
+            self.end.copy_(torch.where(closes, float(epoch), self.end))
         self.epoch = epoch
-        return t * global_batch < self.window_end * len(self.label)
+        return t * global_batch < self._window_end * len(self.label)
 
     def observes_evaluation(self, step: int, global_batch: int, eval_every: int) -> bool:
         """Whether the evaluation after `step` adds to the early sums (streams): the first one, or within the window."""
@@ -565,14 +584,15 @@ class TrainingDynamics:
     def observe(self, logits: torch.Tensor, rows: torch.Tensor) -> None:
         """Add softmax(logits) at `rows` to the early sums and, while the window is chosen, count this epoch's hits
         and misses (every process passes the gathered batch; no host sync)."""
-        self.early_prob_sum.index_add_(0, rows, logits.float().softmax(1))
-        self.early_count.index_add_(0, rows, torch.ones_like(rows))
+        inside = self.epoch < self.end  # on the device: the window may have closed since the host last read it
+        self.early_prob_sum.index_add_(0, rows, logits.float().softmax(1) * inside)
+        self.early_count.index_add_(0, rows, torch.ones_like(rows) * inside)
         if self.auto and self.from_batches and self.epoch < len(self.misses):
             pred, given, last = logits.argmax(1), self.label[rows], self.last_pred[rows]
-            missed = (last >= 0) & (last != given)
+            missed = (last >= 0) & (last != given) & inside
             self.misses[self.epoch] += missed.sum()
             self.hits[self.epoch] += (missed & (pred == given)).sum()
-            self.last_pred[rows] = pred.to(torch.int32)
+            self.last_pred[rows] = torch.where(inside, pred.to(torch.int32), last)
 
     @torch.no_grad()
     def update(self, logits: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, early: bool) -> None:
@@ -588,7 +608,7 @@ class TrainingDynamics:
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"margin_sum": self.margin_sum, "count": self.count, "early_prob_sum": self.early_prob_sum,
                 "early_count": self.early_count, "last_pred": self.last_pred, "misses": self.misses,
-                "hits": self.hits, "window_end": torch.tensor(self.window_end, dtype=torch.float64)}
+                "hits": self.hits, "window_end": self.end}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         for name, value in state.items():
@@ -599,6 +619,7 @@ class TrainingDynamics:
 
     def window_text(self) -> str:
         """The early window as saved and printed, e.g. 'epochs [0, 21) chosen by the run'."""
+        self.refresh()
         end = self.window_end if math.isfinite(self.window_end) else self.epoch + 1
         how = "--audit-epochs" if not self.auto else ("chosen by the run" if math.isfinite(self.window_end) else
                                                         "chosen by the run: never closed, the whole run")
@@ -611,6 +632,7 @@ class TrainingDynamics:
         tensors = {k: v.cpu().contiguous() for k, v in (self.state_dict() | {"label": self.label}).items()
                    if k in ("margin_sum", "count", "early_prob_sum", "early_count", "label")}
         meta = {"rows": "split"} if keys is None else {"rows": "stream_subset", "keys": json.dumps(keys)}
+        self.refresh()
         end = self.window_end
         meta |= {"early": "training_batches" if self.from_batches else "evaluations",
                  "audit_epochs": f"{end:g}" if math.isfinite(end) else f"{self.epoch + 1:g}",
@@ -1076,6 +1098,8 @@ def train_loop(run: Run) -> dict:
                                                                                  args.save_every)):
             stop_if_diverged(run, bad_step, step)  # before anything is logged or saved
         if log_step:
+            if run.dynamics is not None:
+                run.dynamics.refresh()  # the audit window's end, decided on the device
             now = time.perf_counter()
             n, (loss_sum, eps_sum) = max(state["n_sum"], 1), sums.tolist()
             bar.set_postfix(loss=f"{loss_sum / n:.3f}", eps=f"{eps_sum / n:.3f}", lr=f"{lr:.3g}",

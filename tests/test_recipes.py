@@ -90,7 +90,7 @@ def other_value(key: str, value):
     """A flag value different from the recipe's `value` for `key`."""
     named = {"model": "resnet18", "weights": "mine.safetensors", "method": "cce", "noise": "symmetric",
              "milestones": "1,2", "resize": 40, "image_size": 36, "lr_schedule": "cosine" if value != "cosine" else "step",
-             "in_memory": "no", "augment": "rrc", "train_eval_size": 123 if value != 123 else 124, "momentum": 0.5, "eval_batch_size": 100}
+             "in_memory": "no", "augment": "rrc", "train_eval_size": 123 if value != 123 else 124, "momentum": 0.5, "eval_batch_size": 100, "audit_epochs": 20.0}
     if key in named:
         return named[key]
     return value + 1 if isinstance(value, int) and not isinstance(value, bool) else value + 0.125
