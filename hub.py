@@ -42,7 +42,8 @@ HF_PREFIX = "hf://"
 # status (401, 403, 5xx, ...), a refused or timed-out connection.
 HUB_ERRORS = (LocalTokenNotFoundError, OfflineModeIsEnabled, HfHubHTTPError, httpx.TransportError)
 # Flags of train.py that say where and how a run is kept, not what it computes: left out of the command.
-NOT_REPRODUCED = ("dataset", "recipe", "output_dir", "resume", "overwrite", "print_config")
+NOT_REPRODUCED = ("dataset", "recipe", "output_dir", "resume", "overwrite", "print_config", "push_to_hub",
+                  "num_workers", "sync_bn")  # the last two: decided by the machine that ran it
 
 
 def check_repo_id(repo_id: str) -> str:

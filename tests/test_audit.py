@@ -117,7 +117,7 @@ def test_a_streamed_run_is_audited_by_example_key(tmp_path: Path) -> None:
 
 def test_two_processes_gather_every_example_once(tmp_path: Path) -> None:
     out = tmp_path / "ddp"
-    proc = run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", "train.py",
+    proc = run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", "train.py",
                       "--cpu", *SYNTHETIC, "--max-steps", "20", "--eval-every", "10", "--noise", "symmetric",
                       "--noise-rate", "0.4", "--output-dir", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]

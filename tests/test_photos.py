@@ -134,7 +134,7 @@ def test_image_folder_trains_streaming(folder, tmp_path):
 def test_image_folder_trains_on_two_cpu_processes(folder, tmp_path):
     out = tmp_path / "ddp"
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
          "train.py", *SMALL, "--dataset", str(folder), "--max-steps", "6", "--eval-every", "6",
          "--output-dir", str(out)],
         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)

@@ -310,9 +310,8 @@ def test_eval_refuses_a_config_that_is_not_an_object_and_an_unwritable_plot(kill
 
 
 def test_under_torchrun_one_process_prints_the_error(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           "29533", "train.py", *TINY, "--keep-checkpoints", "0", "--output-dir", str(tmp_path / "r")],
-                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                           "train.py", *TINY, "--keep-checkpoints", "0", "--output-dir", str(tmp_path / "r")], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert [line for line in proc.stderr.splitlines() if line.startswith("error: ")] == \
         ["error: --keep-checkpoints must be at least 1, got 0"]

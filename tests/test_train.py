@@ -102,7 +102,7 @@ def test_streaming_run_learns_the_same_task(tmp_path):
 def test_two_cpu_processes_share_t_and_count_every_test_example_once(tmp_path):
     out = tmp_path / "ddp"
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
          "train.py", "--cpu", "--max-steps", "40", "--eval-every", "20", "--save-every", "20",
          "--noise", "symmetric", "--noise-rate", "0.2", "--output-dir", str(out)],
         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
@@ -212,7 +212,7 @@ def test_elr_on_two_cpu_processes_keeps_one_set_of_running_targets(tmp_path):
     """Each process updates its own rows; after every step all copies hold every process's rows."""
     out = tmp_path / "elr-ddp"
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
          "train.py", "--cpu", "--method", "elr", "--max-steps", "3", "--eval-every", "3", "--save-every", "2",
          "--noise", "symmetric", "--noise-rate", "0.2", "--output-dir", str(out)],
         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
