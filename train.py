@@ -110,18 +110,8 @@ def by_recipe(key: str) -> str:
     return "; ".join(f"{', '.join(names)}: {value}" for value, names in groups.items())
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Every knob of a run is a flag; None means 'the recipe's value' (RECIPES), filled in by fill_defaults."""
-    p = runfolder.Parser(
-        prog="train.py", description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="recipes (--recipe; every value is still a flag):\n" + "\n".join(
-            f"  {name}: " + ", ".join(f"{k}={v}" for k, v in recipe.items() if COMMON.get(k, "?") != v)
-            for name, recipe in RECIPES.items())
-        + "\n  all: " + ", ".join(f"{k}={v}" for k, v in COMMON.items()))
-    p.add_argument("--recipe", help=f"the defaults of every value below: {', '.join(RECIPES)} (default: by --dataset: "
-                                    "cifar10/cifar100/synthetic and their Hub ids cifar, digits digits, imagenet "
-                                    "imagenet, clothing1m clothing1m, anything else cifar; for your own photos "
-                                    "pick imagenet (from scratch) or clothing1m (fine-tune ImageNet weights))")
+def add_data_flags(p: argparse.ArgumentParser) -> None:
+    """The dataset, its columns, the label noise and the input path."""
     d = p.add_argument_group("data and noise")
     d.add_argument("--dataset", default=DEFAULT_DATASET,
                    help="digits, synthetic, cifar10, cifar100, imagenet, clothing1m, a Hub id or a local path")
@@ -162,6 +152,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "before the network memorises the noisy labels (default: chosen by the run, ending when the "
                         "given labels the network had not fitted start being fitted more often: memorisation; a stream: "
                         f"{TrainingDynamics.STREAM_EPOCHS:g})")
+
+
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    """The network, its initial weights, the method and the method's hyperparameters."""
     m = p.add_argument_group("model and loss")
     m.add_argument("--model", help=f"one of {', '.join(models.MODELS)} ({by_recipe('model')}; -: by input size: "
                                    "digits_cnn up to 16 px, resnet44 up to 64 px, resnet50 above)")
@@ -181,6 +175,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                           "default) or max_k p_k (maxp, proselflc_t's default)")
     m.add_argument("--elr-beta", type=float, help="ELR running-target momentum (10 classes: 0.7; 100 or more: 0.9; else 0.7)")
     m.add_argument("--elr-lambda", type=float, help="ELR regulariser weight (10 classes: 3; 100 or more: 7; else 3)")
+
+
+def add_optimisation_flags(p: argparse.ArgumentParser) -> None:
+    """Steps, batch, SGD and its learning-rate schedule, seeds."""
     o = p.add_argument_group("optimisation")
     o.add_argument("--max-steps", type=int, help=f"optimizer steps T ({by_recipe('max_steps')})")
     o.add_argument("--batch-size", type=int, help=f"global batch size ({by_recipe('batch_size')})")
@@ -195,6 +193,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     o.add_argument("--gradient-accumulation-steps", type=int, help=f"({by_recipe('gradient_accumulation_steps')})")
     o.add_argument("--seed", type=int, help=f"training seed: init, order, augmentation ({by_recipe('seed')})")
     o.add_argument("--deterministic", action="store_true", help="deterministic algorithms (slower on GPU)")
+
+
+def add_run_flags(p: argparse.ArgumentParser) -> None:
+    """Where the run is kept, how often it evaluates and saves, devices, precision, compile, Hub."""
     r = p.add_argument_group("run")
     r.add_argument("--output-dir", help="default: runs/<dataset>-<noise>-<rate>-<method>-seed<seed>")
     r.add_argument("--resume", help="a checkpoint folder; latest: the newest in --output-dir; auto: that one if any, a "
@@ -224,8 +226,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "loading data; values only the data decides (num_classes, in_channels, and model and "
                         "train_eval_size when the recipe leaves them open) are null, and so is "
                         "mixed_precision when the accelerate config decides it")
-    return p.parse_args(argv)
 
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Every knob of a run is a flag; None means 'the recipe's value' (RECIPES), filled in by fill_defaults."""
+    p = runfolder.Parser(
+        prog="train.py", description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="recipes (--recipe; every value is still a flag):\n" + "\n".join(
+            f"  {name}: " + ", ".join(f"{k}={v}" for k, v in recipe.items() if COMMON.get(k, "?") != v)
+            for name, recipe in RECIPES.items())
+        + "\n  all: " + ", ".join(f"{k}={v}" for k, v in COMMON.items()))
+    p.add_argument("--recipe", help=f"the defaults of every value below: {', '.join(RECIPES)} (default: by --dataset: "
+                                    "cifar10/cifar100/synthetic and their Hub ids cifar, digits digits, imagenet "
+                                    "imagenet, clothing1m clothing1m, anything else cifar; for your own photos "
+                                    "pick imagenet (from scratch) or clothing1m (fine-tune ImageNet weights))")
+    add_data_flags(p)
+    add_model_flags(p)
+    add_optimisation_flags(p)
+    add_run_flags(p)
+    return p.parse_args(argv)
 
 def recipe_for(dataset: str) -> str:
     """The recipe of a dataset name or Hub id when --recipe is left out: RECIPE_BY_DATASET, else cifar."""
