@@ -1259,4 +1259,12 @@ atexit.register(runfolder.release_locks)  # also when main() is called without c
 if __name__ == "__main__":
     for stop_signal in (signal.SIGTERM, signal.SIGUSR1):  # preemption: checkpoint, then exit 143 (on_stop_signal)
         signal.signal(stop_signal, on_stop_signal)
-    sys.exit(cli())
+    code = cli()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # The process group's C++ threads can outlive it and take the GIL while the interpreter finalises, which
+        # aborts a finished run now and then (SIGABRT, "terminate called without an active exception"): the run's
+        # files are closed and its lock released, so leave without finalising.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
