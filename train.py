@@ -29,7 +29,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import datasets
 import torch
@@ -1254,12 +1254,8 @@ def cli(argv: list[str] | None = None) -> int:
     return 0
 
 
-atexit.register(runfolder.release_locks)  # also when main() is called without cli()
-
-if __name__ == "__main__":
-    for stop_signal in (signal.SIGTERM, signal.SIGUSR1):  # preemption: checkpoint, then exit 143 (on_stop_signal)
-        signal.signal(stop_signal, on_stop_signal)
-    code = cli()
+def leave(code: int) -> NoReturn:
+    """Exit with code; a process of several exits without finalising the interpreter (see the comment)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # The process group's C++ threads can outlive it and take the GIL while the interpreter finalises, which
         # aborts a finished run now and then (SIGABRT, "terminate called without an active exception"): the run's
@@ -1268,3 +1264,11 @@ if __name__ == "__main__":
         sys.stderr.flush()
         os._exit(code)
     sys.exit(code)
+
+
+atexit.register(runfolder.release_locks)  # also when main() is called without cli()
+
+if __name__ == "__main__":
+    for stop_signal in (signal.SIGTERM, signal.SIGUSR1):  # preemption: checkpoint, then exit 143 (on_stop_signal)
+        signal.signal(stop_signal, on_stop_signal)
+    leave(cli())

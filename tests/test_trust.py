@@ -265,7 +265,7 @@ if os.environ["RANK"] == "1":
                     raise ValueError("more than 1% of the training images are unreadable on this process (rank 1)")
                 yield batch
         data.TrainBatches.__iter__ = bad_images
-sys.exit(train.cli())
+train.leave(train.cli())
 """
 
 
