@@ -394,13 +394,33 @@ def materialise(stream: Any) -> Any:
     import datasets
 
     tables = list(stream.with_format("arrow").iter(batch_size=1000))
-    features = noise.features_of(stream)
+    features = features_of(stream)
     table = pa.concat_tables(tables) if tables else features.arrow_schema.empty_table()
     return datasets.Dataset.from_dict({c: table.column(c) for c in table.column_names}, features=features)
 
 
 # ---------------------------------------------------------------------------------------------
 # Standard columns
+
+
+def features_of(ds: Any) -> Any:
+    """Features of a Dataset or IterableDataset (a stream that does not know them: from its first row's schema)."""
+    from datasets import Features
+
+    if ds.features is not None:
+        return ds.features
+    head = next(iter(ds.with_format("arrow").iter(batch_size=1)))
+    return Features.from_arrow_schema(head.schema)
+
+
+def find_image_column(features: Mapping[str, Any], given: str | None = None) -> str | None:
+    """The image column: `given`, else "image", else "img", else the first Image feature (None: none found)."""
+    from datasets import Image
+
+    if given is not None:
+        return given
+    found = next((c for c in ("image", "img") if c in features), None)
+    return found or next((c for c, f in features.items() if isinstance(f, Image)), None)
 
 
 def _rename_table(table: pa.Table, mapping: dict[str, str]) -> pa.Table:
@@ -418,7 +438,7 @@ def _rename_columns(ds: Any, mapping: dict[str, str]) -> Any:
         return ds
     if isinstance(ds, datasets.Dataset):
         return ds.rename_columns(mapping)
-    features = noise.features_of(ds)
+    features = features_of(ds)
     renamed = datasets.Features({mapping.get(c, c): f for c, f in features.items()})
     fn = functools.partial(_rename_table, mapping=mapping)
     return ds.with_format("arrow").map(fn, batched=True, batch_size=1000, features=renamed).with_format(None)
@@ -428,10 +448,10 @@ def standardize(ds: Any, image_column: str | None, label_column: str | None, key
     """Keep and rename to image, label (+ image_shape, coarse_label, key column); check their types."""
     import datasets
 
-    features = noise.features_of(ds)
+    features = features_of(ds)
     columns = list(features)
     listing = ", ".join(columns)
-    image_column = noise.find_image_column(features, image_column)
+    image_column = find_image_column(features, image_column)
     if image_column not in features:
         which = repr(image_column) if image_column else "(no 'image', 'img' or Image column)"
         raise ValueError(f"no image column {which}: the dataset has columns {listing} (pass --image-column)")
@@ -453,7 +473,7 @@ def standardize(ds: Any, image_column: str | None, label_column: str | None, key
     carried = ("image_shape", "coarse_label", "clean_label", "is_noisy", "has_clean_label", key_column)
     keep += [c for c in carried if c and c in features and c not in keep]
     ds = _rename_columns(ds.select_columns(keep), {image_column: "image", label_column: "label"})
-    image_type = noise.features_of(ds)["image"]
+    image_type = features_of(ds)["image"]
     raw = isinstance(image_type, datasets.Value) and image_type.dtype in ("binary", "large_binary")
     if raw and "image_shape" not in keep:
         ds = ds.cast_column("image", datasets.Image())  # encoded bytes (PNG/JPEG) without the feature type
@@ -1152,7 +1172,7 @@ def _num_classes(train: Any, test: Any) -> int:
     """Classes from the ClassLabel feature, else 1 + the largest label id (a pass over a stream)."""
     import datasets
 
-    feature = noise.features_of(train)["label"]
+    feature = features_of(train)["label"]
     if isinstance(feature, datasets.ClassLabel):
         return feature.num_classes
     largest = int(np.max(test.with_format("arrow")["label"].to_numpy(), initial=0))
@@ -1180,7 +1200,7 @@ def _header_shapes(table: pa.Table) -> set[tuple[int, int, int]]:
 
 def one_size(ds: Any, limit: int | None = None) -> tuple[int, int, int] | None:
     """The (H, W, C) every image of the split has (of the first `limit`), or None when they differ or one is unreadable."""
-    image_columns = [c for c in ("image", "image_shape") if c in noise.features_of(ds)]
+    image_columns = [c for c in ("image", "image_shape") if c in features_of(ds)]
     part = ds.take(limit) if limit is not None else ds
     shapes: set = set()
     try:
@@ -1330,11 +1350,12 @@ def prepare_data(cfg: Mapping[str, Any]) -> tuple[Any, Any, DatasetInfo]:
     num_classes = _num_classes(train, test)
     spec = noise.resolve_noise(c["noise"], c["noise_rate"], c["noise_seed"], num_classes, pairs, c["noise_file"],
                                c["noise_key"])
-    clean_subset = "has_clean_label" in noise.features_of(train) and spec.kind == "none"
+    features = features_of(train)
+    clean_subset = "has_clean_label" in features and spec.kind == "none"
     if clean_subset:  # real noisy labels (Clothing1M): keep the known clean ones, key by the release's key
         train = train.map(lambda keys: {"example_key": keys}, input_columns=c["key_column"], batched=True)
     else:
-        train = noise.add_label_noise(train, spec, key_column=c["key_column"])
+        train = noise.add_label_noise(train, spec, key_column=c["key_column"], features=features)
     path, photo = choose_input_path(train, c["in_memory"], c["image_size"])
     known = {v: k for k, v in HUB_IDS.items()}.get(name, name)  # "uoft-cs/cifar10" is cifar10 too
     if photo:

@@ -265,16 +265,6 @@ def _image_blobs(images: pa.Array) -> list[bytes]:
     )
 
 
-def find_image_column(features: Mapping[str, Any], given: str | None = None) -> str | None:
-    """The image column: `given`, else "image", else "img", else the first Image feature (None: none found)."""
-    from datasets import Image
-
-    if given is not None:
-        return given
-    found = next((c for c in ("image", "img") if c in features), None)
-    return found or next((c for c, f in features.items() if isinstance(f, Image)), None)
-
-
 def example_keys(table: pa.Table, key_column: str | None = None, image_column: str = "image") -> np.ndarray:
     """uint64 key per row: blake64 of str(key column value), or of the stored image bytes."""
     if key_column is not None:
@@ -476,16 +466,6 @@ def _noise_features(features: Any, label_column: str) -> Any:
     return out
 
 
-def features_of(ds: Any) -> Any:
-    """Features of a Dataset or IterableDataset (a stream that does not know them: from its first row's schema)."""
-    from datasets import Features
-
-    if ds.features is not None:
-        return ds.features
-    head = next(iter(ds.with_format("arrow").iter(batch_size=1)))
-    return Features.from_arrow_schema(head.schema)
-
-
 def _stream_file_keys(
     ds: Any, key_column: str | None, label_column: str, image_column: str
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -503,21 +483,22 @@ def add_label_noise(
     spec: NoiseSpec,
     label_column: str = "label",
     key_column: str | None = None,
-    image_column: str | None = None,
+    image_column: str = "image",
+    features: Any = None,
 ) -> Any:
     """Dataset/IterableDataset -> same with label (noisy), clean_label, is_noisy, example_key (a map) by `spec`.
 
-    image_column (hashed for the example key without key_column): default by find_image_column, so
-    a Hub layout whose images are in `img` works as it comes. A file's labels (spec.file, spec.key)
-    are in dataset order; a stream must come unshuffled (one pass places each file row by its
-    example key, so the shuffle and split may follow).
+    image_column: hashed for the example key without key_column (data.py passes its resolved name).
+    features: ds's (default ds.features; data.features_of for a stream that does not know them).
+    A file's labels (spec.file, spec.key) are in dataset order; a stream must come unshuffled (one
+    pass places each file row by its example key, so the shuffle and split may follow).
     """
     import datasets
 
     kind, num_classes, noise_file = spec.kind, spec.num_classes, spec.file
-    features = features_of(ds)
+    features = ds.features if features is None else features
     columns = list(features)
-    image_column = None if key_column else (find_image_column(features, image_column) or "image")
+    image_column = None if key_column else image_column
     for role, name in (("label", label_column), ("key", key_column), ("image", image_column)):
         if name is not None and name not in columns:
             raise ValueError(f"no {role} column {name!r}: the dataset has columns {', '.join(columns)}")
@@ -530,7 +511,8 @@ def add_label_noise(
         else:
             clean = np.asarray(ds.with_format("arrow")[label_column].to_numpy(), dtype=np.int64)
             if file_row_keys is not None:
-                keys = example_keys(ds.select_columns([key_column or "image"]).with_format("arrow")[:], key_column)
+                keys = example_keys(ds.select_columns([key_column or image_column]).with_format("arrow")[:], key_column,
+                                    image_column)
         if file_row_keys is not None:  # keyed rows (any order): place them in the dataset's order
             file_labels = labels_by_key(file_row_keys, file_labels, keys, key_column, noise_file)
         _check_file_labels(file_labels, file_clean, clean, num_classes, noise_file)
@@ -556,7 +538,7 @@ def add_label_noise(
         file_keys=file_keys,
     )
     by_index = kind == "file" and not streaming
-    features = _noise_features(ds.features, label_column)
+    features = _noise_features(features, label_column)
     mapped = ds.with_format("arrow").map(fn, batched=True, batch_size=1000, with_indices=by_index, features=features)
     if file_labels is not None and np.any(file_labels < 0):  # label -1: the example leaves the training set
         mapped = mapped.filter(lambda t: pa.compute.greater_equal(t.column("label"), 0), batched=True, batch_size=1000)
