@@ -36,7 +36,6 @@ photos per batch with warp + centre crop, in workers) and predict their logits, 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import io
 import itertools
@@ -44,9 +43,7 @@ import math
 import os
 import pickle
 import re
-import socket
 import sys
-import urllib.parse
 from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 
@@ -295,53 +292,21 @@ def hub_error(repo_id: str, why: str) -> str:
     )
 
 
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """True if a TCP connection to the Hub endpoint opens within timeout (or a proxy is set)."""
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True  # a proxy may reach what a direct connection cannot: let load_dataset try
-    from huggingface_hub import constants
-
-    url = urllib.parse.urlparse(constants.ENDPOINT)
-    try:
-        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-@contextlib.contextmanager
-def _offline_mode(enabled: bool) -> Iterator[None]:
-    """Temporarily switch datasets/huggingface_hub to offline mode (cache only, no retries)."""
-    import datasets
-    from huggingface_hub import constants
-
-    saved = (datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE)
-    if enabled:
-        datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
-
-
 def load_hub(repo_id: str, streaming: bool) -> Any:
-    """load_dataset(repo_id) (DatasetDict or IterableDatasetDict); fails fast when the Hub is unreachable.
+    """load_dataset(repo_id) (DatasetDict or IterableDatasetDict); a dataset neither reachable nor cached is a ValueError.
 
-    Without a connection (probe) or with HF_HUB_OFFLINE=1 it runs in offline mode, so a cached
-    copy still loads and a missing one fails at once instead of after the client's retries.
+    Offline is the libraries' business: with HF_HUB_OFFLINE=1 only the cache is read; without a
+    network the Hub client gives up after its retries (each bounded by HF_HUB_ETAG_TIMEOUT, about
+    25 s when connections are refused) and datasets falls back to the latest cached copy.
     """
     import datasets
 
-    offline = bool(datasets.config.HF_HUB_OFFLINE)
-    unreachable = not offline and not hub_reachable()
     try:
-        with _offline_mode(offline or unreachable):
-            return datasets.load_dataset(repo_id, streaming=streaming)
-    except ConnectionError as e:
-        why = "offline mode (HF_HUB_OFFLINE=1) and no cached copy" if offline else (
-            "the Hub is unreachable and there is no cached copy" if unreachable else f"connection failed: {e}"
-        )
-        raise ValueError(hub_error(repo_id, why)) from None
+        return datasets.load_dataset(repo_id, streaming=streaming)
+    except ConnectionError:
+        offline = datasets.config.HF_HUB_OFFLINE
+        why = "offline mode (HF_HUB_OFFLINE=1)" if offline else "the Hub is unreachable"
+        raise ValueError(hub_error(repo_id, f"{why} and there is no cached copy")) from None
     except datasets.exceptions.DatasetNotFoundError:
         raise ValueError(hub_error(repo_id, "no such dataset, or it is private")) from None
 
