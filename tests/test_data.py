@@ -55,6 +55,7 @@ def test_digits_default_split_and_info():
     assert (len(train), len(test)) == (1437, 360)
     assert info == data.DatasetInfo("digits", 10, 1, 8, info.mean, info.std, 1, False, None, noise=info.noise)
     assert info.noise == noise.NoiseSpec("none", 0.0, 0, 10)
+    assert not info.photo and info.input_path == "memory"
     t = data.to_tensors(train)
     assert t["image"].shape == (1437, 1, 8, 8) and t["image"].dtype == torch.uint8
     assert t["image"].max() == 255 and t["label"].dtype == torch.int64

@@ -69,6 +69,7 @@ def folder(tmp_path_factory) -> Path:
 def test_mixed_sizes_and_modes_take_the_decode_path(folder):
     train_ds, test_ds, info = data.prepare_data(data_config(dataset=str(folder), resize=36, image_size=32))
     assert (info.input_path, info.resize, info.image_size, info.channels) == ("decode", 36, 32, 3)
+    assert info.photo  # the one value every input branch reads
     assert info.mean == data.IMAGENET_STATS[0]
     batches = data.EvalBatches(test_ds, info, torch.device("cpu"), batch_size=10)
     images, labels = next(iter(batches)), batches.label
