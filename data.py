@@ -36,6 +36,7 @@ photos per batch with warp + centre crop, in workers) and predict their logits, 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 import itertools
@@ -47,10 +48,13 @@ import sys
 from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 
+import datasets
 import numpy as np
 import pyarrow as pa
 import torch
 import torch.nn.functional as F
+from datasets.distributed import split_dataset_by_node
+from PIL import Image
 
 import noise
 
@@ -134,8 +138,6 @@ def pixel_dataset(
     images: np.ndarray, labels: np.ndarray, class_names: list[str], coarse: np.ndarray | None = None
 ) -> Any:
     """In-memory Dataset from uint8 [N,H,W,C]: image (raw bytes), image_shape, label, coarse_label."""
-    import datasets
-
     n = len(images)
     shape = pa.array([list(images.shape[1:])] * n, type=pa.list_(pa.int32()))
     columns = {"image": raw_image_column(images), "image_shape": shape, "label": pa.array(labels, pa.int64())}
@@ -305,8 +307,6 @@ def load_hub(repo_id: str, streaming: bool) -> Any:
     network the Hub client gives up after its retries (each bounded by HF_HUB_ETAG_TIMEOUT, about
     25 s when connections are refused) and datasets falls back to the latest cached copy.
     """
-    import datasets
-
     try:
         return datasets.load_dataset(repo_id, streaming=streaming)
     except ConnectionError:
@@ -319,8 +319,6 @@ def load_hub(repo_id: str, streaming: bool) -> Any:
 
 def load_local(path: str, name: str, streaming: bool) -> tuple[Any, Any]:
     """(train, test) from a local pickle folder, save_to_disk folder, parquet/image folder or parquet file."""
-    import datasets
-
     if not os.path.exists(path):
         raise ValueError(f"data path {path!r} does not exist: pass --data-dir with {LOCAL_FORMATS}")
     found = _find_pickle_folder(path, name) if os.path.isdir(path) else None
@@ -362,8 +360,6 @@ def _pick_splits(dd: Any, where: str, name: str = "") -> tuple[Any, Any]:
 
 def materialise(stream: Any) -> Any:
     """IterableDataset -> in-memory Dataset with the same features (images stay encoded)."""
-    import datasets
-
     tables = list(stream.with_format("arrow").iter(batch_size=1000))
     features = features_of(stream)
     table = pa.concat_tables(tables) if tables else features.arrow_schema.empty_table()
@@ -376,22 +372,23 @@ def materialise(stream: Any) -> Any:
 
 def features_of(ds: Any) -> Any:
     """Features of a Dataset or IterableDataset (a stream that does not know them: from its first row's schema)."""
-    from datasets import Features
-
     if ds.features is not None:
         return ds.features
     head = next(iter(ds.with_format("arrow").iter(batch_size=1)))
-    return Features.from_arrow_schema(head.schema)
+    return datasets.Features.from_arrow_schema(head.schema)
 
 
 def find_image_column(features: Mapping[str, Any], given: str | None = None) -> str | None:
     """The image column: `given`, else "image", else "img", else the first Image feature (None: none found)."""
-    from datasets import Image
-
     if given is not None:
         return given
     found = next((c for c in ("image", "img") if c in features), None)
-    return found or next((c for c, f in features.items() if isinstance(f, Image)), None)
+    return found or next((c for c, f in features.items() if isinstance(f, datasets.Image)), None)
+
+
+def arrow_columns(ds: Any, *names: str) -> Any:
+    """ds in arrow format with those of names it has (image_shape: raw pixels only; clean_label, is_noisy: noised)."""
+    return ds.select_columns([c for c in names if c in features_of(ds)]).with_format("arrow")
 
 
 def _rename_table(table: pa.Table, mapping: dict[str, str]) -> pa.Table:
@@ -402,8 +399,6 @@ def _rename_table(table: pa.Table, mapping: dict[str, str]) -> pa.Table:
 def _rename_columns(ds: Any, mapping: dict[str, str]) -> Any:
     """Rename columns; for a stream as an arrow map (IterableDataset.rename_columns runs per example
     in Python and decodes and re-encodes every image)."""
-    import datasets
-
     mapping = {old: new for old, new in mapping.items() if old != new}
     if not mapping:
         return ds
@@ -417,8 +412,6 @@ def _rename_columns(ds: Any, mapping: dict[str, str]) -> Any:
 
 def standardize(ds: Any, image_column: str | None, label_column: str | None, key_column: str | None) -> Any:
     """Keep and rename to image, label (+ image_shape, coarse_label, key column); check their types."""
-    import datasets
-
     features = features_of(ds)
     columns = list(features)
     listing = ", ".join(columns)
@@ -459,8 +452,6 @@ def standardize(ds: Any, image_column: str | None, label_column: str | None, key
 
 def load_splits(cfg: Mapping[str, Any]) -> tuple[Any, Any]:
     """(train, test) with standard columns; train is an IterableDataset when cfg['streaming']."""
-    import datasets
-
     name, streaming = cfg["dataset"], bool(cfg["streaming"])
     if name == "digits":
         train, test = digits_splits()
@@ -493,8 +484,6 @@ def _mode_channels(mode: str) -> int:
 
 def _decode_encoded(images: pa.Array, channels: int | None) -> np.ndarray:
     """Image-feature structs (bytes or path) -> uint8 [B,H,W,C] via PIL (all in the first image's size)."""
-    from PIL import Image
-
     blobs, paths = images.field("bytes").to_pylist(), images.field("path").to_pylist()
     out = None
     for i, (blob, path) in enumerate(zip(blobs, paths)):
@@ -564,19 +553,14 @@ def to_tensors(ds: Any) -> dict[str, torch.Tensor]:
     Decodes the whole split on each call: the caller keeps the result (TrainBatches holds it on the device).
     Only for fixed-size data: photos are decoded per batch (EvalBatches, TrainBatches).
     """
-    import datasets
-
     if not isinstance(ds, datasets.Dataset):
         raise ValueError("to_tensors needs a map-style split: stream with stream_batches, or use data.materialise")
-    columns = [c for c in ("image", "image_shape", "label", "clean_label", "is_noisy") if c in ds.column_names]
-    return table_batch(ds.select_columns(columns).with_format("arrow")[:])
+    return table_batch(arrow_columns(ds, "image", "image_shape", "label", "clean_label", "is_noisy")[:])
 
 
 def label_tensors(ds: Any) -> dict[str, torch.Tensor]:
     """Map-style split -> {"label", "clean_label": int64 [N], "is_noisy": bool [N]} without touching the images."""
-    columns = [c for c in ("label", "clean_label", "is_noisy") if c in ds.column_names]
-    table = ds.select_columns(columns).with_format("arrow")[:]
-    out = table_batch(table, images=False)
+    out = table_batch(arrow_columns(ds, "label", "clean_label", "is_noisy")[:], images=False)
     out.pop("image")
     return out
 
@@ -665,8 +649,6 @@ def decode_photo(
 
     Greyscale, CMYK, RGBA and palette images become RGB. Raises one of UNREADABLE for a bad file.
     """
-    from PIL import Image
-
     if shape is not None:
         h, w, c = shape
         im = Image.frombuffer("L" if c == 1 else "RGB", (w, h), source, "raw")
@@ -781,7 +763,7 @@ class DecodedSteps(torch.utils.data.Dataset):
     and decoded with the training transform (in a DataLoader worker)."""
 
     def __init__(self, ds: Any, info: DatasetInfo, global_batch: int, seed: int, rank: int, world: int):
-        self.ds = ds.select_columns([c for c in ("image", "image_shape", "label") if c in ds.column_names])
+        self.ds = arrow_columns(ds, "image", "image_shape", "label")
         self.info, self.global_batch, self.seed, self.rank, self.world = info, global_batch, seed, rank, world
 
     def __len__(self) -> int:
@@ -789,8 +771,7 @@ class DecodedSteps(torch.utils.data.Dataset):
 
     def __getitem__(self, step: int) -> dict[str, Any]:
         rows = step_rows(len(self.ds), self.global_batch, self.seed, step, self.rank, self.world).numpy()
-        table = self.ds.with_format("arrow")[rows.tolist()]
-        return photo_batch(table, rows, self.info, self.seed, key=(step,))
+        return photo_batch(self.ds[rows.tolist()], rows, self.info, self.seed, key=(step,))
 
 
 class DecodedExamples(torch.utils.data.Dataset):
@@ -798,7 +779,7 @@ class DecodedExamples(torch.utils.data.Dataset):
     batch [B,3,S,S], decoded with warp + centre crop (in a DataLoader worker); an unreadable image is zeros."""
 
     def __init__(self, ds: Any, info: DatasetInfo, rows: torch.Tensor):
-        self.ds = ds.select_columns([c for c in ("image", "image_shape") if c in ds.column_names])
+        self.ds = arrow_columns(ds, "image", "image_shape")
         self.info, self.rows = info, rows
 
     def __len__(self) -> int:
@@ -806,7 +787,7 @@ class DecodedExamples(torch.utils.data.Dataset):
 
     def __getitem__(self, items: list[int]) -> torch.Tensor:
         rows = self.rows[items].numpy()
-        batch = photo_batch(self.ds.with_format("arrow")[rows.tolist()], rows, self.info, None)
+        batch = photo_batch(self.ds[rows.tolist()], rows, self.info, None)
         for name in batch["bad"]:
             print(f"warning: unreadable image {name} evaluated as a black image", file=sys.stderr)
         return batch["image"]
@@ -841,11 +822,10 @@ class EvalBatches:
             sampler = torch.utils.data.BatchSampler(range(len(self.part)), batch_size, drop_last=False)
             self.photos = batch_loader(DecodedExamples(ds, info, self.part), device, workers, sampler=sampler)
         else:
-            columns = [c for c in ("image", "image_shape") if c in ds.column_names]
             start = int(self.part[0])
             whole = torch.equal(self.part, torch.arange(start, start + len(self.part)))  # a test split's part
             rows = slice(start, start + len(self.part)) if whole else self.part.tolist()  # a slice reads 10x faster
-            self.images = to_device(nchw(decode_table(ds.select_columns(columns).with_format("arrow")[rows])), device)
+            self.images = to_device(nchw(decode_table(arrow_columns(ds, "image", "image_shape")[rows])), device)
 
     def __len__(self) -> int:
         return len(self.label)
@@ -885,6 +865,7 @@ def default_workers(num_processes: int = 1) -> int:
     return max(1, min(4, (os.cpu_count() or 1) // max(1, num_processes)))
 
 
+@dataclasses.dataclass(eq=False)  # eq=False: hashed by identity, as any Dataset
 class StreamEpoch(torch.utils.data.IterableDataset):
     """One epoch of one process's share of a stream, as batches of tensors.
 
@@ -894,24 +875,16 @@ class StreamEpoch(torch.utils.data.IterableDataset):
     crops drawn from (seed, epoch, node, batch, example).
     """
 
-    def __init__(
-        self,
-        ds: Any,
-        batch_size: int,
-        seed: int,
-        epoch: int,
-        process_index: int,
-        num_processes: int,
-        shuffle_buffer: int,
-        drop_last: bool,
-        info: DatasetInfo | None = None,
-        key_column: str | None = None,
-    ):
-        super().__init__()
-        self.ds, self.batch_size, self.seed, self.epoch = ds, batch_size, seed, epoch
-        self.process_index, self.num_processes = process_index, num_processes
-        self.shuffle_buffer, self.drop_last = shuffle_buffer, drop_last
-        self.info, self.key_column = info, key_column
+    ds: Any
+    batch_size: int
+    seed: int
+    epoch: int
+    process_index: int
+    num_processes: int
+    shuffle_buffer: int
+    drop_last: bool
+    info: DatasetInfo | None = None
+    key_column: str | None = None
 
     def _index(self, table: pa.Table) -> np.ndarray:
         """The integer key column's values, else -1 per row."""
@@ -921,8 +894,6 @@ class StreamEpoch(torch.utils.data.IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         """Shard (reshard, split by node), shuffle(buffer, seed), set_epoch, decode, batch."""
-        from datasets.distributed import split_dataset_by_node
-
         worker = torch.utils.data.get_worker_info()
         workers, worker_id = (worker.num_workers, worker.id) if worker is not None else (1, 0)
         rank = self.process_index * workers + worker_id
@@ -1125,14 +1096,11 @@ def _check_dataset_name(name: str, data_dir: str | None) -> None:
 
 def _channel_stats(train: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std (fractions of 255) of the first STATS_EXAMPLES train images, in stored order."""
-    import datasets
-
     if isinstance(train, datasets.IterableDataset):
         tables = list(train.take(STATS_EXAMPLES).with_format("arrow").iter(batch_size=1000))
     else:
         head = train.select(range(min(len(train), STATS_EXAMPLES)))
-        image_columns = [c for c in ("image", "image_shape") if c in train.column_names]
-        tables = [head.select_columns(image_columns).with_format("arrow")[:]]
+        tables = [arrow_columns(head, "image", "image_shape")[:]]
     images = np.concatenate([decode_table(t) for t in tables])
     total = np.zeros(images.shape[-1])
     squares = np.zeros(images.shape[-1])
@@ -1148,8 +1116,6 @@ def _channel_stats(train: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
 
 def _num_classes(train: Any, test: Any) -> int:
     """Classes from the ClassLabel feature, else 1 + the largest label id (a pass over a stream)."""
-    import datasets
-
     feature = features_of(train)["label"]
     if isinstance(feature, datasets.ClassLabel):
         return feature.num_classes
@@ -1164,8 +1130,6 @@ def _num_classes(train: Any, test: Any) -> int:
 
 def _header_shapes(table: pa.Table) -> set[tuple[int, int, int]]:
     """Distinct (height, width, channels) of an arrow batch's images, from the file headers (nothing decoded)."""
-    from PIL import Image
-
     sources, _, shapes = _image_sources(table)
     if shapes[:1] != [None]:
         return {tuple(s) for s in shapes}
@@ -1178,11 +1142,10 @@ def _header_shapes(table: pa.Table) -> set[tuple[int, int, int]]:
 
 def one_size(ds: Any, limit: int | None = None) -> tuple[int, int, int] | None:
     """The (H, W, C) every image of the split has (of the first `limit`), or None when they differ or one is unreadable."""
-    image_columns = [c for c in ("image", "image_shape") if c in features_of(ds)]
     part = ds.take(limit) if limit is not None else ds
     shapes: set = set()
     try:
-        for table in part.select_columns(image_columns).with_format("arrow").iter(batch_size=1000):
+        for table in arrow_columns(part, "image", "image_shape").iter(batch_size=1000):
             shapes |= _header_shapes(table)
             if len(shapes) > 1:
                 return None
@@ -1196,8 +1159,6 @@ def choose_input_path(train: Any, in_memory: str, image_size: int) -> tuple[str,
     image_size (nothing to warp and crop), and the decoded split fits MEMORY_BUDGET (in_memory yes/no
     overrides), else decode; a stream stays a stream, with the photo transform unless its first
     SIZE_PROBE images have one such size."""
-    import datasets
-
     small = lambda shape: shape is not None and max(shape[:2]) <= image_size  # noqa: E731
     if isinstance(train, datasets.IterableDataset):
         return "stream", not small(one_size(train, SIZE_PROBE))
@@ -1246,8 +1207,6 @@ def clothing1m_splits(root: str) -> tuple[Any, Any]:
     clean_label, is_noisy and has_clean_label (the others: clean_label = label, has_clean_label False).
     test: clean_test_key_list with clean labels. key: the release's key (images/a/bc/name.jpg).
     """
-    import datasets
-
     missing = [f for f in CLOTHING1M_FILES if not os.path.isfile(os.path.join(root, f))]
     if missing:
         raise ValueError(f"{root} is not a Clothing1M release: missing {', '.join(missing)} "
@@ -1284,8 +1243,6 @@ def clothing1m_splits(root: str) -> tuple[Any, Any]:
 def train_eval_subset(train: Any, size: int | None) -> tuple[Any, torch.Tensor | None]:
     """(map-style split, rows) scored for the clean/noisy metrics: rows of the training split
     (train_eval_rows), or of the first `size` examples of a stream; rows None for none (size 0)."""
-    import datasets
-
     if isinstance(train, datasets.IterableDataset):
         if not size:
             return train, None

@@ -22,6 +22,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
+import datasets
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401 - pa.compute in the drop filter
@@ -169,13 +170,11 @@ def resolve_pairs(pairs: Any, seed: int, num_classes: int) -> dict[int, int]:
     """Asymmetric flip map {src: dst} from a dict, 'a:b,...' string or preset (drawn from seed)."""
     check_noise_args("asymmetric", 0.0, pairs)
     pairs = parse_pairs(pairs)
+    table = preset_fine_to_coarse(pairs, num_classes) if isinstance(pairs, str) else None
     if pairs == "cifar10":
-        resolved = dict(CIFAR10_PAIRS)
-        expected = 10
-    elif pairs == "cifar100":
-        resolved, expected = superclass_pairs(CIFAR100_FINE_TO_COARSE, seed), 100
-    elif pairs == "synthetic":
-        resolved, expected = superclass_pairs(synthetic_fine_to_coarse(num_classes), seed), num_classes
+        resolved, expected = dict(CIFAR10_PAIRS), 10
+    elif table is not None:  # cifar100, synthetic: drawn per superclass
+        resolved, expected = superclass_pairs(table, seed), len(table)
     else:
         resolved, expected = pairs, num_classes
     if expected != num_classes:
@@ -456,13 +455,11 @@ def _noise_features(features: Any, label_column: str) -> Any:
     """Output features of the noise map (None if the input's are unknown)."""
     if features is None:
         return None
-    from datasets import Value
-
     out = features.copy()
     out["label"] = features[label_column]
     out["clean_label"] = features[label_column]
-    out["is_noisy"] = Value("bool")
-    out["example_key"] = Value("string")
+    out["is_noisy"] = datasets.Value("bool")
+    out["example_key"] = datasets.Value("string")
     return out
 
 
@@ -493,8 +490,6 @@ def add_label_noise(
     A file's labels (spec.file, spec.key) are in dataset order; a stream must come unshuffled (one
     pass places each file row by its example key, so the shuffle and split may follow).
     """
-    import datasets
-
     kind, num_classes, noise_file = spec.kind, spec.num_classes, spec.file
     features = ds.features if features is None else features
     columns = list(features)
@@ -547,8 +542,6 @@ def add_label_noise(
 
 def _noise_columns(ds: Any) -> dict[str, np.ndarray]:
     """label, clean_label, is_noisy, example_key of a noisy Dataset/IterableDataset as numpy arrays."""
-    import datasets
-
     names = ["label", "clean_label", "is_noisy", "example_key"]
     if isinstance(ds, datasets.IterableDataset):
         tables = list(ds.select_columns(names).with_format("arrow").iter(batch_size=10_000))
@@ -580,8 +573,6 @@ def noise_record(ds: Any, spec: NoiseSpec, key_column: str | None = None) -> dic
     Reads the noise columns of `ds` (one pass over a stream) noised by `spec`. noisy_indices are the
     positions in the map-style split (null when streaming); noisy_keys are the stable example keys.
     """
-    import datasets
-
     kind, rate, num_classes, pair_map = spec.kind, spec.rate, spec.num_classes, spec.pairs
     cols = _noise_columns(ds)
     clean, noisy_mask = cols["clean_label"].astype(np.int64), cols["is_noisy"].astype(bool)
