@@ -22,6 +22,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
+import datasets
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401 - pa.compute in the drop filter
@@ -169,13 +170,11 @@ def resolve_pairs(pairs: Any, seed: int, num_classes: int) -> dict[int, int]:
     """Asymmetric flip map {src: dst} from a dict, 'a:b,...' string or preset (drawn from seed)."""
     check_noise_args("asymmetric", 0.0, pairs)
     pairs = parse_pairs(pairs)
+    table = preset_fine_to_coarse(pairs, num_classes) if isinstance(pairs, str) else None
     if pairs == "cifar10":
-        resolved = dict(CIFAR10_PAIRS)
-        expected = 10
-    elif pairs == "cifar100":
-        resolved, expected = superclass_pairs(CIFAR100_FINE_TO_COARSE, seed), 100
-    elif pairs == "synthetic":
-        resolved, expected = superclass_pairs(synthetic_fine_to_coarse(num_classes), seed), num_classes
+        resolved, expected = dict(CIFAR10_PAIRS), 10
+    elif table is not None:  # cifar100, synthetic: drawn per superclass
+        resolved, expected = superclass_pairs(table, seed), len(table)
     else:
         resolved, expected = pairs, num_classes
     if expected != num_classes:
@@ -263,16 +262,6 @@ def _image_blobs(images: pa.Array) -> list[bytes]:
     raise ValueError(
         f"cannot hash image column of type {images.type}: pass --key-column, or load the data through data.py"
     )
-
-
-def find_image_column(features: Mapping[str, Any], given: str | None = None) -> str | None:
-    """The image column: `given`, else "image", else "img", else the first Image feature (None: none found)."""
-    from datasets import Image
-
-    if given is not None:
-        return given
-    found = next((c for c in ("image", "img") if c in features), None)
-    return found or next((c for c, f in features.items() if isinstance(f, Image)), None)
 
 
 def example_keys(table: pa.Table, key_column: str | None = None, image_column: str = "image") -> np.ndarray:
@@ -466,24 +455,12 @@ def _noise_features(features: Any, label_column: str) -> Any:
     """Output features of the noise map (None if the input's are unknown)."""
     if features is None:
         return None
-    from datasets import Value
-
     out = features.copy()
     out["label"] = features[label_column]
     out["clean_label"] = features[label_column]
-    out["is_noisy"] = Value("bool")
-    out["example_key"] = Value("string")
+    out["is_noisy"] = datasets.Value("bool")
+    out["example_key"] = datasets.Value("string")
     return out
-
-
-def features_of(ds: Any) -> Any:
-    """Features of a Dataset or IterableDataset (a stream that does not know them: from its first row's schema)."""
-    from datasets import Features
-
-    if ds.features is not None:
-        return ds.features
-    head = next(iter(ds.with_format("arrow").iter(batch_size=1)))
-    return Features.from_arrow_schema(head.schema)
 
 
 def _stream_file_keys(
@@ -503,21 +480,20 @@ def add_label_noise(
     spec: NoiseSpec,
     label_column: str = "label",
     key_column: str | None = None,
-    image_column: str | None = None,
+    image_column: str = "image",
+    features: Any = None,
 ) -> Any:
     """Dataset/IterableDataset -> same with label (noisy), clean_label, is_noisy, example_key (a map) by `spec`.
 
-    image_column (hashed for the example key without key_column): default by find_image_column, so
-    a Hub layout whose images are in `img` works as it comes. A file's labels (spec.file, spec.key)
-    are in dataset order; a stream must come unshuffled (one pass places each file row by its
-    example key, so the shuffle and split may follow).
+    image_column: hashed for the example key without key_column (data.py passes its resolved name).
+    features: ds's (default ds.features; data.features_of for a stream that does not know them).
+    A file's labels (spec.file, spec.key) are in dataset order; a stream must come unshuffled (one
+    pass places each file row by its example key, so the shuffle and split may follow).
     """
-    import datasets
-
     kind, num_classes, noise_file = spec.kind, spec.num_classes, spec.file
-    features = features_of(ds)
+    features = ds.features if features is None else features
     columns = list(features)
-    image_column = None if key_column else (find_image_column(features, image_column) or "image")
+    image_column = None if key_column else image_column
     for role, name in (("label", label_column), ("key", key_column), ("image", image_column)):
         if name is not None and name not in columns:
             raise ValueError(f"no {role} column {name!r}: the dataset has columns {', '.join(columns)}")
@@ -530,7 +506,8 @@ def add_label_noise(
         else:
             clean = np.asarray(ds.with_format("arrow")[label_column].to_numpy(), dtype=np.int64)
             if file_row_keys is not None:
-                keys = example_keys(ds.select_columns([key_column or "image"]).with_format("arrow")[:], key_column)
+                keys = example_keys(ds.select_columns([key_column or image_column]).with_format("arrow")[:], key_column,
+                                    image_column)
         if file_row_keys is not None:  # keyed rows (any order): place them in the dataset's order
             file_labels = labels_by_key(file_row_keys, file_labels, keys, key_column, noise_file)
         _check_file_labels(file_labels, file_clean, clean, num_classes, noise_file)
@@ -556,7 +533,7 @@ def add_label_noise(
         file_keys=file_keys,
     )
     by_index = kind == "file" and not streaming
-    features = _noise_features(ds.features, label_column)
+    features = _noise_features(features, label_column)
     mapped = ds.with_format("arrow").map(fn, batched=True, batch_size=1000, with_indices=by_index, features=features)
     if file_labels is not None and np.any(file_labels < 0):  # label -1: the example leaves the training set
         mapped = mapped.filter(lambda t: pa.compute.greater_equal(t.column("label"), 0), batched=True, batch_size=1000)
@@ -565,8 +542,6 @@ def add_label_noise(
 
 def _noise_columns(ds: Any) -> dict[str, np.ndarray]:
     """label, clean_label, is_noisy, example_key of a noisy Dataset/IterableDataset as numpy arrays."""
-    import datasets
-
     names = ["label", "clean_label", "is_noisy", "example_key"]
     if isinstance(ds, datasets.IterableDataset):
         tables = list(ds.select_columns(names).with_format("arrow").iter(batch_size=10_000))
@@ -598,8 +573,6 @@ def noise_record(ds: Any, spec: NoiseSpec, key_column: str | None = None) -> dic
     Reads the noise columns of `ds` (one pass over a stream) noised by `spec`. noisy_indices are the
     positions in the map-style split (null when streaming); noisy_keys are the stable example keys.
     """
-    import datasets
-
     kind, rate, num_classes, pair_map = spec.kind, spec.rate, spec.num_classes, spec.pairs
     cols = _noise_columns(ds)
     clean, noisy_mask = cols["clean_label"].astype(np.int64), cols["is_noisy"].astype(bool)

@@ -1068,7 +1068,7 @@ def train_step(run: Run, batch: dict, t: int, sums: torch.Tensor, bad_step: torc
     """Optimizer step t on this process's batch (micro-batches under gradient accumulation): no device value is read."""
     args, accelerator, info = run.args, run.accelerator, run.info
     accum = args.gradient_accumulation_steps
-    micro = args.batch_size // (accelerator.num_processes * accum)
+    micro = data.process_batch(args.batch_size, accelerator.num_processes, accum)
     x = data.normalize(batch["image"], info.mean, info.std)
     if args.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)

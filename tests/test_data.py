@@ -2,6 +2,7 @@
 
 import os
 import pickle
+import time
 
 import datasets
 import numpy as np
@@ -11,6 +12,8 @@ import torch
 import data
 import noise
 from conftest import data_config
+
+UNREACHABLE = "http://127.0.0.1:9"  # the discard port on this machine: connections are refused at once
 
 
 @pytest.fixture(autouse=True)
@@ -52,6 +55,7 @@ def test_digits_default_split_and_info():
     assert (len(train), len(test)) == (1437, 360)
     assert info == data.DatasetInfo("digits", 10, 1, 8, info.mean, info.std, 1, False, None, noise=info.noise)
     assert info.noise == noise.NoiseSpec("none", 0.0, 0, 10)
+    assert not info.photo and info.input_path == "memory"
     t = data.to_tensors(train)
     assert t["image"].shape == (1437, 1, 8, 8) and t["image"].dtype == torch.uint8
     assert t["image"].max() == 255 and t["label"].dtype == torch.int64
@@ -214,21 +218,47 @@ def test_bad_input_gives_one_line_value_error(cfg, message):
     assert "\n" not in str(err.value)
 
 
-def test_hub_offline_or_unreachable_fails_fast_with_data_dir_hint(monkeypatch):
+def test_hub_offline_or_unreachable_without_a_cached_copy_is_one_line_with_data_dir_hint(monkeypatch):
     from huggingface_hub import constants
 
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    expected = r"cannot load 'uoft-cs/cifar10'.*offline mode.*pass --data-dir.*cifar-10-batches-py"
+    offline(monkeypatch)
+    expected = r"cannot load 'uoft-cs/cifar10'.*offline mode.*no cached copy.*pass --data-dir.*cifar-10-batches-py"
     with pytest.raises(ValueError, match=expected) as err:
         data.prepare_data(data_config(dataset="cifar10"))
     assert "\n" not in str(err.value)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(data, "hub_reachable", lambda timeout=3.0: False)
-    with pytest.raises(ValueError, match=r"cannot load 'uoft-cs/cifar100'.*unreachable.*pass --data-dir"):
+    monkeypatch.setattr(datasets.config, "HF_ENDPOINT", UNREACHABLE)
+    started = time.monotonic()
+    with pytest.raises(ValueError, match=r"cannot load 'uoft-cs/cifar100'.*unreachable.*no cached copy.*pass --data-dir"):
         data.prepare_data(data_config(dataset="cifar100", streaming=True))
-    assert datasets.config.HF_HUB_OFFLINE is False  # offline mode was switched on only for the attempt
+    assert time.monotonic() - started < 90  # the Hub client's retries, not a hang
+
+
+def offline(monkeypatch) -> None:
+    """The Hub in offline mode, as HF_HUB_OFFLINE=1 at start-up sets it."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+
+def test_a_hub_dataset_in_the_cache_loads_offline(tmp_path, monkeypatch):
+    # what a load_dataset("uoft-cs/cifar10") with the Hub at hand leaves in the datasets cache
+    from datasets.packaged_modules.parquet.parquet import Parquet
+
+    write_hub_parquet(tmp_path / "files")
+    files = {s: str(tmp_path / "files" / f"{s}-00000-of-00001.parquet") for s in ("train", "test")}
+    builder = Parquet(cache_dir=str(tmp_path / "built"), dataset_name="cifar10", config_name="plain_text",
+                      hash="0123abcd", data_files=files)
+    builder.download_and_prepare()
+    (config,) = (tmp_path / "built" / "cifar10").iterdir()
+    cached = tmp_path / "hf-datasets" / "uoft-cs___cifar10"  # the private_hf_caches fixture's folder
+    cached.mkdir(parents=True)
+    config.rename(cached / "plain_text")
+    offline(monkeypatch)
+    train, test, info = data.prepare_data(data_config(dataset="cifar10"))
+    assert (len(train), len(test), info.num_classes, info.input_path) == (40, 20, 10, "memory")
 
 
 def crop_offsets(out: torch.Tensor, x: torch.Tensor, pad: int) -> set:
@@ -305,10 +335,7 @@ def test_streaming_synthetic_epochs_workers_and_noise_match_map_style():
 @pytest.fixture
 def offline_hub(monkeypatch):
     """The Hub in offline mode (no cached copies: the caches are private to the test)."""
-    from huggingface_hub import constants
-
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    offline(monkeypatch)
 
 
 @pytest.mark.parametrize(

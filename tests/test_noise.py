@@ -1,6 +1,8 @@
 """Label noise: the paper's definitions (Sec. 5.2), per-example determinism, streaming == map-style."""
 
+import ast
 import json
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -262,3 +264,12 @@ def test_noise_record_is_json_and_consistent():
     assert record["noisy_keys"] == [str(i) for i in np.flatnonzero(c["is_noisy"])]  # key column "id" == index here
     assert record["realised_rate"] == pytest.approx(c["is_noisy"].mean())
     assert len(record["realised_rate_per_class"]) == 10 and record["seed"] == 4 and record["key"] == "id"
+
+
+def test_noise_py_is_about_noise_only():
+    # noise functions get the dataset's shape (image column, features) from data.py as arguments
+    tree = ast.parse(Path(noise.__file__).read_text())
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert "data" not in imported
+    assert not {"features_of", "find_image_column"} & {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}

@@ -69,6 +69,7 @@ def folder(tmp_path_factory) -> Path:
 def test_mixed_sizes_and_modes_take_the_decode_path(folder):
     train_ds, test_ds, info = data.prepare_data(data_config(dataset=str(folder), resize=36, image_size=32))
     assert (info.input_path, info.resize, info.image_size, info.channels) == ("decode", 36, 32, 3)
+    assert info.photo  # the one value every input branch reads
     assert info.mean == data.IMAGENET_STATS[0]
     batches = data.EvalBatches(test_ds, info, torch.device("cpu"), batch_size=10)
     images, labels = next(iter(batches)), batches.label
@@ -242,7 +243,8 @@ def test_add_label_noise_on_a_hub_layout_img_column():
     images = list(rng.integers(0, 256, size=(60, 8, 8, 3), dtype=np.uint8))
     features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(num_classes=10)})
     hub = datasets.Dataset.from_dict({"img": images, "label": np.arange(60) % 10}, features=features)
-    noisy = noise.add_label_noise(hub, noise.resolve_noise("symmetric", 0.5, 0, 10))
+    noisy = noise.add_label_noise(hub, noise.resolve_noise("symmetric", 0.5, 0, 10),
+                                  image_column=data.find_image_column(hub.features))
     renamed = noise.add_label_noise(hub.rename_column("img", "image"), noise.resolve_noise("symmetric", 0.5, 0, 10))
     assert noisy["label"] == renamed["label"] and noisy["example_key"] == renamed["example_key"]
     assert 0 < sum(noisy["is_noisy"]) < 60
