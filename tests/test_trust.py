@@ -203,7 +203,7 @@ def test_a_stop_signal_checkpoints_the_step_reached_and_the_restart_is_exact(tmp
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     assert start([*flags, "--output-dir", str(whole)]).wait(timeout=300) == 0  # one thread, as the cut run below
     proc = start([*flags, "--output-dir", str(cut), "--resume", "auto"])
-    deadline = time.time() + 120
+    deadline = time.time() + 300  # a guard against a run that never starts, not a speed check
     while not (cut / "metrics.jsonl").exists():  # training has begun
         assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() is not None else ""
         time.sleep(0.01)
@@ -237,7 +237,7 @@ def test_resume_auto_starts_continues_and_leaves_a_finished_run_alone(tmp_path, 
 def test_a_stop_signal_during_start_up_exits_at_once(tmp_path):
     out = tmp_path / "run"
     proc = start([*TINY, "--output-dir", str(out)])
-    deadline = time.time() + 60
+    deadline = time.time() + 300  # a guard against a run that never starts, not a speed check
     while not (out / runfolder.LOCK_NAME).exists():
         assert proc.poll() is None and time.time() < deadline
         time.sleep(0.005)
@@ -273,14 +273,14 @@ train.leave(train.cli())
 def test_an_error_on_rank_1_alone_ends_both_processes_with_its_line(tmp_path, where):
     script, out = tmp_path / "fail.py", tmp_path / "run"
     script.write_text(FAIL_ON_RANK_1.format(root=str(ROOT), where=where))
-    began = time.time()
+    # timeout: a process left waiting on its failed peer would wait for the process group's 30-minute timeout
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
                            str(script), *TINY, "--max-steps", "20", "--save-every", "4", "--output-dir", str(out)],
                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert proc.returncode != 0 and len(errors) == 1, proc.stderr[-3000:]
     assert ("No space left on device" if where == "checkpoint" else "unreadable on this process (rank 1)") in errors[0]
-    assert time.time() - began < 120 and not (out / runfolder.LOCK_NAME).exists()
+    assert not (out / runfolder.LOCK_NAME).exists()
     ours = [f'File "{ROOT / name}' for name in ("train.py", "runfolder.py", "data.py", str(script))]
     assert not any(frame in proc.stderr for frame in ours)  # torchrun reports the failed child; no traceback of ours
 
