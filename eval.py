@@ -72,7 +72,6 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from safetensors import SafetensorError
-from safetensors import safe_open
 from safetensors.torch import load_file
 
 import data
@@ -91,7 +90,7 @@ METHOD_COLORS = {  # ProSelfLC stands out in red; the other methods keep their c
     "proselflc": "tab:red", "cce": "black", "ls": "tab:blue", "cp": "tab:orange", "bootsoft": "tab:green",
     "boothard": "tab:purple", "gce": "tab:brown", "sce": "tab:pink", "elr": "tab:olive", "proselflc_t": "darkred",
 }
-EPS_METHODS = ("ls", "cp", "bootsoft", "boothard")  # methods whose fixed eps the paper tunes
+EPS_METHODS = losses.FIXED_EPS  # methods whose fixed eps the paper tunes
 NOISE_ORDER = ("none", "asymmetric", "symmetric", "pairflip", "file")  # Table 4: asymmetric first
 PANELS = (  # (metrics.jsonl key, panel title, y label) in the order of the paper's Figure 3
     ("test_acc", "(a) Generalisation: clean test set", "accuracy"),
@@ -610,12 +609,7 @@ def read_dynamics(run_dir: Path, train_ds: Any) -> tuple[dict[str, torch.Tensor]
     path = run_dir / "dynamics.safetensors"
     if not path.is_file():
         return None
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            dyn = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"cannot read {path} ({e}): the file is damaged") from None
+    dyn, meta = runfolder.read_tensors(path)
     if not {"label", "early_prob_sum", "early_count", "margin_sum", "count"} <= dyn.keys():
         return None  # written by an earlier train.py
     n = len(train_ds)
@@ -703,8 +697,10 @@ def audit_posterior(p_bar: torch.Tensor, labels: torch.Tensor, rounds: int = 10)
     for _ in range(rounds):
         new = clean_posterior(p_bar, noise_transition(pair_counts(labels, q.argmax(dim=1), num_classes)))
         flagged = torch.bincount(labels[new.argmax(dim=1) != labels], minlength=num_classes)
-        if torch.equal(new.argmax(dim=1), q.argmax(dim=1)) or (2 * flagged >= given.clamp(min=1)).any():
-            return q if (2 * flagged >= given.clamp(min=1)).any() else new
+        if (2 * flagged >= given.clamp(min=1)).any():
+            return q
+        if torch.equal(new.argmax(dim=1), q.argmax(dim=1)):
+            return new
         q = new
     return q
 
@@ -791,6 +787,8 @@ def audit_main(args: argparse.Namespace) -> None:
     """--audit RUN_DIR: rank the training labels by the training dynamics (or the final model); write the CSVs."""
     run_dir = single_run_dir(args.runs, "--audit")
     cfg = run_config(run_dir, args)
+    out = Path(args.out) if args.out else run_dir / "label_issues.csv"
+    check_writable(out, "the audit's CSV")  # before the prediction pass
     # Map-style even for a streamed run: the audit needs every training example once, in a stable order.
     train_ds, _, info = data.prepare_data({**cfg, "streaming": False})
     model = load_model(run_dir, cfg, info)
@@ -821,8 +819,6 @@ def audit_main(args: argparse.Namespace) -> None:
     keys = [str(k) for k in train_ds["example_key"]]
     known_noise = (cfg.get("noise") or "none") != "none"
     if accelerator.is_main_process:
-        out = Path(args.out) if args.out else run_dir / "label_issues.csv"
-        check_writable(out, "the audit's CSV")
         write_or_explain(lambda: write_audit_csv(out, ranked, keys, train, columns, known_noise), out)
         print(f"{int(is_issue.sum())} of {int(scored.sum())} training labels flagged as label issues by {how}: "
               f"its predicted class differs from the given label; wrote {out}")
@@ -943,13 +939,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Dispatch to the chosen use."""
     args = parse_args(argv)
     datasets.disable_progress_bars()  # the splits are small or cached; keep stderr for warnings and errors
-    if args.push_to_hub or any(r.startswith("hf://") for r in args.runs):
+    if args.push_to_hub or any(r.startswith("hf://") for r in args.runs):  # hub.HF_PREFIX; hub imports eval
         import hub  # only when asked: hub.py imports eval.py
 
         if args.push_to_hub:
             hub.push_run(Path(args.push_to_hub), args.repo_id, dry_run=args.dry_run,
                          stage_dir=Path(args.stage_dir) if args.stage_dir else None)
             return
+        if args.audit and not args.out and hub.is_hub_run(args.runs[0]):
+            # a downloaded run lives in the Hugging Face cache, whose files are shared links: write beside the user
+            args.out = args.runs[0][len(hub.HF_PREFIX):].replace("/", "--") + "-label_issues.csv"
         args.runs = [str(hub.download_run(r)) if hub.is_hub_run(r) else r for r in args.runs]
     if args.table:
         table_main(args)

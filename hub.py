@@ -30,10 +30,11 @@ from huggingface_hub.utils import httpx, validate_repo_id  # httpx: the HTTP cli
 import data
 import eval as ev
 import losses
+import runfolder
 
 # What a pushed run holds: copied from the run folder (the optional ones when present), plus the plot and the card.
 RUN_FILES = ("model.safetensors", "config.json", "noise.json", "metrics.jsonl")
-OPTIONAL_RUN_FILES = ("label_issues.csv",)
+OPTIONAL_RUN_FILES = ("dynamics.safetensors", "label_issues.csv")  # the audit's training dynamics and its CSV
 PLOT = "dynamics.png"
 CARD = "README.md"
 STAGED_NAMES = frozenset((*RUN_FILES, *OPTIONAL_RUN_FILES, PLOT, CARD))
@@ -60,7 +61,7 @@ def check_repo_id(repo_id: str) -> str:
 
 def finished_run(run_dir: Path) -> ev.Run:
     """The run at `run_dir` if it has finished (model.safetensors written, metrics.jsonl at its last step)."""
-    if not (Path(run_dir) / "model.safetensors").is_file():
+    if not runfolder.is_finished(Path(run_dir)):
         raise ValueError(f"{run_dir} has no model.safetensors: the run has not finished (push a finished run)")
     return ev.load_run(Path(run_dir))  # model.safetensors is written last, after the final metrics line
 
@@ -206,9 +207,9 @@ def read_noise(run_dir: Path) -> dict[str, Any]:
     return record if isinstance(record, dict) else {}
 
 
-def model_card(run_dir: Path, repo_id: str | None = None) -> ModelCard:
-    """The model card of a finished run: ModelCardData YAML, then the Markdown body."""
-    run = finished_run(Path(run_dir))
+def model_card(run_dir: Path, repo_id: str | None = None, run: ev.Run | None = None) -> ModelCard:
+    """The model card of a finished run (`run`: the run already loaded): ModelCardData YAML, then the Markdown body."""
+    run = run or finished_run(Path(run_dir))
     noise = read_noise(Path(run_dir))
     repo_id = repo_id or f"OWNER/{Path(run_dir).resolve().name}"
     data = card_data(run, noise, model_name=repo_id.split("/")[-1])
@@ -240,7 +241,7 @@ def prepare_stage_dir(stage_dir: Path, run_dir: Path) -> None:
 def stage_run(run_dir: Path, repo_id: str, stage_dir: Path) -> list[Path]:
     """Copy the run's files, draw the plot and write the card into stage_dir; return the staged files."""
     run = finished_run(run_dir)
-    card = model_card(run_dir, repo_id)  # before any write: a damaged run leaves no half-staged folder
+    card = model_card(run_dir, repo_id, run)  # before any write: a damaged run leaves no half-staged folder
     prepare_stage_dir(stage_dir, run_dir)
     for name in (*RUN_FILES, *OPTIONAL_RUN_FILES):
         if (run_dir / name).is_file():
@@ -283,7 +284,6 @@ def push_run(run_dir: Path, repo_id: str, *, dry_run: bool = False, stage_dir: P
     check_repo_id(repo_id)
     if not run_dir.is_dir():
         raise ValueError(f"{run_dir} is not a folder: pass a finished train.py run folder")
-    finished_run(run_dir)
     stage_dir = Path(stage_dir) if stage_dir is not None else default_stage_dir(run_dir)
     staged = stage_run(run_dir, repo_id, stage_dir)
     listing = "\n".join(f"  {p.name} ({p.stat().st_size:,} bytes)" for p in staged)

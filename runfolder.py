@@ -164,7 +164,11 @@ def lock(out: Path) -> Path:
                 fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 holder = read_lock(path)
-                torn = not holder and time.time() - path.stat().st_mtime > 10  # killed between create and write
+                try:
+                    age = time.time() - path.stat().st_mtime
+                except FileNotFoundError:
+                    continue  # released by its holder meanwhile: try again
+                torn = not holder and age > 10  # killed between create and write
                 if torn or (holder.get("host") == me["host"] and not pid_alive(int(holder.get("pid", -1)))):
                     print(f"note: {out} was locked by pid {holder.get('pid')} on {holder.get('host')}, which is gone; "
                           f"taking the lock over", file=sys.stderr)
@@ -360,12 +364,20 @@ class Parser(argparse.ArgumentParser):
         raise ValueError(f"{message} (see python {self.prog} --help)")
 
 
+def error_line(e: Exception) -> str:
+    """The one line of an error: its message; a write the system refused (permissions, disk full) says so."""
+    if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
+        return f"{e.strerror or e}: {e.filename or 'a file of the run'}; check the folder's permissions and free space"
+    return str(e)
+
+
 def run_cli(main: Callable[[], int | None]) -> int:
-    """A script's main(); bad input becomes one 'error: ...' line and exit code 2 (PROSELFLC_DEBUG=1: the traceback)."""
+    """A script's main(); bad input or a refused write becomes one 'error: ...' line and exit code 2
+    (PROSELFLC_DEBUG=1: the traceback)."""
     try:
         return main() or 0
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:
         if os.environ.get("PROSELFLC_DEBUG"):
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {error_line(e)}", file=sys.stderr)
         return 2

@@ -9,7 +9,7 @@
 Each run is one `accelerate launch train.py ...` (the paper preset; it uses whatever Accelerate is
 configured for, one GPU or many) or `python train.py ...` (the digits preset, --launcher python).
 Runs go to OUTPUT_ROOT/<dataset>-<noise>-<rate>-<method>[-eps<eps>][-T<steps>]-seed<seed>, their logs to
-OUTPUT_ROOT/logs/. A run already finished (model.safetensors and a final metrics line) is skipped,
+OUTPUT_ROOT/logs/. A run already finished (its model.safetensors, written last) is skipped,
 a killed one continues from its last checkpoint or starts over if it has none (train.py --resume auto).
 SIGTERM or Ctrl-C stops the sweep and its running train.py processes (it waits for them); the same
 command then continues it. A run folder in use by a live train.py is never touched (train.lock).

@@ -1243,10 +1243,8 @@ def cli(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FloatingPointError, OSError) as e:
         if os.environ.get("PROSELFLC_DEBUG"):
             raise
-        if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):  # a write refused by the system
-            e = f"{e.strerror or e}: {e.filename or 'a file of the run'}; check the folder's permissions and free space"
         if rank == 0 or (STOP["training"] and not getattr(e, "agreed", False) and not isinstance(e, AgreedError)):
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {runfolder.error_line(e)}", file=sys.stderr)
         return 2
     finally:
         STOP["training"] = False

@@ -66,9 +66,10 @@ def test_dry_run_stages_the_run_and_a_card_whose_accuracy_is_the_final_test_acc(
     proc = eval_py(hub_env(tmp_path, HF_HUB_OFFLINE="1"), "--push-to-hub", str(run), "--repo-id", "someone/digits-run",
                    "--dry-run", "--stage-dir", str(stage))
     assert proc.returncode == 0, proc.stderr
-    assert "dry run: would upload 6 files" in proc.stdout and "model.safetensors" in proc.stdout
-    assert sorted(p.name for p in stage.iterdir()) == ["README.md", "config.json", "dynamics.png", "metrics.jsonl",
-                                                        "model.safetensors", "noise.json"]
+    assert "dry run: would upload 7 files" in proc.stdout and "model.safetensors" in proc.stdout
+    assert sorted(p.name for p in stage.iterdir()) == ["README.md", "config.json", "dynamics.png",
+                                                        "dynamics.safetensors", "metrics.jsonl", "model.safetensors",
+                                                        "noise.json"]
     for name in hub.RUN_FILES:  # copies, byte for byte
         assert (stage / name).read_bytes() == (run / name).read_bytes()
     assert (stage / "dynamics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -145,6 +146,30 @@ def test_a_bad_repo_id_an_unfinished_run_and_a_bad_stage_dir_are_refused(run: Pa
         hub.push_run(run, "someone/x", dry_run=True, stage_dir=tmp_path / "busy")
     assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
     assert not (unfinished.parent / "unfinished-hub").exists()
+
+
+def test_auditing_a_hub_run_ranks_by_its_dynamics_and_writes_beside_the_user(run: Path, tmp_path: Path,
+                                                                            monkeypatch, capsys) -> None:
+    cache = tmp_path / "hf-cache-snapshot"  # stands in for the download: what a push stages, as snapshot_download gives
+    cache.mkdir()
+    for name in (*hub.RUN_FILES, *hub.OPTIONAL_RUN_FILES):
+        if (run / name).is_file():
+            shutil.copyfile(run / name, cache / name)
+    monkeypatch.setattr(hub, "download_run", lambda text: cache)
+    monkeypatch.chdir(tmp_path)
+    before = hashes(cache)
+    ev.main(["--audit", "hf://someone/digits-run", "--cpu", "--top", "0"])
+    out = capsys.readouterr()
+    assert "by the early training dynamics" in out.out and "notice:" not in out.err
+    assert (tmp_path / "someone--digits-run-label_issues.csv").is_file() and hashes(cache) == before
+
+
+def test_a_stage_dir_the_system_refuses_is_one_line(run: Path, tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("mine")
+    proc = eval_py(hub_env(tmp_path), "--push-to-hub", str(run), "--repo-id", "someone/x", "--dry-run",
+                   "--stage-dir", str(tmp_path / "a-file" / "stage"))
+    assert_one_error_line(proc, "Not a directory", str(tmp_path / "a-file" / "stage"), "permissions")
+    assert (tmp_path / "a-file").read_text() == "mine"
 
 
 @pytest.mark.parametrize("args, words", [
