@@ -94,8 +94,9 @@ RECIPE_BY_DATASET = {"digits": "digits", "synthetic": "cifar", "cifar10": "cifar
                      "ilsvrc/imagenet-1k": "imagenet", "clothing1m": "clothing1m"}
 LR_SCHEDULES = ("step", "poly", "cosine")
 LOSS_DEFAULTS = {k: p.default for k, p in inspect.signature(losses.TrainingLoss.__init__).parameters.items()}
-KNOWN_NUM_CLASSES = {"digits": 10, "cifar10": 10, "uoft-cs/cifar10": 10, "cifar100": 100, "uoft-cs/cifar100": 100,
-                     "imagenet": 1000, "ilsvrc/imagenet-1k": 1000, "clothing1m": 14}
+_NAMED_NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100, "imagenet": 1000, "clothing1m": data.CLOTHING1M_CLASSES}
+KNOWN_NUM_CLASSES = _NAMED_NUM_CLASSES | {data.HUB_IDS[name].lower(): n for name, n in _NAMED_NUM_CLASSES.items()
+                                          if name in data.HUB_IDS}  # and by Hub id (lower case, as typed names are)
 PRINT_CONFIG_UNKNOWN = ("num_classes", "in_channels")  # known only once the data is loaded
 
 
