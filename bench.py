@@ -45,13 +45,13 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+import config
 import data
+import eval as ev
 import losses
 import models
 import noise
-import train
 
-ROOT = Path(__file__).resolve().parent
 
 
 def median_time(fn: Callable[[], object], repeats: int, inner: int = 1, sync: Callable[[], None] = lambda: None) -> float:
@@ -175,7 +175,7 @@ def bench_input(quick: bool) -> list[dict]:
     torch.set_num_threads(1)
     try:
         n, repeats = (10_000, 2) if quick else (50_000, 3)
-        cfg = vars(train.resolve_args(["--dataset", "cifar10", "--data-dir", bench_parquet(n), "--noise", "symmetric",
+        cfg = vars(config.resolve(["--dataset", "cifar10", "--data-dir", bench_parquet(n), "--noise", "symmetric",
                                        "--noise-rate", "0.4"]))
         start = time.perf_counter()
         train_ds, _, info = data.prepare_data(cfg)
@@ -215,7 +215,7 @@ def bench_input(quick: bool) -> list[dict]:
 
 def plain_loop_step_time(steps: int, batch: int) -> float:
     """Seconds per step of a plain PyTorch loop: same data, model, augmentation and loss as the train.py run."""
-    train_ds, _, info = data.prepare_data(vars(train.resolve_args(["--dataset", "synthetic", "--synthetic-size", "2048"])))
+    train_ds, _, info = data.prepare_data(vars(config.resolve(["--dataset", "synthetic", "--synthetic-size", "2048"])))
     tensors = data.to_tensors(train_ds)
     images, labels = tensors["image"], tensors["label"]
     torch.manual_seed(0)
@@ -240,11 +240,11 @@ def train_py_step_time(steps: int, batch: int, tmp: str) -> float:
 
     def wall(total: int) -> float:
         start = time.perf_counter()
-        subprocess.run([sys.executable, str(ROOT / "train.py"), "--cpu", "--dataset", "synthetic", "--synthetic-size",
+        subprocess.run([sys.executable, str(config.SUITE_DIR / "train.py"), "--cpu", "--dataset", "synthetic", "--synthetic-size",
                         "2048", "--model", "resnet20", "--method", "cce", "--batch-size", str(batch), "--max-steps",
                         str(total), "--eval-every", str(total), "--save-every", str(10 * total), "--train-eval-size",
                         "0", "--no-channels-last", "--overwrite", "--output-dir", f"{tmp}/run{total}"],
-                       check=True, capture_output=True, cwd=ROOT)
+                       check=True, capture_output=True, cwd=config.SUITE_DIR)
         return time.perf_counter() - start
 
     short, long = steps // 4, steps + steps // 4
@@ -311,7 +311,6 @@ def eval_input_rates(paths: dict[str, Callable[[], object]], n: int, info: data.
 
 def bench_eval(quick: bool) -> list[dict]:
     """Evaluation: its input path (data.EvalBatches) vs slicing the same uint8 tensor; predict vs a bare forward loop."""
-    import eval as ev
     from accelerate import Accelerator
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -379,9 +378,9 @@ AUDIT_METHODS = ("cce", "proselflc", "gce", "elr")
 def audit_digits_run(out: Path, noise_flags: tuple[str, ...], method: str, steps: int, extra: tuple[str, ...] = ()) -> float:
     """Train one digits run (seconds of wall time); the run folder holds dynamics.safetensors."""
     start = time.perf_counter()
-    subprocess.run([sys.executable, str(ROOT / "train.py"), "--cpu", *noise_flags, "--method", method,
+    subprocess.run([sys.executable, str(config.SUITE_DIR / "train.py"), "--cpu", *noise_flags, "--method", method,
                     "--max-steps", str(steps), "--eval-every", "50", "--save-every", str(10 * steps),
-                    "--overwrite", "--output-dir", str(out), *extra], check=True, capture_output=True, cwd=ROOT,
+                    "--overwrite", "--output-dir", str(out), *extra], check=True, capture_output=True, cwd=config.SUITE_DIR,
                    env={**os.environ, "OMP_NUM_THREADS": "1"})
     return time.perf_counter() - start
 
@@ -390,9 +389,9 @@ def audit_scores(run: Path, score: str = "dynamics") -> tuple[float, float, str]
     """(precision, recall, early window) that `eval.py --audit --score SCORE` prints against the real flips."""
     import re
 
-    proc = subprocess.run([sys.executable, str(ROOT / "eval.py"), "--audit", str(run), "--cpu", "--score", score,
+    proc = subprocess.run([sys.executable, str(config.SUITE_DIR / "eval.py"), "--audit", str(run), "--cpu", "--score", score,
                            "--top", "0", "--out", str(run / f"issues-{score}.csv")], check=True, capture_output=True,
-                          text=True, cwd=ROOT)
+                          text=True, cwd=config.SUITE_DIR)
     found = re.search(r"precision=([0-9.]+) recall=([0-9.]+)", proc.stdout)
     window = re.search(r"early window: epochs \[0, ([0-9.]+)\)", proc.stdout)
     return float(found.group(1)), float(found.group(2)), window.group(1) if window else "-"
@@ -406,7 +405,7 @@ def cleanlab_scores(noise_flags: tuple[str, ...]) -> dict[str, tuple[float, floa
     from sklearn.neighbors import KNeighborsClassifier
     from sklearn.svm import SVC
 
-    train_ds, _, _ = data.prepare_data(vars(train.resolve_args(list(noise_flags))))
+    train_ds, _, _ = data.prepare_data(vars(config.resolve(list(noise_flags))))
     t = data.to_tensors(train_ds)
     x, y, noisy = t["image"].reshape(len(t["label"]), -1).float().numpy() / 16, t["label"].numpy(), t["is_noisy"].numpy()
     out = {}
@@ -497,12 +496,12 @@ def cifar_gpu_runs_step_time(steps: int, runs: int, tmp: str, extra: tuple[str, 
 
     def wall(total: int) -> float:
         start = time.perf_counter()
-        procs = [subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--dataset", "synthetic", "--synthetic-size",
+        procs = [subprocess.Popen([sys.executable, str(config.SUITE_DIR / "train.py"), "--dataset", "synthetic", "--synthetic-size",
                                    "50000", "--synthetic-classes", "100", "--model", "resnet44", "--method", "proselflc",
                                    "--mixed-precision", "bf16", "--batch-size", "256", "--max-steps", str(total),
                                    "--eval-every", str(total), "--save-every", str(10 * total), "--train-eval-size",
                                    "0", "--output-dir", f"{tmp}/k{runs}-{total}-{i}", *extra],
-                                  cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for i in range(runs)]
+                                  cwd=config.SUITE_DIR, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for i in range(runs)]
         for proc in procs:
             if proc.wait() != 0:
                 raise RuntimeError(proc.stderr.read().decode()[-2000:])
@@ -624,7 +623,7 @@ def peak_rss_of_run(folder: str, tmp: str) -> float:
            "--image-size", "112", "--batch-size", "32", "--max-steps", "20", "--eval-every", "20",
            "--num-workers", "2", "--train-eval-size", "0", "--output-dir", os.path.join(tmp, "run"), "--overwrite"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_CACHE": os.path.join(tmp, "hf")}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=config.SUITE_DIR, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     root, peak = psutil.Process(proc.pid), 0
     while proc.poll() is None:
         try:
@@ -653,7 +652,7 @@ def bench_photo(quick: bool) -> list[dict]:
     try:
         n = 400 if quick else 2_000
         small, large = bench_photo_folder(2_000), bench_photo_folder(200, (1000, 750), 200)
-        cfg = vars(train.resolve_args(["--dataset", small, "--resize", "256", "--image-size", "224"]))
+        cfg = vars(config.resolve(["--dataset", small, "--resize", "256", "--image-size", "224"]))
         train_ds, _, info = data.prepare_data(cfg)
         table = train_ds.select(range(n)).with_format("arrow")[:]
         paths = table.column("image").combine_chunks().field("path").to_pylist()
@@ -759,7 +758,7 @@ def bench_gpu_photo(quick: bool) -> list[dict]:
                              f"{'torch.compile' if compiled else 'eager'}", "value": rate, "unit": "images/s",
                      "ratio": rate / base, "note": "what the GPU consumes"})
     folder = bench_photo_folder(2_000)
-    cfg = vars(train.resolve_args(["--dataset", folder, "--resize", "256", "--image-size", "224"]))
+    cfg = vars(config.resolve(["--dataset", folder, "--resize", "256", "--image-size", "224"]))
     train_ds, _, info = data.prepare_data(cfg)
     workers = min(16, os.cpu_count() or 1)
     loader = loader_rate(train_ds, info, workers, 10 if quick else 30, 256)

@@ -1051,11 +1051,11 @@ class TrainBatches:
 # Entry point
 
 
-def resolve_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
+def data_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """The CFG_KEYS of a resolved configuration, converted to their types; KeyError names any missing key."""
     missing = [k for k in CFG_KEYS if k not in cfg]
     if missing:
-        raise KeyError(f"data.prepare_data needs a resolved configuration (train.resolve_args or config.json); "
+        raise KeyError(f"data.prepare_data needs a resolved configuration (config.resolve or config.json); "
                        f"missing {', '.join(missing)}")
     c = {k: cfg[k] for k in CFG_KEYS}
     c["streaming"] = bool(c["streaming"])
@@ -1268,17 +1268,12 @@ def train_eval_rows(train: Any, size: int | None) -> torch.Tensor | None:
 
 def prepare_data(cfg: Mapping[str, Any]) -> tuple[Any, Any, DatasetInfo]:
     """(train with label noise, clean map-style test, DatasetInfo) from the cfg keys in CFG_KEYS."""
-    c = resolve_config(cfg)
+    c = data_settings(cfg)
     name = str(c["dataset"])
     _check_dataset_name(name, c["data_dir"])
     preset = pairs_preset(name)
     pairs = c["noise_pairs"] or preset
-    noise.check_noise_args(c["noise"], c["noise_rate"], pairs)  # before loading: what needs no data
-    if c["noise"] == "file" and not (c["noise_file"] and os.path.isfile(c["noise_file"])):
-        raise ValueError(
-            "--noise file needs --noise-file PATH of an existing CIFAR-N .pt, .npy, .csv or .parquet file "
-            f"(got {c['noise_file']!r})"
-        )
+    noise.check_noise_args(c["noise"], c["noise_rate"], pairs, c["noise_file"])  # before loading: what needs no data
     if name == "clothing1m" and c["key_column"] is None:
         c["key_column"] = "key"  # the release's image key: no hashing of a million files
     train, test = load_splits(c)

@@ -71,21 +71,17 @@ import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
+import audit
+import config
 import data
+import hub
 import losses
-import models
 import runfolder
 
 # Table 4 order: the baselines reported from SL first, then the paper's own trained results.
 # ELR (later work) and ProSelfLC's later variant follow it.
 METHOD_ORDER = ("boothard", "gce", "sce", "cce", "ls", "cp", "bootsoft", "proselflc", "elr", "proselflc_t")
-METHOD_LABELS = {
-    "cce": "CCE", "ls": "LS", "cp": "CP", "bootsoft": "Boot-soft", "boothard": "Boot-hard",
-    "gce": "GCE", "sce": "SL (SCE)", "proselflc": "ProSelfLC", "elr": "ELR", "proselflc_t": "ProSelfLC (later, T0)",
-}
 METHOD_COLORS = {  # ProSelfLC stands out in red; the other methods keep their colour in every plot
     "proselflc": "tab:red", "cce": "black", "ls": "tab:blue", "cp": "tab:orange", "bootsoft": "tab:green",
     "boothard": "tab:purple", "gce": "tab:brown", "sce": "tab:pink", "elr": "tab:olive", "proselflc_t": "darkred",
@@ -103,78 +99,6 @@ PANELS = (  # (metrics.jsonl key, panel title, y label) in the order of the pape
     ("train_loss", "(h) Training loss", "loss"),
 )
 ECE_BINS = 15
-
-
-# ----------------------------------------------------------------------------- run folders
-
-
-class Run(NamedTuple):
-    """One train.py output folder: its config.json dict and its metrics.jsonl records."""
-
-    path: Path
-    config: dict[str, Any]
-    metrics: list[dict[str, Any]]
-
-
-def find_run_dirs(paths: Sequence[str]) -> list[Path]:
-    """Run folders among `paths`: a folder holding metrics.jsonl, or every such folder below a parent."""
-    found: list[Path] = []
-    for p in map(Path, paths):
-        if not p.is_dir():
-            raise FileNotFoundError(f"{p} is not a folder: pass train.py run folders or a folder holding them")
-        if (p / "metrics.jsonl").is_file() or (p / "config.json").is_file():
-            found.append(p)
-            continue
-        below = sorted(m.parent for m in p.rglob("metrics.jsonl"))
-        if not below:
-            raise FileNotFoundError(f"{p} has no metrics.jsonl and no run folder below it: pass train.py run folders")
-        found.extend(below)
-    if not found:
-        raise ValueError("no run folders given: pass train.py run folders or a folder holding them")
-    return list(dict.fromkeys(found))  # a run given twice counts once
-
-
-def read_config(path: Path) -> dict[str, Any]:
-    """config.json of a run folder as a dict."""
-    f = path / "config.json"
-    if not f.is_file():
-        raise FileNotFoundError(f"{path} has no config.json: not a train.py run folder")
-    try:
-        config = json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{f} is not valid JSON ({e}): the run folder is damaged") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{f} holds a JSON {type(config).__name__}, not the object train.py writes: the run folder is damaged")
-    return config
-
-
-def load_run(path: Path) -> Run:
-    """Read config.json and metrics.jsonl (runfolder.read_metrics: a torn or foreign line is skipped)."""
-    config = read_config(path)
-    f = path / "metrics.jsonl"
-    if not f.is_file():
-        raise FileNotFoundError(f"{path} has no metrics.jsonl: the run has not evaluated yet (or this is not a run folder)")
-    metrics = runfolder.read_metrics(f)
-    if not metrics:
-        raise ValueError(f"{f} holds no evaluation yet: wait for the run's first evaluation")
-    return Run(path, config, metrics)
-
-
-def noise_label(noise: str, rate: float) -> str:
-    """Column title of a noise setting, e.g. 'symmetric r=0.4' or 'clean'."""
-    return "clean" if noise == "none" else f"{noise} r={rate:g}"
-
-
-def method_label(method: str, eps: float | None = None) -> str:
-    """Row title: the paper's name of the method, with its eps when several eps values are tabulated."""
-    name = METHOD_LABELS.get(method, method)
-    return name if eps is None else f"{name} (ε={eps:g})"
-
-
-def setting_of(cfg: dict[str, Any]) -> tuple[str, str, float]:
-    """(dataset, noise kind, rate) of a run; a clean run has rate 0."""
-    noise = cfg.get("noise") or "none"
-    return (str(cfg.get("dataset", "?")), noise, 0.0 if noise == "none" else float(cfg.get("noise_rate") or 0.0))
 
 
 def setting_sort_key(setting: tuple[str, str, float]) -> tuple:
@@ -212,7 +136,7 @@ class Cell(NamedTuple):
         return statistics.stdev(self.values) if len(self.values) > 1 else None
 
 
-def collect_cells(runs: Sequence[Run], best_eps: bool = False) -> dict[tuple, Cell]:
+def collect_cells(runs: Sequence[runfolder.RunRecord], best_eps: bool = False) -> dict[tuple, Cell]:
     """Group finished runs into cells keyed by ((method, eps), setting); pool seeds.
 
     Rows split by eps only for the methods that have runs with several eps values. With
@@ -223,11 +147,11 @@ def collect_cells(runs: Sequence[Run], best_eps: bool = False) -> dict[tuple, Ce
     for r in runs:
         if r.config.get("method") in EPS_METHODS:
             eps_values.setdefault(r.config["method"], set()).add(float(r.config.get("eps", 0.0)))
-    groups: dict[tuple, list[Run]] = {}
+    groups: dict[tuple, list[runfolder.RunRecord]] = {}
     for r in runs:
         method = str(r.config.get("method", "?"))
         eps = float(r.config.get("eps", 0.0)) if method in EPS_METHODS else None
-        groups.setdefault((method, eps, setting_of(r.config)), []).append(r)
+        groups.setdefault((method, eps, config.setting_of(r.config)), []).append(r)
     cells: dict[tuple, Cell] = {}
     for (method, eps, setting), group in groups.items():
         warn_if_mixed(group)
@@ -243,7 +167,7 @@ def collect_cells(runs: Sequence[Run], best_eps: bool = False) -> dict[tuple, Ce
     return {((k[0], k[1]), k[2]): v for k, v in cells.items()}
 
 
-def warn_if_mixed(group: Sequence[Run]) -> None:
+def warn_if_mixed(group: Sequence[runfolder.RunRecord]) -> None:
     """Warn when the runs pooled into one cell differ in more than their seeds."""
     for key in ("model", "max_steps", "batch_size", "lr", "exp_base", "gce_q", "alpha", "beta", "temperature"):
         values = {json.dumps(r.config.get(key)) for r in group}
@@ -263,7 +187,7 @@ def markdown_table(cells: dict[tuple, Cell], best_eps: bool = False) -> str:
     rows = sorted({k[0] for k in cells}, key=method_sort_key)
     settings = sorted({k[1] for k in cells}, key=setting_sort_key)
     several_datasets = len({s[0] for s in settings}) > 1
-    titles = [(f"{s[0]} " if several_datasets else "") + noise_label(s[1], s[2]) for s in settings]
+    titles = [(f"{s[0]} " if several_datasets else "") + config.noise_label(s[1], s[2]) for s in settings]
     best = {s: max(round(c.mean, 1) for k, c in cells.items() if k[1] == s) for s in settings}
     datasets = ", ".join(sorted({s[0] for s in settings}))
     lines = [
@@ -282,7 +206,7 @@ def markdown_table(cells: dict[tuple, Cell], best_eps: bool = False) -> str:
                 continue
             text = format_cell(cell, best_eps)
             texts.append(f"**{text}**" if round(cell.mean, 1) == best[s] else text)
-        lines.append(f"| {method_label(*row)} | " + " | ".join(texts) + " |")
+        lines.append(f"| {config.method_label(*row)} | " + " | ".join(texts) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -304,32 +228,17 @@ def write_table_csv(cells: dict[tuple, Cell], path: Path) -> None:
                         " ".join(f"{v:.4f}" for v in c.values), " ".join(c.runs)])
 
 
-def finished_runs(paths: Sequence[str]) -> list[Run]:
-    """Load the runs under `paths`, skipping (with a warning) those that have not finished."""
-    runs = []
-    for p in find_run_dirs(paths):
-        run = load_run(p)
-        if runfolder.is_finished(p):
-            runs.append(run)
-        else:
-            total = run.config.get("total_steps", run.config.get("max_steps"))
-            print(f"warning: skipping unfinished run {p} (step {run.metrics[-1].get('step')} of {total})", file=sys.stderr)
-    if not runs:
-        raise ValueError("none of the given runs has finished: the table reports final accuracies only")
-    return runs
-
-
 def mean_std_text(values: Sequence[float]) -> str:
     """'66.6 ± 0.3' (sample std) for several values, '66.6' for one."""
     mean = statistics.fmean(values)
     return f"{mean:.1f}" if len(values) == 1 else f"{mean:.1f} ± {statistics.stdev(values):.1f}"
 
 
-def budget_table(runs: Sequence[Run]) -> str:
+def budget_table(runs: Sequence[runfolder.RunRecord]) -> str:
     """Rows = methods; per (setting, budget T): final test accuracy and noisy_fit (memorisation), % over seeds."""
-    groups: dict[tuple, list[Run]] = {}
+    groups: dict[tuple, list[runfolder.RunRecord]] = {}
     for r in runs:
-        key = (str(r.config.get("method", "?")), setting_of(r.config), int(r.config.get("max_steps", 0)))
+        key = (str(r.config.get("method", "?")), config.setting_of(r.config), int(r.config.get("max_steps", 0)))
         groups.setdefault(key, []).append(r)
     columns = sorted({k[1:] for k in groups}, key=lambda c: (setting_sort_key(c[0]), c[1]))
     methods = sorted({k[0] for k in groups}, key=lambda m: method_sort_key((m, None)))
@@ -341,7 +250,7 @@ def budget_table(runs: Sequence[Run]) -> str:
     lines = [f"Final clean test accuracy (%) and noisy_fit (% of the flipped training labels the final model "
              f"predicts, i.e. memorised) after T steps: mean ± sample std over {'-'.join(map(str, seeds))} seeds; "
              "best accuracy per column in bold.", "",
-             "| Method | " + " | ".join(f"{noise_label(*c[0][1:])} T={c[1]} {what}" for c in columns
+             "| Method | " + " | ".join(f"{config.noise_label(*c[0][1:])} T={c[1]} {what}" for c in columns
                                        for what in ("test acc", "noisy_fit")) + " |",
              "|---|" + "---:|" * (2 * len(columns))]
     for m in methods:
@@ -354,32 +263,32 @@ def budget_table(runs: Sequence[Run]) -> str:
             text = mean_std_text(acc[k])
             texts += [f"**{text}**" if round(statistics.fmean(acc[k]), 1) == best[c] else text,
                       mean_std_text(fit[k]) if fit[k] else "–"]
-        lines.append(f"| {method_label(m)} | " + " | ".join(texts) + " |")
+        lines.append(f"| {config.method_label(m)} | " + " | ".join(texts) + " |")
     return "\n".join(lines) + "\n"
 
 
 def table_main(args: argparse.Namespace) -> None:
     """--table: print the Markdown table, optionally write it (--out) and a CSV (--csv)."""
-    runs = finished_runs(args.runs)
+    runs = runfolder.finished_runs(args.runs)
     if len({r.config.get("max_steps") for r in runs}) > 1:  # several budgets: one column pair per budget
         text = budget_table(runs)
         print(text, end="")
         if args.out:
-            write_or_explain(lambda: Path(args.out).write_text(text), args.out)
+            runfolder.write_or_explain(lambda: Path(args.out).write_text(text), args.out)
         return
     cells = collect_cells(runs, best_eps=args.best_eps)
     text = markdown_table(cells, best_eps=args.best_eps)
     print(text, end="")
     if args.out:
-        write_or_explain(lambda: Path(args.out).write_text(text), args.out)
+        runfolder.write_or_explain(lambda: Path(args.out).write_text(text), args.out)
     if args.csv:
-        write_or_explain(lambda: write_table_csv(cells, Path(args.csv)), args.csv)
+        runfolder.write_or_explain(lambda: write_table_csv(cells, Path(args.csv)), args.csv)
 
 
 # ----------------------------------------------------------------------------- plot
 
 
-def run_labels(runs: Sequence[Run]) -> list[str]:
+def run_labels(runs: Sequence[runfolder.RunRecord]) -> list[str]:
     """Legend labels: the method, plus whatever else varies among the runs (eps, setting, seed)."""
     def varies(fn) -> bool:
         return len({json.dumps(fn(r)) for r in runs}) > 1
@@ -387,19 +296,19 @@ def run_labels(runs: Sequence[Run]) -> list[str]:
     labels = []
     for r in runs:
         c = r.config
-        parts = [METHOD_LABELS.get(c.get("method"), str(c.get("method")))]
+        parts = [config.METHOD_LABELS.get(c.get("method"), str(c.get("method")))]
         if c.get("method") in EPS_METHODS and varies(lambda r: r.config.get("eps")):
             parts.append(f"ε={c.get('eps'):g}")
-        if varies(lambda r: setting_of(r.config)):
-            dataset, noise, rate = setting_of(c)
-            parts.append((f"{dataset} " if varies(lambda r: r.config.get("dataset")) else "") + noise_label(noise, rate))
+        if varies(lambda r: config.setting_of(r.config)):
+            dataset, noise, rate = config.setting_of(c)
+            parts.append((f"{dataset} " if varies(lambda r: r.config.get("dataset")) else "") + config.noise_label(noise, rate))
         if varies(lambda r: r.config.get("seed")):
             parts.append(f"seed {c.get('seed')}")
         labels.append(" ".join(parts))
     return labels
 
 
-def plot_runs(runs: Sequence[Run], out: Path, title: str | None = None) -> plt.Figure:
+def plot_runs(runs: Sequence[runfolder.RunRecord], out: Path, title: str | None = None) -> plt.Figure:
     """Write one PNG with the Figure 3 panels (metrics against step), one line per run; return the figure."""
     labels = run_labels(runs)
     spare = iter(("tab:cyan", "tab:olive", "tab:gray") * 10)  # for methods this file does not know
@@ -440,18 +349,18 @@ def plot_runs(runs: Sequence[Run], out: Path, title: str | None = None) -> plt.F
     return fig
 
 
-def default_plot_title(runs: Sequence[Run]) -> str:
+def default_plot_title(runs: Sequence[runfolder.RunRecord]) -> str:
     """'Learning dynamics: digits, symmetric r=0.4' when all runs share a setting."""
-    settings = {setting_of(r.config) for r in runs}
+    settings = {config.setting_of(r.config) for r in runs}
     if len(settings) == 1:
         dataset, noise, rate = settings.pop()
-        return f"Learning dynamics: {dataset}, {noise_label(noise, rate)}"
+        return f"Learning dynamics: {dataset}, {config.noise_label(noise, rate)}"
     return "Learning dynamics"
 
 
 def plot_main(args: argparse.Namespace) -> None:
     """--plot: write the PNG to --out (default dynamics.png)."""
-    runs = [load_run(p) for p in find_run_dirs(args.runs)]
+    runs = [runfolder.load_run(p) for p in runfolder.find_run_dirs(args.runs)]
     out = Path(args.out or "dynamics.png")
     check_writable(out, "the plot")
     try:
@@ -462,29 +371,6 @@ def plot_main(args: argparse.Namespace) -> None:
 
 
 # ----------------------------------------------------------------------------- model evaluation
-
-
-def load_model(run_dir: Path, cfg: dict[str, Any], info: data.DatasetInfo) -> torch.nn.Module:
-    """Build the run's model from config.json, check it fits the dataset, load model.safetensors (fp32, eval mode)."""
-    weights = run_dir / "model.safetensors"
-    if not weights.is_file():
-        raise FileNotFoundError(f"{run_dir} has no model.safetensors: the run has not finished (evaluate a finished run)")
-    if int(cfg["num_classes"]) != info.num_classes:
-        raise ValueError(f"the model has {cfg['num_classes']} classes but dataset {info.name!r} has "
-                         f"{info.num_classes}: pass the --dataset the run was trained on")
-    if int(cfg.get("in_channels", info.channels)) != info.channels:
-        raise ValueError(f"the model takes {cfg['in_channels']} input channels but dataset {info.name!r} has "
-                         f"{info.channels}: pass the --dataset the run was trained on")
-    model = models.build_model(cfg["model"], int(cfg["num_classes"]), int(cfg.get("in_channels", info.channels)))
-    try:
-        state = load_file(weights)
-        model.load_state_dict(state)
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"cannot read {weights} ({e}): the file is damaged") from None
-    except RuntimeError as e:  # shape or key mismatch: the weights are from another model
-        first = str(e).strip().splitlines()[-1].strip()
-        raise ValueError(f"{weights} does not fit model {cfg['model']!r} with {cfg['num_classes']} classes ({first})") from None
-    return model.float().eval()
 
 
 def split_logits(model: torch.nn.Module, ds: Any, info: data.DatasetInfo, accelerator: Accelerator,
@@ -506,23 +392,23 @@ def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, n_bins
     return float(gap.abs().sum() / len(labels))
 
 
-def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """test_acc, test_loss (mean cross entropy), entropy (mean H(p)/log C) and ece from fp32 logits."""
+def test_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """test_acc (argmax = label) and test_loss (mean cross entropy) from logits, in fp32."""
     logits = logits.float()
-    probs = F.softmax(logits, dim=1)
-    entropy = losses.normalized_entropy(probs)
-    return {
-        "test_acc": float((logits.argmax(dim=1) == labels).float().mean()),
-        "test_loss": float(F.cross_entropy(logits, labels)),
-        "entropy": float(entropy.mean()),
-        "ece": expected_calibration_error(probs, labels),
-        "n": int(len(labels)),
-    }
+    return {"test_acc": float((logits.argmax(dim=1) == labels).float().mean()),
+            "test_loss": float(F.cross_entropy(logits, labels))}
 
 
-def run_config(run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """test_metrics, entropy (mean H(p)/log C) and ece from fp32 logits."""
+    probs = F.softmax(logits.float(), dim=1)
+    return {**test_metrics(logits, labels), "entropy": float(losses.normalized_entropy(probs).mean()),
+            "ece": expected_calibration_error(probs, labels), "n": int(len(labels))}
+
+
+def config_with_overrides(run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     """The run's config.json with the command line's data overrides applied."""
-    cfg = read_config(run_dir)
+    cfg = runfolder.read_run_config(run_dir)
     for key in ("model", "num_classes", *data.CFG_KEYS):
         if key not in cfg:
             raise ValueError(f"{run_dir / 'config.json'} has no {key!r}: not written by train.py")
@@ -546,12 +432,12 @@ def single_run_dir(runs: Sequence[str], what: str, hint: str = "") -> Path:
 def evaluate_main(args: argparse.Namespace) -> None:
     """RUN_DIR: evaluate the saved model on the clean test split and print (or --json) the metrics."""
     run_dir = single_run_dir(args.runs, "evaluation", hint=": use --table for several")
-    cfg = run_config(run_dir, args)
+    cfg = config_with_overrides(run_dir, args)
     if not (run_dir / "model.safetensors").is_file():
         raise FileNotFoundError(f"{run_dir} has no model.safetensors: the run has not finished (evaluate a finished run)")
     # The test split never carries noise; skipping it avoids needing e.g. the run's noise file here.
     _, test_ds, info = data.prepare_data({**cfg, "noise": "none"})
-    model = load_model(run_dir, cfg, info)
+    model = runfolder.load_final_model(run_dir, cfg, info)
     accelerator = Accelerator(cpu=args.cpu, mixed_precision="no")  # evaluation is always fp32
     test = data.label_tensors(test_ds)
     logits = split_logits(model, test_ds, info, accelerator, args.batch_size)
@@ -574,7 +460,7 @@ def evaluate_main(args: argparse.Namespace) -> None:
 def recorded_test_acc(run_dir: Path) -> float | None:
     """The final test_acc in metrics.jsonl, if any, for comparison."""
     try:
-        return float(load_run(run_dir).metrics[-1]["test_acc"])
+        return float(runfolder.load_run(run_dir).metrics[-1]["test_acc"])
     except (FileNotFoundError, ValueError, KeyError):
         return None
 
@@ -582,267 +468,20 @@ def recorded_test_acc(run_dir: Path) -> float | None:
 # ----------------------------------------------------------------------------- label audit
 
 
-def corrected_targets(logits: torch.Tensor, labels: torch.Tensor, cfg: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """ProSelfLC at the end of training (step = T): eps_i and argmax_k of losses.py's target q~ of the run's settings."""
-    total = int(cfg["total_steps"])
-    method = cfg["method"] if cfg["method"] in ("proselflc", "proselflc_t") else "proselflc"  # any run: ProSelfLC's view
-    loss_fn = losses.build_loss(method, logits.shape[1], total_steps=total, exp_base=cfg.get("exp_base"),
-                                transit=cfg.get("transit"), temperature=cfg.get("temperature"), trust=cfg.get("trust"))
-    with torch.no_grad():
-        target = loss_fn.target(logits.float(), labels, step=total)
-    return loss_fn.last_epsilon, target.argmax(dim=1)
-
-
-def final_model_columns(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The final model's view: its predicted class and its p(given label) per training example."""
-    probs = F.softmax(logits.float(), dim=1)
-    return {"final_predicted_label": probs.argmax(dim=1), "final_label_quality": probs.gather(1, labels[:, None]).squeeze(1)}
-
-
-def read_dynamics(run_dir: Path, train_ds: Any) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
-    """(dynamics.safetensors scattered onto the rows of the map-style training split, its metadata); None if the
-    run has none.
-
-    A streamed run's rows are positions in its evaluated subset; their example keys (in the file's
-    metadata) place them in the split. Rows never evaluated get count 0.
-    """
-    path = run_dir / "dynamics.safetensors"
-    if not path.is_file():
-        return None
-    dyn, meta = runfolder.read_tensors(path)
-    if not {"label", "early_prob_sum", "early_count", "margin_sum", "count"} <= dyn.keys():
-        return None  # written by an earlier train.py
-    n = len(train_ds)
-    if meta.get("rows") == "stream_subset":
-        row_of = {k: i for i, k in enumerate(train_ds["example_key"])}
-        keys = json.loads(meta["keys"])
-        if any(k not in row_of for k in keys):
-            raise ValueError(f"{path}: examples of the run are not in the training split: pass the run's --dataset")
-        rows = torch.tensor([row_of[k] for k in keys], dtype=torch.int64)
-    else:
-        rows = torch.arange(len(dyn["label"]))
-        if len(rows) != n:
-            raise ValueError(f"{path} has {len(rows)} rows but the training split has {n}: pass the run's --dataset")
-    out = {k: torch.zeros((n, *v.shape[1:]), dtype=v.dtype).index_copy(0, rows, v) for k, v in dyn.items()}
-    return out, meta
-
-
-def pair_counts(rows: torch.Tensor, cols: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """float [C, C]: how many examples have (rows[i], cols[i]) = (j, k)."""
-    return torch.zeros(num_classes, num_classes).index_put_((rows, cols), torch.ones(len(rows)), accumulate=True)
-
-
-def confident_joint(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """C[j, k]: examples given label j whose p_k >= t_k = mean p_k over the examples given k (of such k, the most
-    probable), each row scaled to the count of label j (Northcutt et al. 2021, cleanlab's confident joint)."""
-    num_classes = probs.shape[1]
-    given = torch.bincount(labels, minlength=num_classes).float()
-    t = torch.zeros(num_classes).index_add_(0, labels, probs.gather(1, labels[:, None]).squeeze(1)) / given
-    above = probs >= torch.where(given > 0, t, torch.inf)  # nobody is confidently in a class nobody is given
-    confident = above.any(dim=1)
-    true = torch.where(above, probs, -1.0).argmax(dim=1)
-    joint = pair_counts(labels[confident], true[confident], num_classes)
-    return joint / joint.sum(dim=1, keepdim=True).clamp(min=1) * given[:, None]
-
-
-def significant_pairs(counts: torch.Tensor, alpha: float = 0.05) -> torch.Tensor:
-    """bool [C, C]: which off-diagonal counts[i, j] (true i, given j) are noise, not the estimate's own scatter.
-
-    Null hypothesis for a pair: the off-diagonal mass m of the whole matrix is spread evenly over the
-    C (C - 1) pairs, counts[i, j] ~ Poisson(lambda), lambda = max(m / (C (C - 1)), 1) (the floor: a count of
-    one or two is scatter, not a pair). A pair is kept when P(X >= counts[i, j]) = gammainc(counts[i, j],
-    lambda) < alpha / (C (C - 1)) (Bonferroni over the pairs). An even spread is what symmetric noise gives,
-    and there pruning loses nothing: T = a I + b 1 1^T keeps the order of p, so argmax q = argmax p. Pair-flip
-    and partial pair noise stand far above it, and a class whose off-diagonal counts are only scatter keeps
-    the identity row.
-    """
-    num_classes = len(counts)
-    off = counts * (1 - torch.eye(num_classes))
-    pairs = max(num_classes * (num_classes - 1), 1)
-    lam = torch.full_like(off, max(float(off.sum()) / pairs, 1.0))
-    tail = torch.where(off > 0, torch.special.gammainc(off.clamp(min=1e-12), lam), torch.ones_like(off))
-    return tail < alpha / pairs
-
-
-def noise_transition(joint: torch.Tensor) -> torch.Tensor:
-    """T[i, j] = P(given j | true i) from the counts C[j, i] (given j, true i), keeping only significant_pairs off
-    the diagonal (the rest of row i's mass stays on its diagonal); a class nobody is in keeps its labels."""
-    counts = joint.T
-    keep = significant_pairs(counts) | torch.eye(len(joint), dtype=torch.bool)
-    kept = torch.where(keep, counts, 0.0)
-    kept.diagonal().add_(counts.sum(dim=1) - kept.sum(dim=1))
-    mass = kept.sum(dim=1)
-    return torch.where(mass[:, None] > 0, kept / mass.clamp(min=1e-12)[:, None], torch.eye(len(joint)))
-
-
-def clean_posterior(probs: torch.Tensor, transition: torch.Tensor) -> torch.Tensor:
-    """q = max(p T^-1, 0) normalised: the fit to the noisy labels, p = q T, solved for the clean-label posterior q
-    (Patrini et al. 2017's backward correction); rows left without mass keep p."""
-    q = (probs @ torch.linalg.pinv(transition.double()).float()).clamp_(min=0)  # in place: N x C can be GBs
-    total = q.sum(dim=1, keepdim=True)
-    q.div_(total.clamp_(min=1e-12))
-    empty = total.squeeze(1) <= 1e-12
-    q[empty] = probs[empty]
-    return q
-
-
-def audit_posterior(p_bar: torch.Tensor, labels: torch.Tensor, rounds: int = 10) -> torch.Tensor:
-    """q = clean_posterior(p_bar, T): T from the confident joint, then re-estimated from the counts of
-    (given, argmax q) until argmax q stops changing (hard EM, at most `rounds` times). A round that would flag
-    half or more of some given label's examples is refused (each label is mostly right: noise below 1/2 per
-    label, as T being invertible towards q needs), and the last accepted q stands."""
-    num_classes = p_bar.shape[1]
-    given = torch.bincount(labels, minlength=num_classes)
-    q = clean_posterior(p_bar, noise_transition(confident_joint(p_bar, labels)))
-    for _ in range(rounds):
-        new = clean_posterior(p_bar, noise_transition(pair_counts(labels, q.argmax(dim=1), num_classes)))
-        flagged = torch.bincount(labels[new.argmax(dim=1) != labels], minlength=num_classes)
-        if (2 * flagged >= given.clamp(min=1)).any():
-            return q
-        if torch.equal(new.argmax(dim=1), q.argmax(dim=1)):
-            return new
-        q = new
-    return q
-
-
-def dynamics_columns(dyn: dict[str, torch.Tensor], scored: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The audit's columns per row: p_bar = mean early softmax, q = audit_posterior over the scored rows,
-    predicted = argmax q, label_quality = q[given], aum = mean margin (unscored rows: p_bar)."""
-    p_bar = dyn["early_prob_sum"] / dyn["early_count"].clamp(min=1)[:, None].float()
-    given = dyn["label"].long()
-    q = p_bar.clone()
-    q[scored] = audit_posterior(p_bar[scored], given[scored])
-    return {"predicted_label": q.argmax(dim=1), "label_quality": q.gather(1, given[:, None]).squeeze(1),
-            "aum": dyn["margin_sum"] / dyn["count"].clamp(min=1).float()}
-
-
-def audit_rows(columns: dict[str, torch.Tensor], labels: torch.Tensor, scored: torch.Tensor) -> tuple[list[int], torch.Tensor]:
-    """(every scored row ranked by label_quality, worst first; is_label_issue = predicted_label != given label)."""
-    is_issue = (columns["predicted_label"] != labels) & scored
-    rows = torch.nonzero(scored).squeeze(1)
-    order = torch.argsort(columns["label_quality"][rows], stable=True)
-    return rows[order].tolist(), is_issue
-
-
-def audit_summary(is_issue: torch.Tensor, columns: dict[str, torch.Tensor], train: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Precision and recall of the flagged rows against the real flips, and how many flips the prediction recovers."""
-    is_noisy = train["is_noisy"].bool()
-    flagged, n_noisy = int(is_issue.sum()), int(is_noisy.sum())
-    hit = int((is_issue & is_noisy).sum())
-    summary = {
-        "flagged": flagged, "noisy": n_noisy, "noise_rate": n_noisy / len(is_noisy),
-        "precision": hit / flagged if flagged else 0.0,
-        "recall": hit / n_noisy if n_noisy else 0.0,
-        "recovered": float((columns["predicted_label"][is_noisy] == train["clean_label"][is_noisy]).float().mean()) if n_noisy else 0.0,
-    }
-    summary["corrected_recovered"] = float((columns["corrected_label"][is_noisy] == train["clean_label"][is_noisy]).float().mean()) if n_noisy else 0.0
-    return summary
-
-
-def top_confusions(labels: torch.Tensor, predicted: torch.Tensor, is_issue: torch.Tensor, names: Sequence[str] | None,
-                   k: int = 5) -> str:
-    """The k most frequent (given -> predicted) pairs among the flagged examples, e.g. '3 -> 5 (12), 7 -> 1 (4)'."""
-    pairs = torch.stack([labels[is_issue], predicted[is_issue]], dim=1)
-    if not len(pairs):
-        return "none"
-    unique, counts = pairs.unique(dim=0, return_counts=True)
-    order = torch.argsort(-counts, stable=True)[:k]
-    name = (lambda c: names[c]) if names else str
-    return ", ".join(f"{name(int(unique[i, 0]))} -> {name(int(unique[i, 1]))} ({int(counts[i])})" for i in order)
-
-
-AUDIT_COLUMNS = ("index", "key", "given_label", "predicted_label", "is_label_issue", "label_quality", "aum",
-                 "corrected_label", "eps", "final_predicted_label", "final_label_quality")
-
-
-def write_audit_csv(path: Path, ranked: list[int], keys: list[str], train: dict[str, torch.Tensor],
-                    columns: dict[str, torch.Tensor], known_noise: bool) -> None:
-    """One CSV row per scored training example, worst label_quality first (cleanlab's column names plus ours)."""
-    header = ["rank", *(c for c in AUDIT_COLUMNS if c in columns or c in ("index", "key", "given_label"))]
-    header += ["clean_label", "is_noisy"] if known_noise else []
-    values = {**columns, "given_label": train["label"], "clean_label": train["clean_label"], "is_noisy": train["is_noisy"]}
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        for rank, i in enumerate(ranked, 1):
-            row: list[Any] = [rank, i, keys[i]]
-            for c in header[3:]:
-                v = values[c][i]
-                row.append(f"{float(v):.4f}" if v.is_floating_point() else int(v))
-            w.writerow(row)
-
-
-def write_label_file(path: Path, keys: list[str], labels: torch.Tensor, is_issue: torch.Tensor,
-                     new_labels: torch.Tensor | None) -> None:
-    """A `train.py --noise file --noise-file PATH` file, `key,label` for every training example: the flagged
-    ones relabelled to `new_labels`, or (None) given label -1, which drops them from the training set."""
-    out = torch.where(is_issue, new_labels if new_labels is not None else torch.full_like(labels, -1), labels)
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["key", "label"])
-        w.writerows(zip(keys, out.tolist()))
-
-
 def audit_main(args: argparse.Namespace) -> None:
     """--audit RUN_DIR: rank the training labels by the training dynamics (or the final model); write the CSVs."""
     run_dir = single_run_dir(args.runs, "--audit")
-    cfg = run_config(run_dir, args)
+    cfg = config_with_overrides(run_dir, args)
     out = Path(args.out) if args.out else run_dir / "label_issues.csv"
     check_writable(out, "the audit's CSV")  # before the prediction pass
     # Map-style even for a streamed run: the audit needs every training example once, in a stable order.
     train_ds, _, info = data.prepare_data({**cfg, "streaming": False})
-    model = load_model(run_dir, cfg, info)
+    model = runfolder.load_final_model(run_dir, cfg, info)
     accelerator = Accelerator(cpu=args.cpu, mixed_precision="no")
-    train = data.label_tensors(train_ds)
-    labels = train["label"]
     logits = split_logits(model, train_ds, info, accelerator, args.batch_size)
-    columns = final_model_columns(logits, labels)
-    columns["eps"], columns["corrected_label"] = corrected_targets(logits, labels, cfg)
-    found = read_dynamics(run_dir, train_ds) if args.score == "dynamics" else None
-    dyn, meta = found or (None, {})
-    if dyn is not None:
-        if not torch.equal(dyn["label"][dyn["count"] > 0], labels[dyn["count"] > 0]):
-            raise ValueError(f"{run_dir}: the training labels differ from the run's: pass the run's --dataset and noise files")
-        scored = dyn["early_count"] > 0
-        columns |= dynamics_columns(dyn, scored)
-        how = "the early training dynamics"
-        window = meta.get("window_text") or f"epochs [0, {meta.get('audit_epochs', '?')})"
-    else:
-        if args.score == "dynamics" and accelerator.is_main_process:
-            print(f"notice: {run_dir} has no usable dynamics.safetensors (trained before the audit kept training dynamics, "
-                  f"or with --train-eval-size 0): ranking by the final model, which misses the labels it has memorised",
-                  file=sys.stderr)
-        columns["predicted_label"], columns["label_quality"] = columns["final_predicted_label"], columns["final_label_quality"]
-        scored, how = torch.ones_like(labels, dtype=torch.bool), "the final model"
-    ranked, is_issue = audit_rows(columns, labels, scored)
-    columns["is_label_issue"] = is_issue
-    keys = [str(k) for k in train_ds["example_key"]]
-    known_noise = (cfg.get("noise") or "none") != "none"
+    found = audit.audit_labels(run_dir, cfg, train_ds, logits, args.score)
     if accelerator.is_main_process:
-        write_or_explain(lambda: write_audit_csv(out, ranked, keys, train, columns, known_noise), out)
-        print(f"{int(is_issue.sum())} of {int(scored.sum())} training labels flagged as label issues by {how}: "
-              f"its predicted class differs from the given label; wrote {out}")
-        if dyn is not None:
-            print(f"early window: {window}")
-        names = getattr(train_ds.features["label"], "names", None)
-        print(f"most flagged (given -> predicted): {top_confusions(labels, columns['predicted_label'], is_issue, names)}")
-        for rank, i in enumerate([i for i in ranked if is_issue[i]][: args.top], 1):
-            print(f"{rank:4d}. key={keys[i]} given={int(labels[i])} predicted={int(columns['predicted_label'][i])} "
-                  f"label_quality={float(columns['label_quality'][i]):.3f} corrected={int(columns['corrected_label'][i])} "
-                  f"eps={float(columns['eps'][i]):.3f}")
-        for path, new in ((args.relabel, columns["predicted_label"]), (args.drop, None)):
-            if path:
-                write_or_explain(lambda: write_label_file(Path(path), keys, labels, is_issue, new), path)
-                print(f"wrote {path}: train.py --noise file --noise-file {path} trains on the "
-                      f"{'relabelled' if new is not None else 'remaining'} labels")
-        if known_noise or info.clean_subset:  # Clothing1M: against the clean labels of the overlap
-            known = scored & data.clean_label_known(train_ds)
-            s = audit_summary(is_issue[known], {k: v[known] for k, v in columns.items()},
-                              {k: v[known] for k, v in train.items()})
-            where = "" if known.all() else f" of the {int(known.sum())} training examples with a known clean label"
-            print(f"against the real flips{where} ({s['noisy']} noisy, rate {s['noise_rate']:.3f}): precision={s['precision']:.3f} "
-                  f"recall={s['recall']:.3f}; clean label recovered by the prediction for {s['recovered']:.3f} of the flips, "
-                  f"by ProSelfLC's corrected target for {s['corrected_recovered']:.3f}")
+        audit.write_audit(found, train_ds, info, cfg, out, args.top, args.relabel, args.drop)
     accelerator.end_training()
 
 
@@ -916,14 +555,6 @@ def check_writable(path: Path, what: str) -> None:
         raise ValueError(f"{what} {path} cannot be written (read-only): choose a writable place")
 
 
-def write_or_explain(write, path: str | Path) -> None:
-    """Run a write; a refusal by the system (full disk, read-only) becomes one line naming the file."""
-    try:
-        write()
-    except OSError as e:
-        raise ValueError(f"cannot write {path} ({e.strerror or e}): choose a writable place with free space") from None
-
-
 def check_push_args(args: argparse.Namespace) -> argparse.Namespace:
     """--push-to-hub RUN_DIR needs --repo-id and takes no other run folder; --repo-id, --dry-run, --stage-dir need it."""
     if not args.push_to_hub:
@@ -939,17 +570,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Dispatch to the chosen use."""
     args = parse_args(argv)
     datasets.disable_progress_bars()  # the splits are small or cached; keep stderr for warnings and errors
-    if args.push_to_hub or any(r.startswith("hf://") for r in args.runs):  # hub.HF_PREFIX; hub imports eval
-        import hub  # only when asked: hub.py imports eval.py
-
-        if args.push_to_hub:
-            hub.push_run(Path(args.push_to_hub), args.repo_id, dry_run=args.dry_run,
-                         stage_dir=Path(args.stage_dir) if args.stage_dir else None)
-            return
-        if args.audit and not args.out and hub.is_hub_run(args.runs[0]):
-            # a downloaded run lives in the Hugging Face cache, whose files are shared links: write beside the user
-            args.out = args.runs[0][len(hub.HF_PREFIX):].replace("/", "--") + "-label_issues.csv"
-        args.runs = [str(hub.download_run(r)) if hub.is_hub_run(r) else r for r in args.runs]
+    if args.push_to_hub:
+        hub.push_run(Path(args.push_to_hub), args.repo_id, plot_runs, dry_run=args.dry_run,
+                     stage_dir=Path(args.stage_dir) if args.stage_dir else None)
+        return
+    if args.audit and not args.out and hub.is_hub_run(args.runs[0]):
+        # a downloaded run lives in the Hugging Face cache, whose files are shared links: write beside the user
+        args.out = args.runs[0][len(hub.HF_PREFIX):].replace("/", "--") + "-label_issues.csv"
+    args.runs = [str(hub.download_run(r)) if hub.is_hub_run(r) else r for r in args.runs]
     if args.table:
         table_main(args)
     elif args.plot:

@@ -14,88 +14,32 @@ accuracy, exactly the last test_acc of metrics.jsonl).
 
 from __future__ import annotations
 
-import json
-import shlex
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import huggingface_hub
-from huggingface_hub import constants as hub_constants
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
-from huggingface_hub.errors import (HfHubHTTPError, HFValidationError, LocalEntryNotFoundError, LocalTokenNotFoundError,
+from huggingface_hub.errors import (HfHubHTTPError, LocalEntryNotFoundError, LocalTokenNotFoundError,
                                    OfflineModeIsEnabled)
-from huggingface_hub.utils import httpx, validate_repo_id  # httpx: the HTTP client huggingface_hub itself uses
+from huggingface_hub.utils import httpx  # httpx: the HTTP client huggingface_hub itself uses
 
+import config
 import data
-import eval as ev
 import losses
 import runfolder
 
 # What a pushed run holds: copied from the run folder (the optional ones when present), plus the plot and the card.
-RUN_FILES = ("model.safetensors", "config.json", "noise.json", "metrics.jsonl")
-OPTIONAL_RUN_FILES = ("dynamics.safetensors", "label_issues.csv")  # the audit's training dynamics and its CSV
+PUSHED_FILES = ("model.safetensors", "config.json", "noise.json", "metrics.jsonl")
+OPTIONAL_PUSHED_FILES = ("dynamics.safetensors", "label_issues.csv")  # the audit's training dynamics and its CSV
 PLOT = "dynamics.png"
 CARD = "README.md"
-STAGED_NAMES = frozenset((*RUN_FILES, *OPTIONAL_RUN_FILES, PLOT, CARD))
+STAGED_NAMES = frozenset((*PUSHED_FILES, *OPTIONAL_PUSHED_FILES, PLOT, CARD))
 HF_PREFIX = "hf://"
+Plot = Callable[[list[runfolder.RunRecord], Path], Any]  # draws the Figure 3 panels of runs into a PNG (eval.plot_runs)
 # Every way huggingface_hub reports that the Hub cannot be used now: no token, offline mode, an HTTP error
 # status (401, 403, 5xx, ...), a refused or timed-out connection.
 HUB_ERRORS = (LocalTokenNotFoundError, OfflineModeIsEnabled, HfHubHTTPError, httpx.TransportError)
-# Flags of train.py that say where and how a run is kept, not what it computes: left out of the command.
-NOT_REPRODUCED = ("dataset", "recipe", "output_dir", "resume", "overwrite", "print_config", "push_to_hub",
-                  "num_workers", "sync_bn")  # the last two: decided by the machine that ran it
-
-
-def check_repo_id(repo_id: str) -> str:
-    """`repo_id` if it is a valid 'owner/name' model repository id, else a one-line ValueError."""
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as e:
-        raise ValueError(f"{repo_id!r} is not a Hub repository id ({str(e).splitlines()[0]}): "
-                         "use owner/name") from None
-    if repo_id.count("/") != 1:
-        raise ValueError(f"{repo_id!r} is not a Hub repository id: use owner/name")
-    return repo_id
-
-
-def finished_run(run_dir: Path) -> ev.Run:
-    """The run at `run_dir` if it has finished (model.safetensors written, metrics.jsonl at its last step)."""
-    if not runfolder.is_finished(Path(run_dir)):
-        raise ValueError(f"{run_dir} has no model.safetensors: the run has not finished (push a finished run)")
-    return ev.load_run(Path(run_dir))  # model.safetensors is written last, after the final metrics line
-
-
-def method_keys(method: str) -> list[str]:
-    """config.json keys of the hyperparameters `method` reads (losses.USES, named as train.py's flags)."""
-    return [{"q": "gce_q"}.get(k, k) for k in losses.USES.get(method, ()) if k != "num_examples"]
-
-
-def reproduce_command(config: dict[str, Any]) -> str:
-    """`python train.py ...` with every flag whose value in config.json differs from its recipe's default.
-
-    Left out: where the run was kept (NOT_REPRODUCED), the hyperparameters of other methods, and the image
-    size of data held in memory (config.json records its native size; the flags apply to photos)."""
-    import train  # only here: train.py is only needed for its recipes
-
-    base = vars(train.resolve_args(["--dataset", str(config["dataset"]), "--recipe", str(config["recipe"])]))
-    other_methods = {k for m in losses.METHODS for k in method_keys(m)} - set(method_keys(str(config["method"])))
-    skip = {*NOT_REPRODUCED, *other_methods, *(("resize", "image_size") if config.get("input_path") == "memory" else ())}
-    argv = ["--dataset", str(config["dataset"])]
-    if config["recipe"] != train.recipe_for(str(config["dataset"])):
-        argv += ["--recipe", str(config["recipe"])]
-    for key, default in base.items():
-        value = config.get(key)
-        if key in skip or value is None or value == default:
-            continue
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):  # store_true flags, and --no-X for the BooleanOptionalAction ones
-            argv.append(flag if value else "--no-" + flag[2:])
-        else:
-            argv += [flag, str(value)]
-    world = int(config.get("world_size") or 1)
-    launcher = ["accelerate", "launch", "--num_processes", str(world)] if world > 1 else ["python"]
-    return shlex.join([*launcher, "train.py", *argv])
 
 
 def dataset_id(config: dict[str, Any]) -> str:
@@ -104,19 +48,19 @@ def dataset_id(config: dict[str, Any]) -> str:
     return data.HUB_IDS.get(name, name)
 
 
-def eval_result(run: ev.Run, noise: dict[str, Any]) -> EvalResult:
+def eval_result(run: runfolder.RunRecord, noise: dict[str, Any]) -> EvalResult:
     """The model-index entry: the final clean test accuracy (last test_acc of metrics.jsonl) and what it was measured on."""
-    dataset, kind, rate = ev.setting_of(run.config)
+    dataset, kind, rate = config.setting_of(run.config)
     return EvalResult(
         task_type="image-classification", dataset_type=dataset_id(run.config),
-        dataset_name=f"{dataset}, clean test split (trained on {ev.noise_label(kind, rate)} training labels)",
+        dataset_name=f"{dataset}, clean test split (trained on {config.noise_label(kind, rate)} training labels)",
         dataset_split="test", dataset_args={"noise": kind, "noise_rate": rate,
                                             "realised_noise_rate": noise.get("realised_rate")},
         metric_type="accuracy", metric_name="final clean test accuracy",
         metric_value=run.metrics[-1]["test_acc"])
 
 
-def card_data(run: ev.Run, noise: dict[str, Any], model_name: str) -> ModelCardData:
+def card_data(run: runfolder.RunRecord, noise: dict[str, Any], model_name: str) -> ModelCardData:
     """The card's YAML metadata; library_name pytorch: the weights are a plain torch state dict in safetensors."""
     method = str(run.config.get("method"))
     kind = str(noise.get("kind", run.config.get("noise")))
@@ -127,23 +71,23 @@ def card_data(run: ev.Run, noise: dict[str, Any], model_name: str) -> ModelCardD
 
 def hyperparameter_rows(config: dict[str, Any]) -> list[str]:
     """Markdown table rows of the method's and the optimiser's values from config.json."""
-    keys = ("method", *method_keys(str(config.get("method"))), "model", "weights", "max_steps", "batch_size", "lr",
+    keys = ("method", *config.method_keys(str(config.get("method"))), "model", "weights", "max_steps", "batch_size", "lr",
             "momentum", "weight_decay", "lr_schedule", "milestones", "poly_power", "seed", "mixed_precision", "world_size")
     return [f"| `{k}` | {config[k]} |" for k in keys if config.get(k) is not None]
 
 
-def card_body(run: ev.Run, noise: dict[str, Any], repo_id: str) -> str:
+def card_body(run: runfolder.RunRecord, noise: dict[str, Any], repo_id: str) -> str:
     """The card's Markdown: method, hyperparameters, noise record, accuracy, plot, command, how to load."""
     cfg, last = run.config, run.metrics[-1]
     best = max(run.metrics, key=lambda m: m.get("test_acc", float("-inf")))
-    dataset, kind, rate = ev.setting_of(cfg)
+    dataset, kind, rate = config.setting_of(cfg)
     method, realised = str(cfg.get("method")), noise.get("realised_rate")
     lines = [
-        f"# {ev.method_label(method, cfg.get('eps') if method in ev.EPS_METHODS else None)} on {dataset}, "
-        f"{ev.noise_label(kind, rate)}",
+        f"# {config.method_label(method, cfg.get('eps') if method in losses.FIXED_EPS else None)} on {dataset}, "
+        f"{config.noise_label(kind, rate)}",
         "",
         f"A `{cfg.get('model')}` trained with `{cfg.get('method')}` by the ProSelfLC reference training suite "
-        f"(`train.py`) on {dataset} with {ev.noise_label(kind, rate)} training labels; accuracy is measured on "
+        f"(`train.py`) on {dataset} with {config.noise_label(kind, rate)} training labels; accuracy is measured on "
         "the clean test split.",
         "",
         "## Result",
@@ -171,7 +115,7 @@ def card_body(run: ev.Run, noise: dict[str, Any], repo_id: str) -> str:
         "In a checkout of the suite (at commit `{}`):".format(cfg.get("git_commit") or "unknown"),
         "",
         "```bash",
-        reproduce_command(cfg),
+        config.reproduce_command(cfg),
         "```",
         "",
         "## Load the weights",
@@ -195,22 +139,10 @@ def card_body(run: ev.Run, noise: dict[str, Any], repo_id: str) -> str:
     return "\n".join(lines)
 
 
-def read_noise(run_dir: Path) -> dict[str, Any]:
-    """noise.json of a run folder ({} for a run without one)."""
-    f = Path(run_dir) / "noise.json"
-    if not f.is_file():
-        return {}
-    try:
-        record = json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{f} is not valid JSON ({e}): the run folder is damaged") from None
-    return record if isinstance(record, dict) else {}
-
-
-def model_card(run_dir: Path, repo_id: str | None = None, run: ev.Run | None = None) -> ModelCard:
+def model_card(run_dir: Path, repo_id: str | None = None, run: runfolder.RunRecord | None = None) -> ModelCard:
     """The model card of a finished run (`run`: the run already loaded): ModelCardData YAML, then the Markdown body."""
-    run = run or finished_run(Path(run_dir))
-    noise = read_noise(Path(run_dir))
+    run = run or runfolder.finished_run(Path(run_dir))
+    noise = runfolder.read_noise(Path(run_dir))
     repo_id = repo_id or f"OWNER/{Path(run_dir).resolve().name}"
     data = card_data(run, noise, model_name=repo_id.split("/")[-1])
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{card_body(run, noise, repo_id)}")
@@ -238,28 +170,17 @@ def prepare_stage_dir(stage_dir: Path, run_dir: Path) -> None:
     stage_dir.mkdir(parents=True, exist_ok=True)
 
 
-def stage_run(run_dir: Path, repo_id: str, stage_dir: Path) -> list[Path]:
-    """Copy the run's files, draw the plot and write the card into stage_dir; return the staged files."""
-    run = finished_run(run_dir)
+def stage_run(run_dir: Path, repo_id: str, stage_dir: Path, plot: Plot) -> list[Path]:
+    """Copy the run's files, draw the plot (eval.plot_runs) and write the card into stage_dir; the staged files."""
+    run = runfolder.finished_run(run_dir)
     card = model_card(run_dir, repo_id, run)  # before any write: a damaged run leaves no half-staged folder
     prepare_stage_dir(stage_dir, run_dir)
-    for name in (*RUN_FILES, *OPTIONAL_RUN_FILES):
+    for name in (*PUSHED_FILES, *OPTIONAL_PUSHED_FILES):
         if (run_dir / name).is_file():
             shutil.copyfile(run_dir / name, stage_dir / name)
-    ev.plot_runs([run], stage_dir / PLOT)
+    plot([run], stage_dir / PLOT)
     card.save(stage_dir / CARD)
     return sorted(stage_dir.iterdir())
-
-
-def check_can_push(repo_id: str) -> None:
-    """Before a run that ends with a push (train.py --push-to-hub): a valid id, a token and no offline mode."""
-    check_repo_id(repo_id)
-    if hub_constants.HF_HUB_OFFLINE:
-        raise ValueError(f"--push-to-hub {repo_id}: HF_HUB_OFFLINE is set, so the run could not be pushed at its end; "
-                         "unset it, or push later with eval.py --push-to-hub")
-    if huggingface_hub.get_token() is None:
-        raise ValueError(f"--push-to-hub {repo_id}: no Hugging Face token (run `hf auth login` or set HF_TOKEN), so the "
-                         "run could not be pushed at its end; nothing was run")
 
 
 def upload(stage_dir: Path, repo_id: str, private: bool) -> str:
@@ -277,15 +198,15 @@ def upload(stage_dir: Path, repo_id: str, private: bool) -> str:
     return str(getattr(info, "commit_url", info))
 
 
-def push_run(run_dir: Path, repo_id: str, *, dry_run: bool = False, stage_dir: Path | None = None,
+def push_run(run_dir: Path, repo_id: str, plot: Plot, *, dry_run: bool = False, stage_dir: Path | None = None,
              private: bool = False) -> Path:
     """Stage a finished run (the run folder is only read) and upload it to the model repo `repo_id`; the staged folder."""
     run_dir = Path(run_dir)
-    check_repo_id(repo_id)
+    config.check_repo_id(repo_id)
     if not run_dir.is_dir():
         raise ValueError(f"{run_dir} is not a folder: pass a finished train.py run folder")
     stage_dir = Path(stage_dir) if stage_dir is not None else default_stage_dir(run_dir)
-    staged = stage_run(run_dir, repo_id, stage_dir)
+    staged = stage_run(run_dir, repo_id, stage_dir, plot)
     listing = "\n".join(f"  {p.name} ({p.stat().st_size:,} bytes)" for p in staged)
     if dry_run:
         print(f"dry run: would upload {len(staged)} files from {stage_dir} to https://huggingface.co/{repo_id}:\n{listing}")
@@ -302,10 +223,10 @@ def is_hub_run(text: str) -> bool:
 
 def download_run(text: str) -> Path:
     """snapshot_download of hf://owner/name into the Hugging Face cache; the local folder, to use as a run folder."""
-    repo_id = check_repo_id(text[len(HF_PREFIX):])
+    repo_id = config.check_repo_id(text[len(HF_PREFIX):])
     try:
         folder = huggingface_hub.snapshot_download(repo_id, repo_type="model",
-                                                   allow_patterns=[*RUN_FILES, *OPTIONAL_RUN_FILES, CARD])
+                                                   allow_patterns=[*PUSHED_FILES, *OPTIONAL_PUSHED_FILES, CARD])
     except (*HUB_ERRORS, LocalEntryNotFoundError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ValueError(f"cannot download {text} from the Hub ({type(e).__name__}: {first})") from None

@@ -75,13 +75,16 @@ def synthetic_fine_to_coarse(num_classes: int) -> tuple[int, ...]:
     return tuple(c // SYNTHETIC_GROUP for c in range(num_classes))
 
 
-def check_noise_args(kind: str, rate: float, pairs: Any = None) -> None:
-    """Raise ValueError unless kind is in NOISE_KINDS, 0 <= rate < 1, and asymmetric noise has pairs (given or a
-    preset): the checks that need no data, so a run can make them before loading it."""
+def check_noise_args(kind: str, rate: float, pairs: Any = None, noise_file: str | None = None) -> None:
+    """Raise ValueError unless kind is in NOISE_KINDS, 0 <= rate < 1, asymmetric noise has pairs (given or a
+    preset) and file noise an existing file: the checks that need no data, so a run makes them before loading it."""
     if kind not in NOISE_KINDS:
         raise ValueError(f"unknown noise kind {kind!r}: choose one of {', '.join(NOISE_KINDS)}")
     if not 0.0 <= float(rate) < 1.0:
-        raise ValueError(f"noise rate must be in [0, 1): got {rate}")
+        raise ValueError(f"--noise-rate must be in [0, 1), got {rate}")
+    if kind == "file" and not (noise_file and os.path.isfile(noise_file)):
+        raise ValueError("--noise file needs --noise-file PATH of an existing CIFAR-N .pt, .npy, .csv or .parquet file "
+                         f"(got {noise_file!r})")
     if kind == "asymmetric" and pairs in (None, "", {}):
         raise ValueError(
             "asymmetric noise needs class structure: this dataset has no preset pairs; pass "
@@ -108,7 +111,7 @@ def resolve_noise(kind: str, rate: float, seed: int, num_classes: int, pairs: An
 
     pairs: {src: dst}, "src:dst,..." or a preset in PAIR_PRESETS (cifar100, synthetic: drawn from seed).
     """
-    check_noise_args(kind, rate, pairs)
+    check_noise_args(kind, rate, pairs, noise_file)
     pair_map = fine_to_coarse = None
     if kind == "asymmetric":
         parsed = parse_pairs(pairs)

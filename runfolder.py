@@ -26,16 +26,23 @@ import os
 import random
 import re
 import shutil
+import signal
 import socket
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, NamedTuple, NoReturn, Sequence
 
 import numpy as np
 import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, gather_object
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+
+import data
+import models
 
 LOCK_NAME = "train.lock"
 # Everything train.py (and eval.py --audit/--plot into the run folder) may write: --overwrite removes these only.
@@ -312,7 +319,6 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> Non
     random.setstate((version, tuple(internal), gauss_next))
 
 
-
 def check_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
     """Raise ValueError unless rng_state()'s output would load: tried on fresh generators, the global ones untouched."""
     try:
@@ -371,13 +377,387 @@ def error_line(e: Exception) -> str:
     return str(e)
 
 
+def peer_failed(e: RuntimeError) -> bool:
+    """Whether a collective failed because another process of the run exited (its own error line says why)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and (
+        isinstance(e, torch.distributed.DistError) or "closed by peer" in str(e) or "remote worker" in str(e))
+
+
 def run_cli(main: Callable[[], int | None]) -> int:
     """A script's main(); bad input or a refused write becomes one 'error: ...' line and exit code 2
-    (PROSELFLC_DEBUG=1: the traceback)."""
+    (PROSELFLC_DEBUG=1: the traceback). Under torchrun an error every process raises is printed by rank 0 only,
+    an error of one process during training by that process; a stop signal exits 143; locks are released."""
+    rank = int(os.environ.get("RANK", "0"))
     try:
         return main() or 0
-    except (ValueError, OSError) as e:
+    except Finished as e:
+        if rank == 0:
+            print(e, file=sys.stderr)
+    except Stopped as e:
+        if rank == 0:
+            print(e, file=sys.stderr)
+        return EXIT_STOPPED
+    except RuntimeError as e:
+        if not peer_failed(e) or os.environ.get("PROSELFLC_DEBUG"):
+            raise
+        return 2  # another process failed and printed why; this one stops without a second line
+    except (ValueError, FloatingPointError, OSError) as e:
         if os.environ.get("PROSELFLC_DEBUG"):
             raise
-        print(f"error: {error_line(e)}", file=sys.stderr)
+        agreed = isinstance(e, AgreedError) or getattr(e, "agreed", False)  # every process raised it
+        if rank == 0 or (STOP["training"] and not agreed):
+            print(f"error: {error_line(e)}", file=sys.stderr)
         return 2
+    finally:
+        STOP["training"] = False
+        release_locks()
+    return 0
+
+
+def leave(code: int) -> NoReturn:
+    """Exit with code; a process of several exits without finalising the interpreter (see the comment)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # The process group's C++ threads can outlive it and take the GIL while the interpreter finalises, which
+        # aborts a finished run now and then (SIGABRT, "terminate called without an active exception"): the run's
+        # files are closed and its lock released, so leave without finalising.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
+# ----------------------------------------------------------------------------- stop signals and agreement
+
+
+class Finished(Exception):
+    """--resume auto on a finished run: nothing to do, exit 0 with one line."""
+
+
+class Stopped(Exception):
+    """SIGTERM or SIGUSR1 (preemption) during training: a checkpoint was written at the step reached; exit 143."""
+
+
+class AgreedError(ValueError):
+    """An error every process raises together (after agree): only rank 0 prints it."""
+
+
+EXIT_STOPPED = 128 + signal.SIGTERM
+STOP = {"signal": 0, "training": False}  # set by on_stop_signal; the loop checks it between steps
+
+
+def on_stop_signal(signum: int, frame: Any) -> None:
+    """During training: ask the loop to checkpoint and stop. Before it (start-up): leave at once, lock released."""
+    if STOP["training"]:
+        STOP["signal"] = signum
+        return
+    release_locks()
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"stopped by {signal.Signals(signum).name} during start-up: no checkpoint was written", file=sys.stderr)
+    os._exit(EXIT_STOPPED)
+
+
+def stop_requested(accelerator: Accelerator, sync_step: bool) -> bool:
+    """Whether a stop signal reached any process: one process reads its flag each step (no device value); several
+    agree on the steps that sync anyway (log steps), so they all stop at the same step."""
+    if accelerator.num_processes == 1:
+        return STOP["signal"] != 0
+    if not sync_step:
+        return False
+    return accelerator.gather(torch.tensor([STOP["signal"]], device=accelerator.device)).max().item() != 0
+
+
+def agree(accelerator: Accelerator, error: str | None) -> None:
+    """Raise the first process's error on every process (so all stop together); nothing when none failed."""
+    errors = [e for e in gather_object([error]) if e] if accelerator.num_processes > 1 else [error] if error else []
+    if errors:
+        raise AgreedError(errors[0])
+
+
+# ----------------------------------------------------------------------------- opening a run folder
+
+
+def open_run_folder(out: Path, resume: str | None, overwrite: bool, accelerator: Accelerator) -> tuple[Path | None, bool]:
+    """Lock the run folder and decide what the run does with it, touching nothing else: (checkpoint to resume or
+    None, whether the run files must be cleared once the data and model are built)."""
+    refused = [None]
+    if accelerator.is_main_process:
+        try:
+            lock(out)
+        except ValueError as e:
+            refused = [str(e)]
+    broadcast_object_list(refused)  # every process stops when the main one could not take the folder
+    if refused[0]:
+        raise AgreedError(refused[0])
+    last, started = latest_checkpoint(out), is_run_folder(out)
+    if resume == "auto":
+        if is_finished(out):
+            raise Finished(f"{out} already holds a finished run: nothing to do (--resume auto)")
+        if last is None and started:
+            accelerator.print(f"note: {out} holds a run stopped before its first checkpoint: starting it over")
+        ckpt, clear = last, last is None and started
+    elif resume:
+        if is_finished(out):
+            raise ValueError(f"{out} already holds a finished run: nothing to resume; choose another --output-dir")
+        ckpt, clear = find_checkpoint(resume, out, last), False
+    else:
+        ckpt, clear = None, overwrite
+        check_fresh_folder(out, overwrite, last)
+    if ckpt is not None:
+        check_checkpoint(ckpt, accelerator.process_index)
+    return ckpt, clear
+
+
+def check_fresh_folder(out: Path, overwrite: bool, last: Path | None) -> None:
+    """A new run may go into an empty folder or, with --overwrite, replace a run; never over anything else."""
+    if overwrite:
+        if foreign_files(out) and not is_run_folder(out):
+            raise ValueError(f"--overwrite: {out} holds files that are not a train.py run's "
+                             f"({', '.join(foreign_files(out)[:4])}): it replaces only a run; choose "
+                             "another --output-dir (nothing was deleted)")
+    elif is_finished(out):
+        raise ValueError(f"{out} already holds a finished run: pass --overwrite to replace it, or another --output-dir")
+    elif is_run_folder(out):
+        if last is not None:
+            raise ValueError(f"{out} holds an unfinished run (last checkpoint {last.name}): pass --resume latest (or "
+                             f"auto) to continue it, or --overwrite to start it over")
+        raise ValueError(f"{out} holds a run stopped before its first checkpoint ({contents(out)}): nothing "
+                         f"to resume; pass --overwrite to start it over, or choose another --output-dir")
+
+
+def find_checkpoint(resume: str, out: Path, last: Path | None) -> Path:
+    """The checkpoint to resume from: the latest complete one in out/checkpoints, or the folder given."""
+    if resume == "latest":
+        if last is None:
+            held = contents(out)
+            advice = (f"the folder holds {held}: nothing to resume; start it over with --overwrite instead of "
+                      f"--resume latest" if held else "the folder holds no run yet: start without --resume")
+            raise ValueError(f"--resume latest: no complete checkpoint in {out / 'checkpoints'}; {advice}")
+        return last
+    path = Path(resume)
+    if not is_complete(path):
+        raise ValueError(f"--resume {resume}: not a complete checkpoint (a step_N folder with trainer_state.json)")
+    return path
+
+
+def check_checkpoint(ckpt: Path, rank: int) -> None:
+    """Before anything loads: only files this suite writes, each readable, this process's RNG state loadable."""
+    check_checkpoint_files(ckpt)
+    try:
+        for name in ("model.safetensors", "optimizer.safetensors", "state.safetensors"):
+            check_header(ckpt / name)
+        read_json(ckpt / "trainer_state.json")
+        rng = ckpt / f"rng_{rank}.safetensors"
+        if rng.exists():
+            check_rng_state(*read_tensors(rng))
+    except ValueError as e:
+        raise ValueError(f"checkpoint {ckpt} is damaged: {e}; resume from another one or start over with "
+                         f"--overwrite (nothing was loaded)") from None
+
+
+def start_run_folder(out: Path, config: dict, record: dict, clear: bool, ckpt: Path | None,
+                     accelerator: Accelerator) -> None:
+    """After every check: clear the old run's files (--overwrite, or an auto restart), then write config.json and
+    noise.json; a resume keeps the metrics lines up to its step."""
+    accelerator.wait_for_everyone()  # every process has read the folder before the main one changes it
+    if accelerator.is_main_process:
+        if clear:
+            clear_run_files(out)
+        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+        write_atomic(out / "config.json", json.dumps(config, indent=2))
+        write_atomic(out / "noise.json", json.dumps(record, indent=2))
+        if ckpt is not None:
+            truncate_metrics(out / "metrics.jsonl", read_json(ckpt / "trainer_state.json")["step"])
+    accelerator.wait_for_everyone()
+
+
+def storage_error(e: OSError | str, out: Path, what: str) -> str:
+    """One line for a failed write (disk full, read-only): what failed and which checkpoint can still be resumed."""
+    last = latest_checkpoint(out)
+    usable = (f"{last} is complete and still usable: free space or fix the folder, then run again with --resume latest"
+              if last is not None else "no checkpoint was completed yet")
+    why = e if isinstance(e, str) else (e.strerror or str(e))
+    return f"cannot write the {what} in {out} ({why}); {usable}"
+
+
+# ----------------------------------------------------------------------------- writing and reading a checkpoint
+
+
+@dataclass
+class Trainee:
+    """What a checkpoint holds: the prepared model and optimizer, the run's own tensors (by prefix), its counters."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    own: dict[str, torch.nn.Module | Any]  # prefix -> an object with state_dict/load_state_dict (loss, audit)
+    config: dict
+    state: dict
+
+
+def own_tensors(trainee: Trainee) -> dict[str, torch.Tensor]:
+    """The run's own state beyond model and optimizer, as '<prefix>.<name>' tensors."""
+    return {f"{prefix}.{k}": v for prefix, obj in trainee.own.items() for k, v in obj.state_dict().items()}
+
+
+def write_checkpoint(accelerator: Accelerator, trainee: Trainee, tmp: Path) -> None:
+    """The main process's files of a checkpoint, trainer_state.json last (it marks the checkpoint complete)."""
+    model = accelerator.unwrap_model(trainee.model, keep_torch_compile=False)
+    save_tensors(model.state_dict(), tmp / "model.safetensors")
+    tensors, meta = flatten_optimizer(trainee.optimizer.state_dict())
+    save_tensors(tensors, tmp / "optimizer.safetensors", meta)
+    save_tensors(own_tensors(trainee), tmp / "state.safetensors")
+    (tmp / "config.json").write_text(json.dumps(trainee.config, indent=2))  # the checkpoint's own record (resume check)
+    scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
+    (tmp / "trainer_state.json").write_text(json.dumps(trainee.state | {"scaler": scaler}))
+
+
+def save_checkpoint(accelerator: Accelerator, trainee: Trainee, out: Path, step: int, keep: int) -> None:
+    """Every process writes its RNG state and the main one the rest into tmp_step_N, renamed to step_N once whole,
+    then older ones are pruned: a kill or a full disk at any point leaves the last complete checkpoint usable. A
+    failure on any process stops every process with its message."""
+    folder = out / "checkpoints"
+    final, tmp = folder / f"step_{step:06d}", folder / f"tmp_step_{step:06d}"
+
+    def attempt(write: Callable[[], Any]) -> str | None:
+        try:
+            write()
+        except OSError as e:
+            if accelerator.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)  # a partial checkpoint only takes space
+            return storage_error(e, out, f"checkpoint {final.name}")
+        return None
+
+    main = accelerator.is_main_process
+    agree(accelerator, attempt(lambda: (shutil.rmtree(tmp, ignore_errors=True), tmp.mkdir(parents=True))) if main else None)
+    agree(accelerator, attempt(lambda: save_rng_state(tmp / f"rng_{accelerator.process_index}.safetensors")))
+    agree(accelerator, attempt(lambda: (write_checkpoint(accelerator, trainee, tmp), replace_checkpoint(tmp, final),
+                                        prune_checkpoints(out, keep))) if main else None)
+
+
+def load_checkpoint(accelerator: Accelerator, trainee: Trainee, ckpt: Path) -> None:
+    """Model, optimizer, the run's own tensors, this process's RNG state and the step counters (into trainee.state)
+    from a checkpoint that check_checkpoint accepted."""
+    try:
+        state = read_json(ckpt / "trainer_state.json")
+        model = accelerator.unwrap_model(trainee.model, keep_torch_compile=False)
+        model.load_state_dict(read_tensors(ckpt / "model.safetensors")[0])
+        trainee.optimizer.load_state_dict(unflatten_optimizer(*read_tensors(ckpt / "optimizer.safetensors")))
+        own = read_tensors(ckpt / "state.safetensors")[0]
+        for prefix, obj in trainee.own.items():
+            obj.load_state_dict({k[len(prefix) + 1:]: v for k, v in own.items() if k.startswith(prefix + ".")})
+        if accelerator.scaler is not None and state.get("scaler"):
+            accelerator.scaler.load_state_dict(state["scaler"])
+        saved_world = read_json(ckpt / "config.json").get("world_size", accelerator.num_processes)
+        if saved_world == accelerator.num_processes:
+            load_rng_state(ckpt / f"rng_{accelerator.process_index}.safetensors")
+        else:
+            accelerator.print(f"note: {ckpt} was written by {saved_world} processes, this run has "
+                              f"{accelerator.num_processes}: the data order and RNG differ from an uninterrupted run")
+    except (ValueError, KeyError, RuntimeError, OSError) as e:
+        raise ValueError(f"checkpoint {ckpt} does not fit this run ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                         f"resume from another one or start over with --overwrite") from None
+    trainee.state.update({k: v for k, v in state.items() if k != "scaler"})
+    accelerator.print(f"resumed from {ckpt} at step {trainee.state['step']}")
+
+
+# ----------------------------------------------------------------------------- reading finished runs (eval, hub)
+
+
+class RunRecord(NamedTuple):
+    """One train.py output folder: its config.json dict and its metrics.jsonl records."""
+
+    path: Path
+    config: dict[str, Any]
+    metrics: list[dict[str, Any]]
+
+
+def find_run_dirs(paths: Sequence[str]) -> list[Path]:
+    """Run folders among `paths`: a folder holding metrics.jsonl, or every such folder below a parent."""
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if not p.is_dir():
+            raise FileNotFoundError(f"{p} is not a folder: pass train.py run folders or a folder holding them")
+        if (p / "metrics.jsonl").is_file() or (p / "config.json").is_file():
+            found.append(p)
+            continue
+        below = sorted(m.parent for m in p.rglob("metrics.jsonl"))
+        if not below:
+            raise FileNotFoundError(f"{p} has no metrics.jsonl and no run folder below it: pass train.py run folders")
+        found.extend(below)
+    if not found:
+        raise ValueError("no run folders given: pass train.py run folders or a folder holding them")
+    return list(dict.fromkeys(found))  # a run given twice counts once
+
+
+def read_run_config(path: Path) -> dict[str, Any]:
+    """config.json of a run folder as a dict."""
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} has no config.json: not a train.py run folder")
+    return read_json(path / "config.json")
+
+
+def load_run(path: Path) -> RunRecord:
+    """Read config.json and metrics.jsonl (read_metrics: a torn or foreign line is skipped)."""
+    config = read_run_config(path)
+    f = path / "metrics.jsonl"
+    if not f.is_file():
+        raise FileNotFoundError(f"{path} has no metrics.jsonl: the run has not evaluated yet (or this is not a run folder)")
+    metrics = read_metrics(f)
+    if not metrics:
+        raise ValueError(f"{f} holds no evaluation yet: wait for the run's first evaluation")
+    return RunRecord(path, config, metrics)
+
+
+def finished_run(run_dir: Path) -> RunRecord:
+    """The run at `run_dir` if it has finished (model.safetensors written, metrics.jsonl at its last step)."""
+    if not is_finished(Path(run_dir)):
+        raise ValueError(f"{run_dir} has no model.safetensors: the run has not finished (pass a finished run)")
+    return load_run(Path(run_dir))  # model.safetensors is written last, after the final metrics line
+
+
+def finished_runs(paths: Sequence[str]) -> list[RunRecord]:
+    """Load the runs under `paths`, skipping (with a warning) those that have not finished."""
+    runs = []
+    for p in find_run_dirs(paths):
+        run = load_run(p)
+        if is_finished(p):
+            runs.append(run)
+        else:
+            total = run.config.get("total_steps", run.config.get("max_steps"))
+            print(f"warning: skipping unfinished run {p} (step {run.metrics[-1].get('step')} of {total})", file=sys.stderr)
+    if not runs:
+        raise ValueError("none of the given runs has finished: the table reports final accuracies only")
+    return runs
+
+
+def read_noise(run_dir: Path) -> dict[str, Any]:
+    """noise.json of a run folder ({} for a run without one)."""
+    f = Path(run_dir) / "noise.json"
+    return read_json(f) if f.is_file() else {}
+
+
+def load_final_model(run_dir: Path, cfg: dict[str, Any], info: data.DatasetInfo) -> torch.nn.Module:
+    """Build the run's model from config.json, check it fits the dataset, load model.safetensors (fp32, eval mode)."""
+    weights = run_dir / "model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{run_dir} has no model.safetensors: the run has not finished (evaluate a finished run)")
+    if int(cfg["num_classes"]) != info.num_classes:
+        raise ValueError(f"the model has {cfg['num_classes']} classes but dataset {info.name!r} has "
+                         f"{info.num_classes}: pass the --dataset the run was trained on")
+    if int(cfg.get("in_channels", info.channels)) != info.channels:
+        raise ValueError(f"the model takes {cfg['in_channels']} input channels but dataset {info.name!r} has "
+                         f"{info.channels}: pass the --dataset the run was trained on")
+    model = models.build_model(cfg["model"], int(cfg["num_classes"]), int(cfg.get("in_channels", info.channels)))
+    try:
+        model.load_state_dict(read_tensors(weights)[0])
+    except RuntimeError as e:  # shape or key mismatch: the weights are from another model
+        first = str(e).strip().splitlines()[-1].strip()
+        raise ValueError(f"{weights} does not fit model {cfg['model']!r} with {cfg['num_classes']} classes ({first})") from None
+    return model.float().eval()
+
+
+def write_or_explain(write, path: str | Path) -> None:
+    """Run a write; a refusal by the system (full disk, read-only) becomes one line naming the file."""
+    try:
+        write()
+    except OSError as e:
+        raise ValueError(f"cannot write {path} ({e.strerror or e}): choose a writable place with free space") from None

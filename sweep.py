@@ -46,31 +46,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
+import config
 import eval as ev
 import losses
 import runfolder
-import train as tr
-from train import PAPER_EXP_BASE  # the paper's ProSelfLC exp_base on CIFAR-100, by (noise, rate)
 
-ROOT = Path(__file__).resolve().parent
 
-PRESETS: dict[str, dict[str, Any]] = {
-    "paper": dict(
-        dataset="cifar100", model="resnet44", methods=("cce", "ls", "cp", "bootsoft", "proselflc", "elr", "proselflc_t"),
-        settings=(("asymmetric", 0.2), ("asymmetric", 0.3), ("asymmetric", 0.4),
-                  ("symmetric", 0.2), ("symmetric", 0.4), ("symmetric", 0.6)),
-        seeds=(0,), eps=(0.125, 0.25, 0.5), exp_base=PAPER_EXP_BASE, train_args=(), budgets=(None,),
-        launcher="accelerate", cpu=False, jobs=1, plot_setting=("asymmetric", 0.4),
-    ),
-    "digits": dict(
-        dataset="digits", model=None,
-        methods=("cce", "ls", "cp", "bootsoft", "boothard", "gce", "sce", "proselflc", "proselflc_t", "elr"),
-        settings=(("symmetric", 0.4),), budgets=(300, 1500),
-        seeds=(0, 1, 2), eps=(0.25,), exp_base={}, train_args=("--eval-every", "50"),
-        launcher="python", cpu=True, jobs=2, plot_setting=("symmetric", 0.4),
-    ),
-}
-EPS_METHODS = ev.EPS_METHODS
 
 
 class Job(NamedTuple):
@@ -94,7 +75,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     argv = argv[: argv.index("--")] if "--" in argv else argv
     p = runfolder.Parser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                          formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), default="digits", help="the grid to run (default digits)")
+    p.add_argument("--preset", choices=sorted(config.SWEEP_PRESETS), default="digits", help="the grid to run (default digits)")
     p.add_argument("--methods", nargs="+", help="override the preset's methods (losses.METHODS names)")
     p.add_argument("--settings", nargs="+", metavar="NOISE:RATE", help="override the noise settings, e.g. symmetric:0.4 none:0")
     p.add_argument("--seeds", nargs="+", type=int, help="override the training seeds (the noise seed stays --noise-seed 0)")
@@ -111,7 +92,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "GPU; BENCHMARKS.md measures the aggregate speed by K); --jobs defaults to GPUs x K")
     p.add_argument("--dry-run", action="store_true", help="print the commands and exit")
     args = p.parse_args(argv)
-    preset = PRESETS[args.preset]
+    preset = config.SWEEP_PRESETS[args.preset]
     args.methods = args.methods or list(preset["methods"])
     args.settings = parse_settings(args.settings) if args.settings else list(preset["settings"])
     args.seeds = args.seeds if args.seeds is not None else list(preset["seeds"])
@@ -156,11 +137,11 @@ def parse_settings(texts: Sequence[str]) -> list[tuple[str, float]]:
 
 def plan(args: argparse.Namespace) -> list[Job]:
     """The grid: one Job per (setting, method, eps, budget, seed), with its train.py arguments."""
-    preset = PRESETS[args.preset]
+    preset = config.SWEEP_PRESETS[args.preset]
     jobs = []
     for noise, rate in args.settings:
         for method in args.methods:
-            for eps, budget, seed in itertools.product(args.eps if method in EPS_METHODS else [None], args.budgets, args.seeds):
+            for eps, budget, seed in itertools.product(args.eps if method in losses.FIXED_EPS else [None], args.budgets, args.seeds):
                 name = (f"{preset['dataset']}-{noise}-{rate:g}-{method}" + (f"-eps{eps:g}" if eps is not None else "")
                         + (f"-T{budget}" if budget else "") + f"-seed{seed}")
                 out = args.output_root / name
@@ -194,7 +175,7 @@ def check_jobs(jobs: Sequence[Job]) -> None:
     the sweep before it starts, naming the run."""
     for job in jobs:
         try:
-            tr.resolve_config([*job.args, "--resume", "auto"])
+            config.resolve([*job.args, "--resume", "auto"])
         except ValueError as e:
             raise ValueError(f"run {job.name} would fail: {e}") from None
 
@@ -203,11 +184,11 @@ def command(job: Job, args: argparse.Namespace) -> list[str]:
     """The process to start for a job: accelerate launch or plain python, with --resume auto."""
     train = [*job.args, "--resume", "auto"]  # a new run, a killed one continued, or one killed before its first checkpoint
     if args.launcher == "python":
-        return [sys.executable, str(ROOT / "train.py"), *train]
+        return [sys.executable, str(config.SUITE_DIR / "train.py"), *train]
     launch = [sys.executable, "-m", "accelerate.commands.launch"]
     if args.accelerate_config:
         launch += ["--config_file", args.accelerate_config]
-    return [*launch, str(ROOT / "train.py"), *train]
+    return [*launch, str(config.SUITE_DIR / "train.py"), *train]
 
 
 _children: set[subprocess.Popen] = set()  # the train.py processes running now
@@ -261,7 +242,7 @@ def run_job(job: Job, args: argparse.Namespace, slots: queue.Queue, number: str)
                 if _stopped_by:  # the sweep was stopped while this job waited for its slot
                     return job, 128 + _stopped_by[0], 0.0
                 # its own process group: a signal reaches the launcher and the train.py processes it starts
-                child = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+                child = subprocess.Popen(cmd, cwd=config.SUITE_DIR, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
                 _children.add(child)
             try:
                 code = child.wait()
@@ -278,13 +259,13 @@ def run_job(job: Job, args: argparse.Namespace, slots: queue.Queue, number: str)
         slots.put(slot)
 
 
-def plot_runs_of(jobs: Sequence[Job], setting: tuple[str, float], seed: int) -> list[ev.Run]:
+def plot_runs_of(jobs: Sequence[Job], setting: tuple[str, float], seed: int) -> list[runfolder.RunRecord]:
     """Runs for the dynamics plot: the setting, one seed, per method the eps with the best final accuracy."""
-    best: dict[str, ev.Run] = {}
+    best: dict[str, runfolder.RunRecord] = {}
     for job in jobs:
         if (job.noise, job.rate) != setting or job.seed != seed or status(job.output_dir) != "finished":
             continue
-        run = ev.load_run(job.output_dir)
+        run = runfolder.load_run(job.output_dir)
         if job.method not in best or run.metrics[-1]["test_acc"] > best[job.method].metrics[-1]["test_acc"]:
             best[job.method] = run
     order = {m: i for i, m in enumerate(ev.METHOD_ORDER)}
@@ -298,14 +279,14 @@ def summarise(jobs: Sequence[Job], args: argparse.Namespace) -> None:
         raise ValueError(f"no finished run under {args.output_root}: see the logs in {args.output_root / 'logs'}")
     best_eps = len(args.eps) > 1
     if len(args.budgets) > 1:  # one accuracy and memorisation column per budget
-        text = ev.budget_table(ev.finished_runs(done))
+        text = ev.budget_table(runfolder.finished_runs(done))
     else:
-        cells = ev.collect_cells(ev.finished_runs(done), best_eps=best_eps)
+        cells = ev.collect_cells(runfolder.finished_runs(done), best_eps=best_eps)
         text = ev.markdown_table(cells, best_eps=best_eps)
         ev.write_table_csv(cells, args.output_root / "table.csv")
     (args.output_root / "table.md").write_text(text)
     print(text, end="")
-    setting = PRESETS[args.preset]["plot_setting"]
+    setting = config.SWEEP_PRESETS[args.preset]["plot_setting"]
     setting = setting if setting in args.settings else args.settings[-1]
     longest = max(args.budgets, key=lambda b: b or 0)
     runs = plot_runs_of([j for j in jobs if j.budget == longest], setting, args.seeds[0])
