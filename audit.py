@@ -1,5 +1,30 @@
 """The label audit whole: the statistics gathered during training, their file, the estimator, and the
-ranked CSV and relabel/drop label files (python eval.py --audit RUN_DIR). docs/audit.md explains the method."""
+ranked CSV and relabel/drop label files (python eval.py --audit RUN_DIR). docs/audit.md explains the method.
+
+- audit score (training dynamics; the early-learning effect, Arpit et al. 2017; Northcutt et al. 2021;
+  Patrini et al. 2017): train.py adds softmax(z_i) of every training step of the early window that held
+  example i, from the forward pass before that step's update, so i was last fitted an epoch earlier and the
+  network has not memorised the noisy labels yet (a stream: its evaluations in that window). The window is
+  --audit-epochs, or chosen by the run (TrainingDynamics.window_closes: it closes once the labels
+  the network had missed start being fitted significantly more often, i.e. memorisation starts); the audit
+  prints it. p_bar_i = their mean fits the noisy labels, p_bar ~ q T, with q the clean-label posterior
+  and T[i, j] = P(given j | true i). T comes from cleanlab's confident joint C of p_bar (C[j, k]: examples
+  given j with p_bar_k >= the mean p_bar_k of the examples given k; rows scaled to the label counts), keeping
+  off the diagonal only the pairs whose count is significantly above an even spread of all off-diagonal
+  mass (significant_pairs: a class the data shows clean keeps the identity row), and
+  q_i = max(p_bar_i T^-1, 0) normalised; T is then re-estimated from the counts of (given label, argmax q)
+  until argmax q stops changing (hard EM; a round that would flag half of some label's examples is refused).
+  label_quality_i = q_i[y_i] (y = the given label),
+  predicted_label_i = argmax_k q_i[k], is_label_issue_i = predicted_label_i != y_i: the threshold needs no
+  clean labels. aum_i = mean over all evaluations of z_i[y_i] - max_{k != y_i} z_i[k] (the area under
+  the margin, Pleiss et al. 2020) is a column. With --score final, or a run without dynamics.safetensors,
+  the final model's softmax p replaces q (final_* columns always hold it); a model that memorised the
+  noise agrees with it there. corrected_label and eps are ProSelfLC's target class and eps_i at t = T
+  from the final model.
+- label files (--relabel / --drop): CSV `key,label` for every training example, keyed by
+  example_key (noise.py), so row order does not matter; flagged examples get predicted_label, or
+  -1, which drops the example from the training set.
+"""
 
 from __future__ import annotations
 

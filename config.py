@@ -552,29 +552,6 @@ def check_can_push(repo_id: str) -> None:
                          "run could not be pushed at its end; nothing was run")
 
 
-METHOD_LABELS = {
-    "cce": "CCE", "ls": "LS", "cp": "CP", "bootsoft": "Boot-soft", "boothard": "Boot-hard",
-    "gce": "GCE", "sce": "SL (SCE)", "proselflc": "ProSelfLC", "elr": "ELR", "proselflc_t": "ProSelfLC (later, T0)",
-}
-
-
-def noise_label(noise: str, rate: float) -> str:
-    """Column title of a noise setting, e.g. 'symmetric r=0.4' or 'clean'."""
-    return "clean" if noise == "none" else f"{noise} r={rate:g}"
-
-
-def method_label(method: str, eps: float | None = None) -> str:
-    """Row title: the paper's name of the method, with its eps when several eps values are tabulated."""
-    name = METHOD_LABELS.get(method, method)
-    return name if eps is None else f"{name} (ε={eps:g})"
-
-
-def setting_of(cfg: dict[str, Any]) -> tuple[str, str, float]:
-    """(dataset, noise kind, rate) of a run; a clean run has rate 0."""
-    noise = cfg.get("noise") or "none"
-    return (str(cfg.get("dataset", "?")), noise, 0.0 if noise == "none" else float(cfg.get("noise_rate") or 0.0))
-
-
 def check_same_run(ckpt: Path, config: dict) -> None:
     """A resumed run must be the same run: refuse changed hyperparameters with one line naming them."""
     saved = runfolder.read_json(ckpt / "config.json")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import huggingface_hub
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
@@ -27,6 +27,7 @@ from huggingface_hub.utils import httpx  # httpx: the HTTP client huggingface_hu
 import config
 import data
 import losses
+import report
 import runfolder
 
 # What a pushed run holds: copied from the run folder (the optional ones when present), plus the plot and the card.
@@ -36,7 +37,6 @@ PLOT = "dynamics.png"
 CARD = "README.md"
 STAGED_NAMES = frozenset((*PUSHED_FILES, *OPTIONAL_PUSHED_FILES, PLOT, CARD))
 HF_PREFIX = "hf://"
-Plot = Callable[[list[runfolder.RunRecord], Path], Any]  # draws the Figure 3 panels of runs into a PNG (eval.plot_runs)
 # Every way huggingface_hub reports that the Hub cannot be used now: no token, offline mode, an HTTP error
 # status (401, 403, 5xx, ...), a refused or timed-out connection.
 HUB_ERRORS = (LocalTokenNotFoundError, OfflineModeIsEnabled, HfHubHTTPError, httpx.TransportError)
@@ -50,10 +50,10 @@ def dataset_id(config: dict[str, Any]) -> str:
 
 def eval_result(run: runfolder.RunRecord, noise: dict[str, Any]) -> EvalResult:
     """The model-index entry: the final clean test accuracy (last test_acc of metrics.jsonl) and what it was measured on."""
-    dataset, kind, rate = config.setting_of(run.config)
+    dataset, kind, rate = report.setting_of(run.config)
     return EvalResult(
         task_type="image-classification", dataset_type=dataset_id(run.config),
-        dataset_name=f"{dataset}, clean test split (trained on {config.noise_label(kind, rate)} training labels)",
+        dataset_name=f"{dataset}, clean test split (trained on {report.noise_label(kind, rate)} training labels)",
         dataset_split="test", dataset_args={"noise": kind, "noise_rate": rate,
                                             "realised_noise_rate": noise.get("realised_rate")},
         metric_type="accuracy", metric_name="final clean test accuracy",
@@ -80,14 +80,14 @@ def card_body(run: runfolder.RunRecord, noise: dict[str, Any], repo_id: str) -> 
     """The card's Markdown: method, hyperparameters, noise record, accuracy, plot, command, how to load."""
     cfg, last = run.config, run.metrics[-1]
     best = max(run.metrics, key=lambda m: m.get("test_acc", float("-inf")))
-    dataset, kind, rate = config.setting_of(cfg)
+    dataset, kind, rate = report.setting_of(cfg)
     method, realised = str(cfg.get("method")), noise.get("realised_rate")
     lines = [
-        f"# {config.method_label(method, cfg.get('eps') if method in losses.FIXED_EPS else None)} on {dataset}, "
-        f"{config.noise_label(kind, rate)}",
+        f"# {report.method_label(method, cfg.get('eps') if method in losses.FIXED_EPS else None)} on {dataset}, "
+        f"{report.noise_label(kind, rate)}",
         "",
         f"A `{cfg.get('model')}` trained with `{cfg.get('method')}` by the ProSelfLC reference training suite "
-        f"(`train.py`) on {dataset} with {config.noise_label(kind, rate)} training labels; accuracy is measured on "
+        f"(`train.py`) on {dataset} with {report.noise_label(kind, rate)} training labels; accuracy is measured on "
         "the clean test split.",
         "",
         "## Result",
@@ -170,15 +170,15 @@ def prepare_stage_dir(stage_dir: Path, run_dir: Path) -> None:
     stage_dir.mkdir(parents=True, exist_ok=True)
 
 
-def stage_run(run_dir: Path, repo_id: str, stage_dir: Path, plot: Plot) -> list[Path]:
-    """Copy the run's files, draw the plot (eval.plot_runs) and write the card into stage_dir; the staged files."""
+def stage_run(run_dir: Path, repo_id: str, stage_dir: Path) -> list[Path]:
+    """Copy the run's files, draw the plot and write the card into stage_dir; return the staged files."""
     run = runfolder.finished_run(run_dir)
     card = model_card(run_dir, repo_id, run)  # before any write: a damaged run leaves no half-staged folder
     prepare_stage_dir(stage_dir, run_dir)
     for name in (*PUSHED_FILES, *OPTIONAL_PUSHED_FILES):
         if (run_dir / name).is_file():
             shutil.copyfile(run_dir / name, stage_dir / name)
-    plot([run], stage_dir / PLOT)
+    report.plot_runs([run], stage_dir / PLOT)
     card.save(stage_dir / CARD)
     return sorted(stage_dir.iterdir())
 
@@ -198,7 +198,7 @@ def upload(stage_dir: Path, repo_id: str, private: bool) -> str:
     return str(getattr(info, "commit_url", info))
 
 
-def push_run(run_dir: Path, repo_id: str, plot: Plot, *, dry_run: bool = False, stage_dir: Path | None = None,
+def push_run(run_dir: Path, repo_id: str, *, dry_run: bool = False, stage_dir: Path | None = None,
              private: bool = False) -> Path:
     """Stage a finished run (the run folder is only read) and upload it to the model repo `repo_id`; the staged folder."""
     run_dir = Path(run_dir)
@@ -206,7 +206,7 @@ def push_run(run_dir: Path, repo_id: str, plot: Plot, *, dry_run: bool = False, 
     if not run_dir.is_dir():
         raise ValueError(f"{run_dir} is not a folder: pass a finished train.py run folder")
     stage_dir = Path(stage_dir) if stage_dir is not None else default_stage_dir(run_dir)
-    staged = stage_run(run_dir, repo_id, stage_dir, plot)
+    staged = stage_run(run_dir, repo_id, stage_dir)
     listing = "\n".join(f"  {p.name} ({p.stat().st_size:,} bytes)" for p in staged)
     if dry_run:
         print(f"dry run: would upload {len(staged)} files from {stage_dir} to https://huggingface.co/{repo_id}:\n{listing}")

@@ -47,8 +47,8 @@ from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
 import config
-import eval as ev
 import losses
+import report
 import runfolder
 
 
@@ -268,7 +268,7 @@ def plot_runs_of(jobs: Sequence[Job], setting: tuple[str, float], seed: int) -> 
         run = runfolder.load_run(job.output_dir)
         if job.method not in best or run.metrics[-1]["test_acc"] > best[job.method].metrics[-1]["test_acc"]:
             best[job.method] = run
-    order = {m: i for i, m in enumerate(ev.METHOD_ORDER)}
+    order = {m: i for i, m in enumerate(report.METHOD_ORDER)}
     return [best[m] for m in sorted(best, key=lambda m: order.get(m, len(order)))]
 
 
@@ -279,11 +279,11 @@ def summarise(jobs: Sequence[Job], args: argparse.Namespace) -> None:
         raise ValueError(f"no finished run under {args.output_root}: see the logs in {args.output_root / 'logs'}")
     best_eps = len(args.eps) > 1
     if len(args.budgets) > 1:  # one accuracy and memorisation column per budget
-        text = ev.budget_table(runfolder.finished_runs(done))
+        text = report.budget_table(runfolder.finished_runs(done))
     else:
-        cells = ev.collect_cells(runfolder.finished_runs(done), best_eps=best_eps)
-        text = ev.markdown_table(cells, best_eps=best_eps)
-        ev.write_table_csv(cells, args.output_root / "table.csv")
+        cells = report.collect_cells(runfolder.finished_runs(done), best_eps=best_eps)
+        text = report.markdown_table(cells, best_eps=best_eps)
+        report.write_table_csv(cells, args.output_root / "table.csv")
     (args.output_root / "table.md").write_text(text)
     print(text, end="")
     setting = config.SWEEP_PRESETS[args.preset]["plot_setting"]
@@ -291,7 +291,7 @@ def summarise(jobs: Sequence[Job], args: argparse.Namespace) -> None:
     longest = max(args.budgets, key=lambda b: b or 0)
     runs = plot_runs_of([j for j in jobs if j.budget == longest], setting, args.seeds[0])
     if runs:
-        ev.plot_runs(runs, args.output_root / "dynamics.png")
+        report.plot_runs(runs, args.output_root / "dynamics.png")
     print(f"wrote {args.output_root / 'table.md'}" + (", table.csv" if len(args.budgets) == 1 else "")
           + (", dynamics.png" if runs else ""))
 

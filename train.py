@@ -312,7 +312,7 @@ def save_final(run: Run, metrics: dict) -> None:
             error = runfolder.storage_error(e, out, "final model.safetensors")
     runfolder.agree(accelerator, error)
     if run.args.push_to_hub and accelerator.is_main_process:
-        hub.push_run(out, run.args.push_to_hub, ev.plot_runs)
+        hub.push_run(out, run.args.push_to_hub)
     accelerator.end_training()
     accelerator.print(f"final test_acc={metrics['test_acc']:.4f} best_test_acc={run.state['best_acc']:.4f} "
                       f"(step {run.state['best_step']}) output_dir={out}")
