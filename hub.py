@@ -42,9 +42,9 @@ HF_PREFIX = "hf://"
 HUB_ERRORS = (LocalTokenNotFoundError, OfflineModeIsEnabled, HfHubHTTPError, httpx.TransportError)
 
 
-def dataset_id(config: dict[str, Any]) -> str:
+def dataset_id(cfg: dict[str, Any]) -> str:
     """The dataset as the Hub names it (cifar10 -> uoft-cs/cifar10), else the name the run was given."""
-    name = str(config["dataset"])
+    name = str(cfg["dataset"])
     return data.HUB_IDS.get(name, name)
 
 
@@ -69,11 +69,11 @@ def card_data(run: runfolder.RunRecord, noise: dict[str, Any], model_name: str) 
                          model_name=model_name, eval_results=[eval_result(run, noise)])
 
 
-def hyperparameter_rows(config: dict[str, Any]) -> list[str]:
+def hyperparameter_rows(cfg: dict[str, Any]) -> list[str]:
     """Markdown table rows of the method's and the optimiser's values from config.json."""
-    keys = ("method", *config.method_keys(str(config.get("method"))), "model", "weights", "max_steps", "batch_size", "lr",
+    keys = ("method", *config.method_keys(str(cfg.get("method"))), "model", "weights", "max_steps", "batch_size", "lr",
             "momentum", "weight_decay", "lr_schedule", "milestones", "poly_power", "seed", "mixed_precision", "world_size")
-    return [f"| `{k}` | {config[k]} |" for k in keys if config.get(k) is not None]
+    return [f"| `{k}` | {cfg[k]} |" for k in keys if cfg.get(k) is not None]
 
 
 def card_body(run: runfolder.RunRecord, noise: dict[str, Any], repo_id: str) -> str:
@@ -144,8 +144,8 @@ def model_card(run_dir: Path, repo_id: str | None = None, run: runfolder.RunReco
     run = run or runfolder.finished_run(Path(run_dir))
     noise = runfolder.read_noise(Path(run_dir))
     repo_id = repo_id or f"OWNER/{Path(run_dir).resolve().name}"
-    data = card_data(run, noise, model_name=repo_id.split("/")[-1])
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{card_body(run, noise, repo_id)}")
+    meta = card_data(run, noise, model_name=repo_id.split("/")[-1])
+    return ModelCard(f"---\n{meta.to_yaml()}\n---\n\n{card_body(run, noise, repo_id)}")
 
 
 def default_stage_dir(run_dir: Path) -> Path:
