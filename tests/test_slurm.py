@@ -160,7 +160,7 @@ def test_skypilot_task_files_load_and_run_what_sweep_dry_run_prints(capsys):
                               for block in proc.stdout.split("sky/sweep.yaml runs:")]
     train = shlex.split([line for line in run_lines if " train.py " in line][0])
     sweep_argv = shlex.split([line for line in sweep_lines if line.startswith("python sweep.py")][0])[2:]
-    assert sweep.main([*sweep_argv, "--dry-run"]) == 0
+    assert sweep.main(["--dry-run", *sweep_argv]) == 0
     printed = [shlex.split(line) for line in capsys.readouterr().out.splitlines()[1:]]
     printed = [["python", *cmd[1:]] for cmd in printed]
     printed = [["train.py" if a == str(ROOT / "train.py") else a for a in cmd] for cmd in printed]
