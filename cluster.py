@@ -26,6 +26,7 @@ import socket
 import string
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -54,12 +55,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def check_args(p: argparse.ArgumentParser, args: argparse.Namespace, extra: Sequence[str]) -> None:
     """Refuse a flag that would go unused; set args.slurm (then args.launcher is the preset's, run inside each task)."""
-    typed = [f"--{k.replace('_', '-')}" for k, v in vars(args).items() if v != p.get_default(k)]
-    args.slurm = args.launcher == "slurm"
     if args.status is not None:
-        others = [f for f in typed if f != "--status"] + (["-- (train.py flags)"] if extra else [])
+        others = [f"--{k.replace('_', '-')}" for k, v in vars(args).items() if k != "status" and v != p.get_default(k)]
+        others += ["-- (train.py flags)"] if extra else []
         if others:
             raise ValueError(f"--status reads the folders under {args.status} only: drop {', '.join(others)}")
+    args.slurm = args.launcher == "slurm"
+    if args.status is not None:
         return
     slurm_only = [f"--{k.replace('_', '-')}" for k in SLURM_FLAGS if getattr(args, k) is not None]
     if slurm_only and not args.slurm:
@@ -70,10 +72,9 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace, extra: Sequ
         raise ValueError("--gpus picks GPUs of this machine; under --launcher slurm give --gpus-per-task instead")
     if args.time is not None and not SLURM_TIME.fullmatch(args.time):
         raise ValueError(f"--time {args.time!r}: write minutes, HH:MM:SS or D-HH:MM:SS, e.g. 8:00:00")
-    for flag in ("gpus_per_task", "cpus_per_task", "signal_seconds"):
-        if getattr(args, flag) is not None and getattr(args, flag) < (1 if flag == "cpus_per_task" else 0):
-            raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: give a number >= "
-                             f"{1 if flag == 'cpus_per_task' else 0}")
+    for flag, least in (("gpus_per_task", 0), ("cpus_per_task", 1), ("signal_seconds", 0)):
+        if getattr(args, flag) is not None and getattr(args, flag) < least:
+            raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: give a number >= {least}")
     bad = [line for line in args.sbatch_line or [] if not line.startswith("-")]
     if bad:
         raise ValueError(f"--sbatch-line {bad[0]!r}: give an sbatch option, e.g. --sbatch-line=--qos=high")
@@ -180,23 +181,16 @@ def submit(runs: Sequence[tuple[str, list[str]]], args: argparse.Namespace) -> i
     if proc.returncode != 0:
         why = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
         raise ValueError(f"sbatch refused {path}: {why}")
-    job = proc.stdout.strip().split(";")[0]
+    job, stamp = proc.stdout.strip().split(";")[0], time.strftime("%Y-%m-%dT%H:%M:%S")
     for i, (name, _) in enumerate(runs):
         with open(logs / f"{name}.events", "a") as f:
-            f.write(f"{now()} submitted job={job}_{i // args.runs_per_gpu} host={socket.gethostname()}\n")
+            f.write(f"{stamp} submitted job={job}_{i // args.runs_per_gpu} host={socket.gethostname()}\n")
     tasks = -(-len(runs) // args.runs_per_gpu)
     print(f"submitted job array {job}: {len(runs)} runs in {tasks} tasks ({path})\n"
           f"follow it:  squeue -j {job}\n"
           f"            tail -f {logs}/{runs[0][0]}.log\n"
           f"            python sweep.py --status {root}")
     return 0
-
-
-def now() -> str:
-    """The local time as the batch script writes it (date +%FT%T)."""
-    import datetime
-
-    return datetime.datetime.now().strftime("%Y-%m-%dT%H:%M:%S")
 
 
 # ----------------------------------------------------------------------------- the status view
@@ -263,7 +257,7 @@ def status_rows(root: Path) -> list[dict[str, Any]]:
         total = None
         if (out / "config.json").is_file():
             total = runfolder.read_json(out / "config.json").get("total_steps")
-        requeues = sum(1 for e in events if e["what"] == "start" and e.get("restart", "0") != "0")
+        requeues = sum(1 for before, e in zip(events, events[1:]) if before["what"] == "exit 143" and e["what"] == "start")
         rows.append({"name": name, "state": state, "note": note, "requeues": requeues, "dir": out,
                      "step": f"{metrics[-1]['step'] if metrics else 0}/{total or '?'}"})
     return rows
