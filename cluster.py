@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+ROOT = Path(__file__).resolve().parent
 SLURM_FLAGS = ("partition", "time", "account", "gpus_per_task", "cpus_per_task", "constraint", "sbatch_line",
                "signal_seconds")
 SLURM_TIME = re.compile(r"(\d+-)?\d+(:\d+){0,2}")  # minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS
@@ -113,6 +114,7 @@ def batch_script(runs: Sequence[tuple[str, list[str]]], args: argparse.Namespace
 {chr(10).join(f'#SBATCH {o}' for o in options)}
 
 set -u
+cd {shlex.quote(str(ROOT))}  # the repository: each run starts there, as sweep.py starts them on one machine
 logs={shlex.quote(str(logs))}
 task="${{SLURM_ARRAY_JOB_ID}}_${{SLURM_ARRAY_TASK_ID}}"
 export OMP_NUM_THREADS=${{SLURM_CPUS_PER_TASK:-1}} MKL_NUM_THREADS=${{SLURM_CPUS_PER_TASK:-1}} PYTHONUNBUFFERED=1

@@ -5,6 +5,8 @@
                                                          # CIFAR-100, ResNet-44, the paper's recipe
     python sweep.py --preset paper --dry-run             # print the train.py commands only
     python sweep.py --preset digits --seeds 0 1 2 -- --lr 0.05   # after --: more train.py flags
+    python sweep.py --preset paper --launcher slurm --partition gpu --time 2:00:00   # a Slurm job array (docs/cloud.md)
+    python sweep.py --status runs/sweep-paper            # finished, running, requeued, failed runs; the table
 
 Each run is one `accelerate launch train.py ...` (the paper preset; it uses whatever Accelerate is
 configured for, one GPU or many) or `python train.py ...` (the digits preset, --launcher python).
