@@ -5,6 +5,8 @@
                                                          # CIFAR-100, ResNet-44, the paper's recipe
     python sweep.py --preset paper --dry-run             # print the train.py commands only
     python sweep.py --preset digits --seeds 0 1 2 -- --lr 0.05   # after --: more train.py flags
+    python sweep.py --preset paper --launcher slurm --partition gpu --time 2:00:00   # a Slurm job array (docs/cloud.md)
+    python sweep.py --status runs/sweep-paper            # finished, running, requeued, failed runs; the table
 
 Each run is one `accelerate launch train.py ...` (the paper preset; it uses whatever Accelerate is
 configured for, one GPU or many) or `python train.py ...` (the digits preset, --launcher python).
@@ -46,6 +48,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
+import cluster
 import config
 import losses
 import report
@@ -82,7 +85,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eps", nargs="+", type=float, help="eps values of ls/cp/bootsoft/boothard (paper preset: 0.125 0.25 0.5)")
     p.add_argument("--budgets", nargs="+", type=int, metavar="STEPS", help="--max-steps of each run (digits: 300 1500)")
     p.add_argument("--output-root", help="where the runs go (default runs/sweep-<preset>)")
-    p.add_argument("--launcher", choices=("accelerate", "python"), help="accelerate launch (default for paper) or plain python")
+    p.add_argument("--launcher", choices=("accelerate", "python", "slurm"),
+                   help="accelerate launch (default for paper) or plain python; slurm: submit a job array (cluster.py)")
     p.add_argument("--accelerate-config", help="accelerate launch --config_file (e.g. accelerate_config.yaml: one GPU, bf16)")
     p.add_argument("--cpu", action=argparse.BooleanOptionalAction, help="pass --cpu to train.py (default: on for digits)")
     p.add_argument("--jobs", type=int, help="runs at once (digits default 2: one CPU thread each); with --gpus, one GPU each")
@@ -90,8 +94,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--runs-per-gpu", type=int, default=1,
                    help="with --gpus: runs sharing each GPU at once (a ResNet-44 CIFAR run fills a fraction of a large "
                         "GPU; BENCHMARKS.md measures the aggregate speed by K); --jobs defaults to GPUs x K")
-    p.add_argument("--dry-run", action="store_true", help="print the commands and exit")
+    p.add_argument("--dry-run", action="store_true", help="print the commands (--launcher slurm: the batch script) and exit")
+    cluster.add_arguments(p)
     args = p.parse_args(argv)
+    cluster.check_args(p, args, extra)
     preset = config.SWEEP_PRESETS[args.preset]
     args.methods = args.methods or list(preset["methods"])
     args.settings = parse_settings(args.settings) if args.settings else list(preset["settings"])
@@ -102,8 +108,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.cpu = preset["cpu"] if args.cpu is None else args.cpu
     if args.gpus is not None and not all(g.strip().isdigit() for g in args.gpus.split(",")):
         raise ValueError(f"--gpus {args.gpus!r}: give comma-separated GPU ids, e.g. 0,1")
-    if args.runs_per_gpu < 1 or (args.runs_per_gpu > 1 and not args.gpus):
-        raise ValueError(f"--runs-per-gpu {args.runs_per_gpu}: give a number >= 1, with --gpus")
+    if args.runs_per_gpu < 1 or (args.runs_per_gpu > 1 and not args.gpus and not args.slurm):
+        raise ValueError(f"--runs-per-gpu {args.runs_per_gpu}: give a number >= 1, with --gpus or --launcher slurm")
     if args.jobs is None:
         args.jobs = len(args.gpus.split(",")) * args.runs_per_gpu if args.gpus else preset["jobs"]
     args.output_root = Path(args.output_root or f"runs/sweep-{args.preset}")
@@ -299,9 +305,13 @@ def summarise(jobs: Sequence[Job], args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the grid (skipping finished runs), then tabulate and plot; exit code 1 if a run failed."""
     args = parse_args(argv)
+    if args.status is not None:
+        return cluster.show_status(Path(args.status))
     jobs = plan(args)
     check_jobs(jobs)
     todo = [j for j in jobs if status(j.output_dir) != "finished"]
+    if args.slurm:
+        return cluster.submit([(j.name, command(j, args)) for j in todo], args)
     print(f"sweep {args.preset}: {len(jobs)} runs, {len(jobs) - len(todo)} already finished, {len(todo)} to run "
           f"({args.jobs} at a time) under {args.output_root}", flush=True)
     if args.dry_run:
