@@ -97,6 +97,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dry-run", action="store_true", help="print the commands (--launcher slurm: the batch script) and exit")
     cluster.add_arguments(p)
     args = p.parse_args(argv)
+    typed = {k for k, v in vars(args).items() if v is not None and v is not False and v != p.get_default(k)}
     cluster.check_args(p, args, extra)
     preset = config.SWEEP_PRESETS[args.preset]
     args.methods = args.methods or list(preset["methods"])
@@ -115,15 +116,39 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.output_root = Path(args.output_root or f"runs/sweep-{args.preset}")
     if args.output_root.exists() and not args.output_root.is_dir():
         raise ValueError(f"--output-root {args.output_root} is a file: choose a folder")
-    args.train_args = list(preset["train_args"]) + extra
+    args.train_args, args.extra = list(preset["train_args"]) + extra, extra
     if any(b is not None and b < 1 for b in args.budgets):
         raise ValueError(f"--budgets {' '.join(map(str, args.budgets))}: each is a number of steps >= 1")
     if args.jobs < 1 or not args.seeds or not args.methods:
         raise ValueError("--jobs must be >= 1 and --seeds/--methods must not be empty")
-    unknown = [m for m in args.methods if m not in losses.METHODS]
-    if unknown:
-        raise ValueError(f"unknown method {unknown[0]!r}: choose among {', '.join(losses.METHODS)}")
+    check_used(args, typed)
     return args
+
+
+def check_used(args: argparse.Namespace, typed: set[str]) -> None:
+    """Every value typed is used once: no grid value twice, no value that no job reads."""
+    for key in ("methods", "settings", "seeds", "eps", "budgets"):
+        values = getattr(args, key)
+        if len(set(values)) < len(values):
+            twice = next(v for v in values if values.count(v) > 1)
+            raise ValueError(f"--{key} lists {twice!r} twice: each run of the grid runs once")
+    if "eps" in typed and not set(args.methods) & set(losses.FIXED_EPS):
+        raise ValueError(f"--eps is read only by {', '.join(losses.FIXED_EPS)}, none of which is in --methods: drop it")
+    if "jobs" in typed and args.gpus and not args.slurm:
+        raise ValueError("--jobs with --gpus: the runs at once are the GPUs x --runs-per-gpu; drop --jobs")
+    if "accelerate_config" in typed and args.launcher != "accelerate":
+        raise ValueError(f"--accelerate-config is read by --launcher accelerate only (these runs start with "
+                         f"{args.launcher}): drop it")
+
+
+def check_train_args(jobs: Sequence[Job], extra: Sequence[str]) -> None:
+    """Refuse a train.py flag after -- that the grid sets itself (it would override the grid: runs would collide)."""
+    grid = {a for job in jobs for a in job.args[: len(job.args) - len(extra)] if a.startswith("--")} | {"--resume"}
+    given = [a.split("=", 1)[0] for a in extra if a.startswith("--")]
+    clash = [a for a in given if a in grid or a == "--overwrite"]
+    if clash:
+        raise ValueError(f"{clash[0]} after --: the grid sets it for every run (use the sweep's own flags, e.g. "
+                         "--seeds, --budgets, --output-root); drop it")
 
 
 def parse_settings(texts: Sequence[str]) -> list[tuple[str, float]]:
@@ -308,6 +333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.status is not None:
         return cluster.show_status(Path(args.status))
     jobs = plan(args)
+    check_train_args(jobs, args.extra)
     check_jobs(jobs)
     todo = [j for j in jobs if status(j.output_dir) != "finished"]
     if args.slurm:
