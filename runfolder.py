@@ -100,7 +100,8 @@ def read_json(path: Path, kind: type = dict) -> Any:
     except (OSError, ValueError) as e:
         raise ValueError(f"{path} is not readable JSON ({getattr(e, 'strerror', None) or e})") from None
     if not isinstance(value, kind):
-        raise ValueError(f"{path} holds a JSON {type(value).__name__}, not the {kind.__name__} this suite writes")
+        raise ValueError(f"{path} holds a JSON {type(value).__name__}, not the "
+                         f"{'object' if kind is dict else kind.__name__} this suite writes")
     return value
 
 

@@ -141,10 +141,12 @@ def check_used(args: argparse.Namespace, typed: set[str]) -> None:
                          f"{args.launcher}): drop it")
 
 
-def check_train_args(jobs: Sequence[Job], extra: Sequence[str]) -> None:
-    """Refuse a train.py flag after -- that the grid sets itself (it would override the grid: runs would collide)."""
-    grid = {a for job in jobs for a in job.args[: len(job.args) - len(extra)] if a.startswith("--")} | {"--resume"}
-    given = [a.split("=", 1)[0] for a in extra if a.startswith("--")]
+def check_train_args(jobs: Sequence[Job], args: argparse.Namespace) -> None:
+    """Refuse a train.py flag after -- that the grid sets itself (it would override the grid: runs would collide);
+    the preset's own train.py flags (train_args) may be overridden."""
+    grid = {a for job in jobs for a in job.args[: len(job.args) - len(args.train_args)] if a.startswith("--")}
+    grid.add("--resume")
+    given = [a.split("=", 1)[0] for a in args.extra if a.startswith("--")]
     clash = [a for a in given if a in grid or a == "--overwrite"]
     if clash:
         raise ValueError(f"{clash[0]} after --: the grid sets it for every run (use the sweep's own flags, e.g. "
@@ -333,7 +335,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.status is not None:
         return cluster.show_status(Path(args.status))
     jobs = plan(args)
-    check_train_args(jobs, args.extra)
+    check_train_args(jobs, args)
     check_jobs(jobs)
     todo = [j for j in jobs if status(j.output_dir) != "finished"]
     if args.slurm:
