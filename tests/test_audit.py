@@ -9,8 +9,6 @@ import json
 import math
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import datasets
@@ -22,18 +20,10 @@ from safetensors.torch import load_file
 
 import data
 import noise
-from conftest import data_config
+import train
+from conftest import SYNTHETIC, TORCHRUN, data_config, run_script
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-SYNTHETIC = ["--dataset", "synthetic", "--synthetic-size", "160", "--model", "digits_cnn", "--batch-size", "32"]
-
-
-def run_script(*args: str) -> subprocess.CompletedProcess:
-    import os
-
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env={**os.environ, **ENV}, capture_output=True,
-                          text=True, timeout=300)
+SYNTHETIC_160 = [*SYNTHETIC, "--synthetic-size", "160"]  # the later --synthetic-size wins: 160 images
 
 
 def precision_recall(stdout: str) -> tuple[float, float]:
@@ -72,6 +62,11 @@ def long_run(small_digits: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     return out
 
 
+def f1(flagged: torch.Tensor, flip: torch.Tensor) -> float:
+    """F1 of the flagged examples against the real flips (bool tensors)."""
+    return float(2 * (flagged & flip).sum() / (flagged.sum() + flip.sum()))
+
+
 def read_rows(path: Path) -> list[dict[str, str]]:
     with open(path) as f:
         return list(csv.DictReader(f))
@@ -81,10 +76,8 @@ def read_rows(path: Path) -> list[dict[str, str]]:
 
 
 def test_dynamics_of_a_clean_run_and_its_audit(tmp_path: Path) -> None:
-    import train
-
     out = tmp_path / "clean"
-    assert train.cli(["--cpu", *SYNTHETIC, "--max-steps", "20", "--eval-every", "10", "--output-dir", str(out)]) == 0
+    assert train.cli(["--cpu", *SYNTHETIC_160, "--max-steps", "20", "--eval-every", "10", "--output-dir", str(out)]) == 0
     dyn = load_file(str(out / "dynamics.safetensors"))
     n = len(data.to_tensors(data.prepare_data(data_config(dataset="synthetic", synthetic_size=160))[0])["label"])
     assert dyn["margin_sum"].shape == (n,) and dyn["early_prob_sum"].shape == (n, 10)
@@ -104,10 +97,8 @@ def test_dynamics_of_a_clean_run_and_its_audit(tmp_path: Path) -> None:
 
 
 def test_a_streamed_run_is_audited_by_example_key(tmp_path: Path) -> None:
-    import train
-
     out = tmp_path / "stream"
-    assert train.cli(["--cpu", *SYNTHETIC, "--streaming", "--max-steps", "10", "--eval-every", "5", "--noise",
+    assert train.cli(["--cpu", *SYNTHETIC_160, "--streaming", "--max-steps", "10", "--eval-every", "5", "--noise",
                       "symmetric", "--noise-rate", "0.4", "--output-dir", str(out)]) == 0
     proc = run_script("eval.py", "--audit", str(out), "--cpu")
     assert proc.returncode == 0 and not proc.stderr.strip(), proc.stderr
@@ -117,9 +108,8 @@ def test_a_streamed_run_is_audited_by_example_key(tmp_path: Path) -> None:
 
 def test_two_processes_gather_every_example_once(tmp_path: Path) -> None:
     out = tmp_path / "ddp"
-    proc = run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", "train.py",
-                      "--cpu", *SYNTHETIC, "--max-steps", "20", "--eval-every", "10", "--noise", "symmetric",
-                      "--noise-rate", "0.4", "--output-dir", str(out))
+    proc = run_script(*TORCHRUN, "train.py", "--cpu", *SYNTHETIC_160, "--max-steps", "20", "--eval-every", "10",
+                      "--noise", "symmetric", "--noise-rate", "0.4", "--output-dir", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     dyn = load_file(str(out / "dynamics.safetensors"))
     assert torch.equal(dyn["count"], torch.full((160,), 2))  # 160 rows over 2 processes: none twice, none lost
@@ -127,9 +117,7 @@ def test_two_processes_gather_every_example_once(tmp_path: Path) -> None:
 
 
 def test_resume_restores_the_statistics_exactly(tmp_path: Path) -> None:
-    import train
-
-    flags = ["--cpu", "--deterministic", *SYNTHETIC, "--max-steps", "40", "--eval-every", "10", "--save-every", "20",
+    flags = ["--cpu", "--deterministic", *SYNTHETIC_160, "--max-steps", "40", "--eval-every", "10", "--save-every", "20",
              "--noise", "symmetric", "--noise-rate", "0.4"]
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     assert train.cli([*flags, "--output-dir", str(whole)]) == 0
@@ -145,10 +133,8 @@ def test_resume_restores_the_statistics_exactly(tmp_path: Path) -> None:
 
 
 def test_a_short_window_stops_adding_the_training_batches(tmp_path: Path) -> None:
-    import train
-
     out = tmp_path / "window"
-    assert train.cli(["--cpu", *SYNTHETIC, "--max-steps", "20", "--eval-every", "10", "--audit-epochs", "1.5",
+    assert train.cli(["--cpu", *SYNTHETIC_160, "--max-steps", "20", "--eval-every", "10", "--audit-epochs", "1.5",
                       "--output-dir", str(out)]) == 0
     # steps t = 0..7 start before epoch 1.5 (t * 32 < 240): every example once, 96 of them twice
     counts = torch.bincount(load_file(str(out / "dynamics.safetensors"))["early_count"])
@@ -160,8 +146,6 @@ def test_a_short_window_stops_adding_the_training_batches(tmp_path: Path) -> Non
 
 
 def test_the_window_closes_when_the_missed_labels_start_being_fitted() -> None:
-    import train
-
     closes = train.TrainingDynamics.window_closes
     misses = [0] + [200] * 30
     learn = [60, 40, 30, 20, 15, 10, 10, 10, 10, 10, 10, 10]  # m falls to 0.05 and stays: learnt, nothing memorised
@@ -174,8 +158,6 @@ def test_the_window_closes_when_the_missed_labels_start_being_fitted() -> None:
 
 
 def test_the_run_chooses_and_resumes_its_window(tmp_path: Path) -> None:
-    import train
-
     dyn = train.TrainingDynamics(torch.tensor([0, 1, 1, 0]), 2, torch.device("cpu"), None, True, total_images=40)
     state = dyn.state_dict()
     assert all(isinstance(v, torch.Tensor) for v in state.values()) and math.isinf(float(state["window_end"]))
@@ -237,10 +219,7 @@ def test_the_audit_score_finds_pairflip_noise_in_a_noisy_fit() -> None:
            "margin_sum": torch.zeros(n), "count": torch.ones(n, dtype=torch.int64)}
     flagged = ev.dynamics_columns(dyn, torch.ones(n, dtype=torch.bool))["predicted_label"] != given
     argmax_flagged = p.argmax(1) != given
-    def f1(f: torch.Tensor) -> float:
-        return float(2 * (f & flip).sum() / (f.sum() + flip.sum()))
-
-    assert f1(flagged) > 0.85 and f1(argmax_flagged) < 0.75  # the argmax of the fit misses the flips it half learnt
+    assert f1(flagged, flip) > 0.85 and f1(argmax_flagged, flip) < 0.75  # the argmax of the fit misses the flips it half learnt
 
 
 def test_the_transition_keeps_clean_classes_as_identity_under_partial_pair_noise() -> None:
@@ -265,10 +244,7 @@ def test_the_transition_keeps_clean_classes_as_identity_under_partial_pair_noise
         assert estimate[i, j] > 0.2 and (estimate[i] > 0).sum() == 2  # the pair and nothing else
     counts = ev.confident_joint(p, given).T  # what the test pruned: the confident joint's scatter in clean rows
     assert sum(float(counts[k].sum() - counts[k, k]) for k in clean) > 0
-    def f1(f: torch.Tensor) -> float:
-        return float(2 * (f & flip).sum() / (f.sum() + flip.sum()))
-
-    assert f1(ev.audit_posterior(p, given).argmax(1) != given) > f1(p.argmax(1) != given) + 0.05  # 0.67 vs 0.58
+    assert f1(ev.audit_posterior(p, given).argmax(1) != given, flip) > f1(p.argmax(1) != given, flip) + 0.05  # 0.67 vs 0.58
 
 
 def test_top_confusions_count_the_flagged_pairs() -> None:

@@ -11,9 +11,7 @@ import torch
 
 import data
 import noise
-from conftest import data_config
-
-UNREACHABLE = "http://127.0.0.1:9"  # the discard port on this machine: connections are refused at once
+from conftest import UNREACHABLE, data_config
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,4 @@
-"""The device path (issue 17): a training step that never waits for the device between log steps, and
+"""The device path: a training step that never waits for the device between log steps, and
 evaluation that slices device tensors in large batches."""
 
 import collections

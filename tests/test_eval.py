@@ -1,13 +1,11 @@
 """Tests of eval.py and sweep.py: the table and plot on fabricated run folders, model evaluation and the
-label audit on one real digits run (trained once per module), and every bad input."""
+label audit on the quick-start digits run (trained once per session), and every bad input."""
 
 from __future__ import annotations
 
 import csv
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,27 +14,10 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import eval as ev  # noqa: E402
-import models  # noqa: E402
-import sweep  # noqa: E402
-from conftest import data_config  # noqa: E402
-
-
-def run_script(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    """Run a repo script in a subprocess with this interpreter."""
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
-
-
-def assert_user_error(proc: subprocess.CompletedProcess, *words: str) -> None:
-    """Non-zero exit, one 'error: ...' line on stderr naming the key words, no traceback."""
-    assert proc.returncode != 0, proc.stdout
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    for w in words:
-        assert w in lines[0], lines[0]
+import eval as ev
+import models
+import sweep
+from conftest import TORCHRUN, assert_one_error_line, data_config, run_script
 
 
 def fake_run(root: Path, method: str, noise: str, rate: float, seed: int, acc: float, eps: float = 0.25,
@@ -185,19 +166,16 @@ def test_sweep_grid_and_skip(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def digits_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, float]:
-    """One short ProSelfLC run on digits with 40% symmetric noise, shared by the tests below."""
-    out = tmp_path_factory.mktemp("train") / "run"
-    proc = run_script("train.py", "--cpu", "--method", "proselflc", "--noise", "symmetric", "--noise-rate", "0.4",
-                      "--max-steps", "300", "--eval-every", "100", "--output-dir", str(out))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    printed = re.search(r"final test_acc=([0-9.]+)", proc.stdout.strip().splitlines()[-1])
-    assert printed, proc.stdout[-2000:]
+def quick_start_run(noisy_digits_run: tuple[Path, list[str]]) -> tuple[Path, float]:
+    """The quick-start run (ProSelfLC, 40% symmetric noise, 300 steps) and the final accuracy it printed."""
+    out, lines = noisy_digits_run
+    printed = re.search(r"final test_acc=([0-9.]+)", lines[-1])
+    assert printed, lines[-20:]
     return out, float(printed.group(1))
 
 
-def test_eval_reproduces_the_printed_accuracy(digits_run: tuple[Path, float]) -> None:
-    run, printed = digits_run
+def test_eval_reproduces_the_printed_accuracy(quick_start_run: tuple[Path, float]) -> None:
+    run, printed = quick_start_run
     proc = run_script("eval.py", str(run), "--json", "--cpu")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -207,11 +185,10 @@ def test_eval_reproduces_the_printed_accuracy(digits_run: tuple[Path, float]) ->
     assert 0 < result["test_loss"] < 3 and 0 < result["entropy"] < 1 and 0 <= result["ece"] < 0.5
 
 
-def test_eval_on_two_processes_counts_every_example_once(digits_run: tuple[Path, float]) -> None:
-    run, printed = digits_run
+def test_eval_on_two_processes_counts_every_example_once(quick_start_run: tuple[Path, float]) -> None:
+    run, printed = quick_start_run
     # batch 7: 360 = 51 * 7 + 3, so the last global batch is padded by Accelerate and must be trimmed
-    proc = run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "eval.py", str(run), "--json", "--cpu",
-                      "--batch-size", "7")
+    proc = run_script(*TORCHRUN, "eval.py", str(run), "--json", "--cpu", "--batch-size", "7")
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert len(results) == 1  # printed by the main process only
@@ -219,8 +196,8 @@ def test_eval_on_two_processes_counts_every_example_once(digits_run: tuple[Path,
     assert abs(results[0]["test_acc"] - printed) <= 1 / 360 + 5e-5
 
 
-def test_audit_finds_the_flipped_labels(digits_run: tuple[Path, float], tmp_path: Path) -> None:
-    run, _ = digits_run
+def test_audit_finds_the_flipped_labels(quick_start_run: tuple[Path, float], tmp_path: Path) -> None:
+    run, _ = quick_start_run
     out = tmp_path / "issues.csv"
     proc = run_script("eval.py", "--audit", str(run), "--out", str(out), "--cpu")
     assert proc.returncode == 0, proc.stderr
@@ -247,18 +224,18 @@ def test_audit_finds_the_flipped_labels(digits_run: tuple[Path, float], tmp_path
 def test_bad_inputs(grid: Path, tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert_user_error(run_script("eval.py", "--table"), "no run folders")
-    assert_user_error(run_script("eval.py", "--table", str(empty)), "no metrics.jsonl")
+    assert_one_error_line(run_script("eval.py", "--table"), "no run folders")
+    assert_one_error_line(run_script("eval.py", "--table", str(empty)), "no metrics.jsonl")
     no_model = next(grid.glob("*cce*"))
-    assert_user_error(run_script("eval.py", str(no_model)), "model.safetensors")
+    assert_one_error_line(run_script("eval.py", str(no_model)), "model.safetensors")
     no_metrics = tmp_path / "no_metrics"
     no_metrics.mkdir()
     (no_metrics / "config.json").write_text((no_model / "config.json").read_text())
-    assert_user_error(run_script("eval.py", "--plot", str(no_metrics)), "metrics.jsonl")
+    assert_one_error_line(run_script("eval.py", "--plot", str(no_metrics)), "metrics.jsonl")
     # a 7-class model evaluated on the 10-class digits
     seven = tmp_path / "seven"
     seven.mkdir()
     cfg = json.loads((no_model / "config.json").read_text()) | {"num_classes": 7}
     (seven / "config.json").write_text(json.dumps(cfg))
     save_file(models.build_model("digits_cnn", 7, 1).state_dict(), str(seven / "model.safetensors"))
-    assert_user_error(run_script("eval.py", str(seven)), "7 classes", "10")
+    assert_one_error_line(run_script("eval.py", str(seven)), "7 classes", "10")

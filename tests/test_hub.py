@@ -3,26 +3,19 @@ every way a push or a download fails without network (no test here reaches the n
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shlex
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from huggingface_hub import ModelCard
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import eval as ev  # noqa: E402
-import hub  # noqa: E402
-import train  # noqa: E402
-
-UNREACHABLE = "http://127.0.0.1:9"  # the discard port on this machine: connections are refused at once
+import eval as ev
+import hub
+import train
+from conftest import ENV, UNREACHABLE, assert_one_error_line, read_metrics, run_script, snapshot
 
 
 @pytest.fixture(scope="module")
@@ -34,34 +27,19 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def hashes(folder: Path) -> dict[str, str]:
-    """sha256 of every file below folder, by relative path."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 def hub_env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    """The environment without any Hugging Face token or endpoint of the caller's, an empty HF_HOME, plus extra."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING_FACE"))}
-    return env | {"HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_DISABLE_TELEMETRY": "1"} | extra
+    """The tests' environment (no Hugging Face setting of the caller's) with an empty HF_HOME of this test, plus
+    extra."""
+    return ENV | {"HF_HOME": str(tmp_path / "hf-home")} | extra
 
 
 def eval_py(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    """Run eval.py in a subprocess with this interpreter and `env`."""
-    return subprocess.run([sys.executable, "eval.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
-
-
-def assert_one_error_line(proc: subprocess.CompletedProcess, *words: str) -> None:
-    """Exit 2 and exactly one 'error: ...' line on stderr naming the words, no traceback."""
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    for w in words:
-        assert w in lines[0], lines[0]
+    """Run eval.py in a subprocess with `env`."""
+    return run_script("eval.py", *args, env=env)
 
 
 def test_dry_run_stages_the_run_and_a_card_whose_accuracy_is_the_final_test_acc(run: Path, tmp_path: Path) -> None:
-    before = hashes(run)
+    before = snapshot(run)
     stage = tmp_path / "stage"
     proc = eval_py(hub_env(tmp_path, HF_HUB_OFFLINE="1"), "--push-to-hub", str(run), "--repo-id", "someone/digits-run",
                    "--dry-run", "--stage-dir", str(stage))
@@ -73,10 +51,10 @@ def test_dry_run_stages_the_run_and_a_card_whose_accuracy_is_the_final_test_acc(
     for name in hub.RUN_FILES:  # copies, byte for byte
         assert (stage / name).read_bytes() == (run / name).read_bytes()
     assert (stage / "dynamics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert hashes(run) == before
+    assert snapshot(run) == before
 
     card = ModelCard.load(stage / "README.md")
-    final = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["test_acc"]
+    final = read_metrics(run)[-1]["test_acc"]
     [result] = card.data.eval_results
     assert result.metric_type == "accuracy" and result.metric_value == final  # exactly, not rounded
     assert result.dataset_type == "digits" and result.dataset_split == "test"
@@ -118,11 +96,11 @@ def test_label_issues_are_staged_when_the_audit_wrote_them(run: Path, tmp_path: 
     ({"HF_ENDPOINT": UNREACHABLE, "HF_TOKEN": "hf_not_a_real_token"}, ("ConnectError",)),
 ])
 def test_a_push_without_the_hub_is_one_line_and_changes_nothing(run: Path, tmp_path: Path, env: dict, words: tuple) -> None:
-    before = hashes(run)
+    before = snapshot(run)
     proc = eval_py(hub_env(tmp_path, **env), "--push-to-hub", str(run), "--repo-id", "someone/digits-run",
                    "--stage-dir", str(tmp_path / "stage"))
     assert_one_error_line(proc, "cannot push to the Hub as someone/digits-run", *words)
-    assert hashes(run) == before
+    assert snapshot(run) == before
 
 
 def test_evaluating_a_hub_run_offline_is_one_line(tmp_path: Path) -> None:
@@ -157,11 +135,11 @@ def test_auditing_a_hub_run_ranks_by_its_dynamics_and_writes_beside_the_user(run
             shutil.copyfile(run / name, cache / name)
     monkeypatch.setattr(hub, "download_run", lambda text: cache)
     monkeypatch.chdir(tmp_path)
-    before = hashes(cache)
+    before = snapshot(cache)
     ev.main(["--audit", "hf://someone/digits-run", "--cpu", "--top", "0"])
     out = capsys.readouterr()
     assert "by the early training dynamics" in out.out and "notice:" not in out.err
-    assert (tmp_path / "someone--digits-run-label_issues.csv").is_file() and hashes(cache) == before
+    assert (tmp_path / "someone--digits-run-label_issues.csv").is_file() and snapshot(cache) == before
 
 
 def test_a_stage_dir_the_system_refuses_is_one_line(run: Path, tmp_path: Path) -> None:

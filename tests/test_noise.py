@@ -11,6 +11,7 @@ import torch
 from datasets.distributed import split_dataset_by_node
 
 import noise
+from conftest import Evil
 
 # CIFAR-100 fine id -> coarse id as published with the dataset (an independent transcription of
 # the meta file's order, widely used as "sparse2coarse"): noise.py derives its table from names.
@@ -222,18 +223,12 @@ def test_npy_csv_parquet_label_files(tmp_path):
         assert np.array_equal(c["label"], noisy), name
 
 
-class Payload:
-    """Unpickling this calls a function named in the file: what a weights-only load must refuse."""
-
-    def __reduce__(self):
-        return (print, ("arbitrary code ran while unpickling",))
-
-
 def test_pt_noise_file_is_loaded_weights_only(tmp_path):
     path = str(tmp_path / "evil.pt")
-    torch.save({"noisy_label": Payload()}, path)
+    torch.save({"noisy_label": Evil(tmp_path / "pwned")}, path)
     with pytest.raises(ValueError, match="asks to run code, which is refused"):
         noise.load_noise_file(path, "noisy_label")
+    assert not (tmp_path / "pwned").exists()
 
 
 def test_bad_arguments():

@@ -5,12 +5,11 @@ offline with one line."""
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 
 import train
+from conftest import ENV, UNREACHABLE, read_metrics, run_script
 
 SMALL = ["--cpu", "--dataset", "synthetic", "--synthetic-size", "256", "--model", "digits_cnn", "--weights", "none",
          "--batch-size", "32", "--max-steps", "4", "--eval-every", "2", "--resize", "32", "--image-size", "32"]
@@ -72,7 +71,7 @@ def test_a_tiny_run_of_each_photo_recipe_records_its_values(tmp_path, recipe, va
     assert config["recipe"] == recipe and {k: config[k] for k in values} == values
     # the flags over the recipe: 32 px images no larger than --image-size 32 stay in memory (no warp: resize 0)
     assert (config["input_path"], config["resize"], config["image_size"], config["weights"]) == ("memory", 0, 32, "none")
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    metrics = read_metrics(out)
     assert [m["lr"] for m in metrics] == pytest.approx(lrs, rel=1e-12)  # logged lr: that of the last step, t = step - 1
 
 
@@ -162,11 +161,10 @@ def test_bad_recipe_input_gives_one_line_and_exit_2(tmp_path, capsys, flags, mes
 
 def test_imagenet_weights_offline_give_one_line_and_exit_2(tmp_path):
     # An unreachable proxy makes any machine offline for urllib; an empty TORCH_HOME holds no cached weights.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_HOME": str(tmp_path / "torch"), "NO_PROXY": "", "no_proxy": "",
-           **{v: "http://127.0.0.1:9" for v in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY")}}
-    proc = subprocess.run([sys.executable, "train.py", *SMALL, "--recipe", "clothing1m", "--weights", "imagenet",
-                           "--model", "resnet50", "--output-dir", str(tmp_path / "run")],
-                          cwd=os.path.dirname(train.__file__), env=env, capture_output=True, text=True, timeout=120)
+    env = {**ENV, "TORCH_HOME": str(tmp_path / "torch"), "NO_PROXY": "", "no_proxy": "",
+           **{v: UNREACHABLE for v in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY")}}
+    proc = run_script("train.py", *SMALL, "--recipe", "clothing1m", "--weights", "imagenet", "--model", "resnet50",
+                      "--output-dir", str(tmp_path / "run"), env=env, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     err = proc.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --weights imagenet: cannot download https://"), err

@@ -1,7 +1,6 @@
-"""Trust (issue 16) and preemption (issue 17): a shared checkpoint never runs code, a mistyped command never deletes
-a file or is silently ignored, a stop signal loses nothing, and one failing process ends the others."""
+"""Trust and preemption: a shared checkpoint never runs code, a mistyped command never deletes a file or is
+silently ignored, a stop signal loses nothing, and one failing process ends the others."""
 
-import json
 import os
 import pickle
 import shutil
@@ -9,37 +8,14 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
 import runfolder
-from conftest import ENV, TINY, one_error_line, snapshot
 import train
-
-ROOT = Path(train.__file__).resolve().parent
-TINY = [*TINY, "--max-steps", "6"]  # checkpoints at steps 2 and 4
-
-
-class Evil:
-    """A pickle that creates a marker file when it is loaded."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
-@pytest.fixture(scope="module")
-def killed_run(tmp_path_factory) -> Path:
-    """A run with checkpoints at steps 2 and 4 and no final model: resumable."""
-    out = tmp_path_factory.mktemp("trust") / "run"
-    assert train.cli([*TINY, "--output-dir", str(out)]) == 0
-    (out / "model.safetensors").unlink()
-    return out
+from conftest import ENV, ROOT, TINY, TORCHRUN, Evil, one_error_line, run_script, snapshot
 
 
 # ---- 1. a checkpoint never unpickles
@@ -49,8 +25,8 @@ def killed_run(tmp_path_factory) -> Path:
     ("optimizer.safetensors", "raw"), ("state.safetensors", "torch"), ("model.safetensors", "torch"),
     ("rng_0.safetensors", "raw"), ("trainer_state.json", "raw"),
 ])
-def test_a_crafted_pickle_in_a_checkpoint_never_runs(killed_run, tmp_path, capsys, name, how):
-    run = Path(shutil.copytree(killed_run, tmp_path / "run"))
+def test_a_crafted_pickle_in_a_checkpoint_never_runs(killed_copy, tmp_path, capsys, name, how):
+    run = killed_copy
     marker = tmp_path / "pwned"
     planted = run / "checkpoints" / "step_000004" / name
     if how == "torch":
@@ -70,8 +46,8 @@ def test_a_crafted_pickle_in_a_checkpoint_never_runs(killed_run, tmp_path, capsy
     assert not marker.exists() and not any(fresh.iterdir())
 
 
-def test_an_rng_state_that_does_not_load_is_refused_before_anything_runs(killed_run, tmp_path, capsys):
-    run = Path(shutil.copytree(killed_run, tmp_path / "run"))
+def test_an_rng_state_that_does_not_load_is_refused_before_anything_runs(killed_copy, tmp_path, capsys):
+    run = killed_copy
     rng = run / "checkpoints" / "step_000004" / "rng_0.safetensors"
     save_file({"torch": torch.zeros(3, dtype=torch.uint8), "numpy": torch.zeros(2, dtype=torch.int64)}, str(rng),
               metadata={"numpy": "[]", "python": "[]"})
@@ -85,10 +61,10 @@ def test_a_checkpoint_is_only_safetensors_and_json(killed_run):
     assert sorted(p.name for p in ckpt.iterdir()) == sorted([*runfolder.CHECKPOINT_FILES, "rng_0.safetensors"])
 
 
-def test_a_half_pruned_checkpoint_is_never_complete(killed_run, tmp_path, capsys):
+def test_a_half_pruned_checkpoint_is_never_complete(killed_copy, tmp_path, capsys):
     """A kill during pruning leaves tmp_pruned_step_N (never complete, removed later); a checkpoint missing files
     (cut some other way) gets one line."""
-    run = Path(shutil.copytree(killed_run, tmp_path / "run"))
+    run = killed_copy
     ckpts = run / "checkpoints"
     os.replace(ckpts / "step_000002", ckpts / "tmp_pruned_step_000002")
     (ckpts / "tmp_pruned_step_000002" / "model.safetensors").unlink()
@@ -111,8 +87,8 @@ def test_overwrite_refuses_a_folder_that_holds_no_run(tmp_path, capsys):
     assert snapshot(folder) == before and not (folder / runfolder.LOCK_NAME).exists()
 
 
-def test_overwrite_with_a_bad_value_keeps_the_finished_run(killed_run, tmp_path, capsys):
-    run = Path(shutil.copytree(killed_run, tmp_path / "run"))
+def test_overwrite_with_a_bad_value_keeps_the_finished_run(killed_copy, tmp_path, capsys):
+    run = killed_copy
     shutil.copy(run / "checkpoints" / "step_000004" / "model.safetensors", run / "model.safetensors")
     before = snapshot(run)
     assert train.cli([*TINY, "--output-dir", str(run), "--overwrite", "--method", "ls", "--eps", "7"]) == 2
@@ -120,8 +96,8 @@ def test_overwrite_with_a_bad_value_keeps_the_finished_run(killed_run, tmp_path,
     assert snapshot(run) == before
 
 
-def test_overwrite_replaces_only_the_run_files(killed_run, tmp_path):
-    run = Path(shutil.copytree(killed_run, tmp_path / "run"))
+def test_overwrite_replaces_only_the_run_files(killed_copy, tmp_path):
+    run = killed_copy
     (run / "notes.txt").write_text("mine")
     assert train.cli([*TINY, "--output-dir", str(run), "--overwrite", "--max-steps", "2"]) == 0
     assert (run / "notes.txt").read_text() == "mine" and (run / "model.safetensors").exists()
@@ -169,9 +145,8 @@ def test_print_config_checks_what_a_run_checks(capsys, flags, words):
     assert words in one_error_line(capsys)
 
 
-def test_push_to_hub_is_checked_before_the_run(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # no stored token
-    monkeypatch.delenv("HF_TOKEN", raising=False)
+def test_push_to_hub_is_checked_before_the_run(tmp_path, capsys):
+    # conftest keeps the caller's HF_TOKEN, HF_HUB_OFFLINE and stored token away: no token here
     for repo, words in (("not a repo id", "is not a Hub repository id"), ("owner/name", "no Hugging Face token")):
         assert train.cli([*TINY, "--output-dir", str(tmp_path / "run"), "--push-to-hub", repo]) == 2
         assert words in one_error_line(capsys)
@@ -274,9 +249,7 @@ def test_an_error_on_rank_1_alone_ends_both_processes_with_its_line(tmp_path, wh
     script, out = tmp_path / "fail.py", tmp_path / "run"
     script.write_text(FAIL_ON_RANK_1.format(root=str(ROOT), where=where))
     # timeout: a process left waiting on its failed peer would wait for the process group's 30-minute timeout
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-                           str(script), *TINY, "--max-steps", "20", "--save-every", "4", "--output-dir", str(out)],
-                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    proc = run_script(*TORCHRUN, str(script), *TINY, "--max-steps", "20", "--save-every", "4", "--output-dir", str(out))
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert proc.returncode != 0 and len(errors) == 1, proc.stderr[-3000:]
     assert ("No space left on device" if where == "checkpoint" else "unreadable on this process (rank 1)") in errors[0]
@@ -287,13 +260,12 @@ def test_an_error_on_rank_1_alone_ends_both_processes_with_its_line(tmp_path, wh
 
 # ---- eval.py and sweep.py: the same contract
 def eval_cli(argv: list[str]) -> tuple[int, list[str]]:
-    proc = subprocess.run([sys.executable, "eval.py", *argv], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                          timeout=300)
+    proc = run_script("eval.py", *argv)
     return proc.returncode, [line for line in proc.stderr.splitlines() if line.strip()]
 
 
-def test_eval_refuses_flags_of_another_use_and_unwritable_outputs(killed_run, tmp_path):
-    run = Path(shutil.copytree(killed_run, tmp_path / "run"))
+def test_eval_refuses_flags_of_another_use_and_unwritable_outputs(killed_copy, tmp_path):
+    run = killed_copy
     (tmp_path / "a_folder").mkdir()
     cases = [([str(run), "--relabel", "r.csv"], "--relabel is not used by evaluation (only by --audit)"),
              ([str(run), "--csv", "c.csv"], "--csv is not used by evaluation (only by --table)"),
@@ -308,10 +280,10 @@ def test_eval_refuses_flags_of_another_use_and_unwritable_outputs(killed_run, tm
     assert snapshot(run) == before and not (tmp_path / "a_folder.png").exists()
 
 
-def test_eval_reads_past_a_metrics_line_that_is_not_an_object(killed_run, tmp_path):
+def test_eval_reads_past_a_metrics_line_that_is_not_an_object(killed_copy, tmp_path):
     import eval as ev
 
-    run = Path(shutil.copytree(killed_run, tmp_path / "run"))
+    run = killed_copy
     with open(run / "metrics.jsonl", "a") as f:
         f.write("[1, 2]\n7\n")
     assert [m["step"] for m in ev.load_run(run).metrics] == [2, 4, 6]
@@ -332,8 +304,7 @@ def test_sweep_dry_run_checks_every_run_as_train_py_would(tmp_path, flags, words
     flags = [f.replace("FILE", str(tmp_path / "FILE")) for f in flags]
     root = ["--output-root", str(tmp_path / "sweep")] if "--output-root" not in flags else []
     before = flags.index("--") if "--" in flags else len(flags)
-    proc = subprocess.run([sys.executable, "sweep.py", "--dry-run", *root, *flags[:before], *flags[before:]], cwd=ROOT,
-                          env=ENV, capture_output=True, text=True, timeout=120)
+    proc = run_script("sweep.py", "--dry-run", *root, *flags[:before], *flags[before:], timeout=120)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and words in lines[0], (proc.stdout[-500:], lines)
     assert not proc.stdout.strip()
