@@ -71,11 +71,11 @@ def card_data(run: runfolder.RunRecord, noise: dict[str, Any], model_name: str) 
                          model_name=model_name, eval_results=[eval_result(run, noise)])
 
 
-def hyperparameter_rows(config: dict[str, Any]) -> list[str]:
+def hyperparameter_rows(cfg: dict[str, Any]) -> list[str]:
     """Markdown table rows of the method's and the optimiser's values from config.json."""
-    keys = ("method", *config.method_keys(str(config.get("method"))), "model", "weights", "max_steps", "batch_size", "lr",
+    keys = ("method", *config.method_keys(str(cfg.get("method"))), "model", "weights", "max_steps", "batch_size", "lr",
             "momentum", "weight_decay", "lr_schedule", "milestones", "poly_power", "seed", "mixed_precision", "world_size")
-    return [f"| `{k}` | {config[k]} |" for k in keys if config.get(k) is not None]
+    return [f"| `{k}` | {cfg[k]} |" for k in keys if cfg.get(k) is not None]
 
 
 def card_body(run: runfolder.RunRecord, noise: dict[str, Any], repo_id: str) -> str:
