@@ -334,12 +334,11 @@ def pid_alive(pid: int) -> bool:
 
 
 def read_lock(lock: Path) -> dict:
-    """The lock file's {'pid', 'host'}; {} when it is empty or torn."""
+    """The lock file's {'pid', 'host'}; {} when it is empty, torn or not a regular file (read_json)."""
     try:
-        holder = json.loads(lock.read_text())
-    except (OSError, ValueError):
+        return read_json(lock)
+    except ValueError:
         return {}
-    return holder if isinstance(holder, dict) else {}
 
 
 def check_folder_path(out: Path) -> None:
@@ -436,7 +435,8 @@ def is_finished(out: Path) -> bool:
 
 def contents(out: Path) -> str:
     """'config.json, metrics.jsonl, ...': what a folder holds besides the lock and the checkpoints, for messages."""
-    names = sorted(p.name for p in out.iterdir() if p.name not in (LOCK_NAME, "checkpoints")) if out.is_dir() else []
+    skip = (LOCK_NAME, "checkpoints", *MARK_NAMES.values())
+    names = sorted(p.name for p in out.iterdir() if p.name not in skip) if out.is_dir() else []
     return ", ".join(names)
 
 

@@ -69,8 +69,8 @@ def test_dry_run_stages_the_run_and_a_card_whose_accuracy_is_the_final_test_acc(
     assert "dry run: would upload 7 files" in proc.stdout and "model.safetensors" in proc.stdout
     assert sorted(p.name for p in stage.iterdir()) == ["README.md", "config.json", "dynamics.png",
                                                         "dynamics.safetensors", "metrics.jsonl", "model.safetensors",
-                                                        "noise.json"]
-    for name in hub.RUN_FILES:  # copies, byte for byte
+                                                        "noise.json", "proselflc-stage.json"]  # the mark: not uploaded
+    for name in hub.PUSHED_FILES:  # copies, byte for byte
         assert (stage / name).read_bytes() == (run / name).read_bytes()
     assert (stage / "dynamics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert hashes(run) == before

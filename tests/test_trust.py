@@ -310,13 +310,11 @@ def test_eval_refuses_flags_of_another_use_and_unwritable_outputs(killed_run, tm
 
 
 def test_eval_refuses_a_metrics_line_that_is_not_an_object(killed_run, tmp_path):
-    import eval as ev
-
     run = Path(shutil.copytree(killed_run, tmp_path / "run"))
     with open(run / "metrics.jsonl", "a") as f:
         f.write("[1, 2]\n7\n")
     with pytest.raises(ValueError, match="metrics.jsonl line 4 holds a JSON list"):
-        ev.load_run(run)
+        runfolder.load_run(run)
 
 
 @pytest.mark.parametrize("flags, words", [
