@@ -27,6 +27,7 @@ import losses
 import runfolder
 from conftest import ENV, TINY, one_error_line, snapshot
 import sweep
+import config
 import train
 
 ROOT = Path(train.__file__).resolve().parent
@@ -331,7 +332,7 @@ def test_silently_accepted_flags_are_refused(tmp_path, capsys, flags, words):
     assert train.cli([*TINY, "--output-dir", str(tmp_path / "run"), *flags]) == 2
     assert words in one_error_line(capsys)
     if flags[-1] == "wandb" and importlib.util.find_spec("tensorboard"):
-        train.check_trackers("tensorboard")  # an installed tracker passes
+        config.check_trackers("tensorboard")  # an installed tracker passes
 
 
 @pytest.mark.parametrize("flags, words", [(["--jobs", "0"], "--jobs must be >= 1"),
