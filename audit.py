@@ -213,21 +213,48 @@ def final_model_columns(logits: torch.Tensor, labels: torch.Tensor) -> dict[str,
     return {"final_predicted_label": probs.argmax(dim=1), "final_label_quality": probs.gather(1, labels[:, None]).squeeze(1)}
 
 
-def read_dynamics(run_dir: Path, train_ds: Any) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
-    """(dynamics.safetensors scattered onto the rows of the map-style training split, its metadata); None if the
-    run has none.
+# dynamics.safetensors (TrainingDynamics.save): its metadata fields.
+DYNAMICS_META = {"rows": runfolder.one_of("split", "stream_subset"), "early": runfolder.one_of("training_batches", "evaluations"),
+                 "audit_epochs": runfolder.text, "window": runfolder.one_of("auto", "fixed"), "window_text": runfolder.text}
+
+
+def read_dynamics_file(path: Path, num_classes: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """dynamics.safetensors checked whole: its five tensors over the same rows (labels in [0, num_classes),
+    counts >= 0 and not all 0, sums finite), its metadata fields exactly as written; else one line naming the field."""
+    dyn, meta = runfolder.read_tensors(path)
+    n = len(dyn["label"]) if "label" in dyn and dyn["label"].dim() == 1 else 0
+    runfolder.check_tensors(path, dyn, {"label": torch.zeros(n, dtype=torch.int64), "count": torch.zeros(n, dtype=torch.int64),
+                                        "early_count": torch.zeros(n, dtype=torch.int64),
+                                        "margin_sum": torch.zeros(n), "early_prob_sum": torch.zeros(n, num_classes)})
+    stream = meta.get("rows") == "stream_subset"
+    runfolder.check_fields(f"{path} metadata", meta, DYNAMICS_META | ({"keys": runfolder.text} if stream else {}))
+    keys = runfolder.parse_json(meta["keys"], f"{path} metadata 'keys'") if stream else None
+    bad = next((name for name, bad in (
+        ("label", ((dyn["label"] < 0) | (dyn["label"] >= num_classes)).any()),
+        ("count", (dyn["count"] < 0).any() or not dyn["count"].any()),
+        ("early_count", (dyn["early_count"] < 0).any()), ("early_prob_sum", (dyn["early_prob_sum"] < 0).any()),
+        ("audit_epochs", not runfolder.number(0)(runfolder.parse_json(meta["audit_epochs"], f"{path} audit_epochs"))),
+        ("keys", stream and not (runfolder.list_of(runfolder.text)(keys) and len(set(keys)) == len(keys) == n)),
+    ) if bad), None)
+    if bad is not None:
+        raise ValueError(f"{path}: field {bad!r} is not what train.py writes (labels in [0, {num_classes}), counts "
+                         "at least 0 and not all 0, distinct string keys, one per row): refused")
+    return dyn, meta
+
+
+def read_dynamics(run_dir: Path, train_ds: Any, num_classes: int) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+    """(dynamics.safetensors, checked whole, scattered onto the rows of the map-style training split, its
+    metadata); None if the run has none.
 
     A streamed run's rows are positions in its evaluated subset; their example keys (in the file's
     metadata) place them in the split. Rows never evaluated get count 0.
     """
     path = run_dir / "dynamics.safetensors"
-    if not path.is_file():
+    if not os.path.lexists(path):
         return None
-    dyn, meta = runfolder.read_tensors(path)
-    if not {"label", "early_prob_sum", "early_count", "margin_sum", "count"} <= dyn.keys():
-        return None  # written by an earlier train.py
+    dyn, meta = read_dynamics_file(path, num_classes)
     n = len(train_ds)
-    if meta.get("rows") == "stream_subset":
+    if meta["rows"] == "stream_subset":
         row_of = {k: i for i, k in enumerate(train_ds["example_key"])}
         keys = json.loads(meta["keys"])
         if any(k not in row_of for k in keys):
@@ -414,7 +441,7 @@ def audit_labels(run_dir: Path, cfg: dict[str, Any], train_ds: Any, logits: torc
     labels = data.label_tensors(train_ds)["label"]
     columns = final_model_columns(logits, labels)
     columns["eps"], columns["corrected_label"] = corrected_targets(logits, labels, cfg)
-    dyn, meta = (read_dynamics(run_dir, train_ds) if score == "dynamics" else None) or (None, {})
+    dyn, meta = (read_dynamics(run_dir, train_ds, logits.shape[1]) if score == "dynamics" else None) or (None, {})
     window = None
     if dyn is not None:
         if not torch.equal(dyn["label"][dyn["count"] > 0], labels[dyn["count"] > 0]):

@@ -53,7 +53,6 @@ import models
 import noise
 
 
-
 def median_time(fn: Callable[[], object], repeats: int, inner: int = 1, sync: Callable[[], None] = lambda: None) -> float:
     """Median over `repeats` blocks of the seconds per call of fn (each block `inner` calls)."""
     times = []
@@ -583,9 +582,8 @@ def bench_photo_folder(n: int, size: tuple[int, int] = (500, 375), distinct: int
 
 def bare_decode_rate(paths: list[str]) -> float:
     """images/s of the bound: PIL open + decode + resize to 256x256 + to array, one process."""
-    from PIL import Image
-
     import numpy as np
+    from PIL import Image
 
     start = time.perf_counter()
     for p in paths:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import platform
 import shlex
 import subprocess
@@ -330,6 +331,13 @@ def check_used(args: argparse.Namespace, typed: set[str]) -> None:
             raise ValueError(f"{flag(key)} is not used by --method {args.method} (only by {users}): drop it")
     if args.noise == "none" and args.noise_rate:
         raise ValueError(f"--noise none with --noise-rate {args.noise_rate}: choose a --noise kind, or drop --noise-rate")
+    if args.noise in NOISE_FLAGS["noise_rate"] and not args.noise_rate > 0:
+        raise ValueError(f"--noise {args.noise} needs --noise-rate above 0 (at {args.noise_rate:g} the labels stay "
+                         "clean): give a rate, or --noise none")
+    held = args.in_memory == "yes" or (args.in_memory == "auto" and args.dataset in ("digits", "synthetic"))
+    if "num_workers" in typed and held and not args.streaming:
+        raise ValueError(f"--num-workers is not used by --dataset {args.dataset} with --in-memory {args.in_memory} "
+                         "(the split is held in memory; workers decode photos per batch or a stream): drop it")
     for key, kinds in NOISE_FLAGS.items():
         if key in typed and args.noise not in kinds and not (key == "noise_rate" and args.noise_rate == 0):
             raise ValueError(f"{flag(key)} is not used by --noise {args.noise} (only by --noise {' or '.join(kinds)}): "
@@ -396,6 +404,8 @@ def check_run_flags(args: argparse.Namespace) -> None:
     if args.resume and args.overwrite:
         raise ValueError("--resume and --overwrite contradict each other: --overwrite would delete the run to resume "
                          "from; pass one of them (nothing was changed)")
+    if args.resume == "":
+        raise ValueError("--resume '' names no checkpoint: pass a checkpoint folder, latest or auto")
     if args.resume not in (None, "latest", "auto") and not Path(args.resume).is_dir():
         raise ValueError(f"--resume {args.resume}: no such checkpoint folder (pass a checkpoint folder, latest or auto)")
     if args.data_dir and not Path(args.data_dir).expanduser().exists():
@@ -435,6 +445,13 @@ def resolve(argv: list[str] | None = None) -> argparse.Namespace:
     check_run_flags(args)
     if args.compile_mode is not None and not args.compile:
         raise ValueError("--compile-mode is not used without --compile: add --compile or drop it")
+    device_type = "cpu" if args.cpu or not torch.cuda.is_available() else "cuda"
+    if args.compile_mode == "reduce-overhead" and device_type == "cpu":
+        raise ValueError("--compile-mode reduce-overhead records CUDA graphs, and this run is on the CPU: use default "
+                         "or max-autotune")
+    # as accelerate launch and torchrun set it for each process; a plain python run is one process
+    check_processes(args, int(os.environ.get("WORLD_SIZE", "1")), device_type)
+    check_trackers(args.report_to)
     loss_from_args(args, known_num_classes(args) or 10, None)  # refuses bad loss values now; num_classes fills in later
     if known_num_classes(args) is None:  # defaults that follow the number of classes are decided by the data
         for key in ("alpha", "beta", "elr_beta", "elr_lambda"):
@@ -443,8 +460,9 @@ def resolve(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def check_processes(args: argparse.Namespace, num_processes: int, device_type: str) -> None:
-    """What depends on the processes: the global batch splits over them; SyncBatchNorm needs several GPUs."""
+def check_processes(args: argparse.Namespace, num_processes: int, device_type: str) -> bool:
+    """What depends on the processes: the global batch splits over them; SyncBatchNorm needs several GPUs. Whether
+    SyncBatchNorm runs (--sync-bn, or by default with several GPU processes)."""
     shards = num_processes * args.gradient_accumulation_steps
     if args.batch_size % shards:
         raise ValueError(f"--batch-size {args.batch_size} must be divisible by processes x accumulation steps = {shards}")
@@ -452,7 +470,7 @@ def check_processes(args: argparse.Namespace, num_processes: int, device_type: s
     if args.sync_bn and not gpus:
         raise ValueError(f"--sync-bn needs more than one GPU process (this run: {num_processes} {device_type} "
                          "process(es)): drop it")
-    args.sync_bn = gpus if args.sync_bn is None else args.sync_bn
+    return gpus if args.sync_bn is None else args.sync_bn
 
 
 def planned_config(args: argparse.Namespace) -> dict:
@@ -554,7 +572,7 @@ def check_can_push(repo_id: str) -> None:
 
 def check_same_run(ckpt: Path, config: dict) -> None:
     """A resumed run must be the same run: refuse changed hyperparameters with one line naming them."""
-    saved = runfolder.read_json(ckpt / "config.json")
+    saved = runfolder.read_config(ckpt / "config.json")
     changed = [k for k in config if k not in RESUMABLE_CHANGES and k in saved and config[k] is not None
                and saved[k] != config[k]]
     if changed:

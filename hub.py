@@ -14,14 +14,19 @@ accuracy, exactly the last test_acc of metrics.jsonl).
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 import huggingface_hub
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
-from huggingface_hub.errors import (HfHubHTTPError, LocalEntryNotFoundError, LocalTokenNotFoundError,
-                                   OfflineModeIsEnabled)
+from huggingface_hub.errors import (
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    LocalTokenNotFoundError,
+    OfflineModeIsEnabled,
+)
 from huggingface_hub.utils import httpx  # httpx: the HTTP client huggingface_hub itself uses
 
 import config
@@ -35,6 +40,7 @@ PUSHED_FILES = ("model.safetensors", "config.json", "noise.json", "metrics.jsonl
 OPTIONAL_PUSHED_FILES = ("dynamics.safetensors", "label_issues.csv")  # the audit's training dynamics and its CSV
 PLOT = "dynamics.png"
 CARD = "README.md"
+STAGE_MARK = runfolder.MARK_NAMES["stage"]  # the staging folder's mark: never uploaded
 STAGED_NAMES = frozenset((*PUSHED_FILES, *OPTIONAL_PUSHED_FILES, PLOT, CARD))
 HF_PREFIX = "hf://"
 # Every way huggingface_hub reports that the Hub cannot be used now: no token, offline mode, an HTTP error
@@ -155,32 +161,43 @@ def default_stage_dir(run_dir: Path) -> Path:
 
 
 def prepare_stage_dir(stage_dir: Path, run_dir: Path) -> None:
-    """An empty staging folder outside the run folder; a previous staging of ours is emptied, anything else refused."""
+    """A staging folder of the suite's own outside the run folder: a new or empty one is marked as staging; one
+    marked before is emptied of what was staged there; any other folder, or anything else in it, is refused."""
     if stage_dir.resolve() == run_dir.resolve() or stage_dir.resolve().is_relative_to(run_dir.resolve()):
         raise ValueError(f"the staging folder {stage_dir} lies inside the run folder {run_dir}: choose another")
-    if stage_dir.exists():
-        if not stage_dir.is_dir():
-            raise ValueError(f"the staging folder {stage_dir} is a file: choose a folder")
-        foreign = sorted(p.name for p in stage_dir.iterdir() if p.name not in STAGED_NAMES or not p.is_file())
+    if os.path.lexists(stage_dir):
+        if not stage_dir.is_dir() or stage_dir.is_symlink():
+            raise ValueError(f"the staging folder {stage_dir} is not a folder: choose a new or empty folder")
+        marked = runfolder.has_mark(stage_dir, "stage")
+        if not marked and any(stage_dir.iterdir()):
+            raise ValueError(f"the staging folder {stage_dir} holds files and was not staged by this suite (no "
+                             f"{STAGE_MARK}): choose a new or empty folder (nothing was changed)")
+        foreign = sorted(p.name for p in stage_dir.iterdir() if p.name != STAGE_MARK and
+                         (p.name not in STAGED_NAMES or p.is_symlink() or not p.is_file()))
         if foreign:
-            raise ValueError(f"the staging folder {stage_dir} holds other files ({', '.join(foreign[:3])}): "
-                             "choose an empty or new folder")
+            raise ValueError(f"the staging folder {stage_dir} holds files this suite did not stage "
+                             f"({', '.join(foreign[:3])}): choose a new or empty folder (nothing was changed)")
         for p in stage_dir.iterdir():
-            p.unlink()
+            if p.name != STAGE_MARK:
+                p.unlink()
     stage_dir.mkdir(parents=True, exist_ok=True)
+    runfolder.write_mark(stage_dir, "stage")
 
 
 def stage_run(run_dir: Path, repo_id: str, stage_dir: Path) -> list[Path]:
     """Copy the run's files, draw the plot and write the card into stage_dir; return the staged files."""
     run = runfolder.finished_run(run_dir)
     card = model_card(run_dir, repo_id, run)  # before any write: a damaged run leaves no half-staged folder
+    files = [runfolder.regular_file(run_dir / name) for name in (*PUSHED_FILES, *OPTIONAL_PUSHED_FILES)
+             if os.path.lexists(run_dir / name)]
+    for weights in (f for f in files if f.suffix == ".safetensors"):
+        runfolder.check_header(weights)
     prepare_stage_dir(stage_dir, run_dir)
-    for name in (*PUSHED_FILES, *OPTIONAL_PUSHED_FILES):
-        if (run_dir / name).is_file():
-            shutil.copyfile(run_dir / name, stage_dir / name)
+    for f in files:
+        shutil.copyfile(f, stage_dir / f.name)
     report.plot_runs([run], stage_dir / PLOT)
     card.save(stage_dir / CARD)
-    return sorted(stage_dir.iterdir())
+    return sorted(p for p in stage_dir.iterdir() if p.name != STAGE_MARK)
 
 
 def upload(stage_dir: Path, repo_id: str, private: bool) -> str:
@@ -190,6 +207,7 @@ def upload(stage_dir: Path, repo_id: str, private: bool) -> str:
             raise LocalTokenNotFoundError("no Hugging Face token: run `hf auth login` or set HF_TOKEN")
         huggingface_hub.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
         info = huggingface_hub.upload_folder(repo_id=repo_id, folder_path=stage_dir, repo_type="model",
+                                             ignore_patterns=[STAGE_MARK],
                                              commit_message="Upload a ProSelfLC run")
     except HUB_ERRORS as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]

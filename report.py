@@ -24,7 +24,6 @@ import matplotlib.pyplot as plt  # noqa: E402 - after choosing the backend
 import losses
 import runfolder
 
-
 METHOD_LABELS = {
     "cce": "CCE", "ls": "LS", "cp": "CP", "bootsoft": "Boot-soft", "boothard": "Boot-hard",
     "gce": "GCE", "sce": "SL (SCE)", "proselflc": "ProSelfLC", "elr": "ELR", "proselflc_t": "ProSelfLC (later, T0)",

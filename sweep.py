@@ -55,8 +55,6 @@ import report
 import runfolder
 
 
-
-
 class Job(NamedTuple):
     """One train.py run of the grid."""
 

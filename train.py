@@ -249,7 +249,7 @@ def train_step(run: Run, batch: dict, t: int, sums: torch.Tensor, bad_step: torc
 
 def train_loop(run: Run) -> dict:
     """Steps t = state['step'] .. T-1 (t = ProSelfLC's optimizer steps taken); evaluation, checkpoints, progress,
-    and a checkpoint at the step reached when SIGTERM/SIGUSR1 arrives. Returns the last metrics."""
+    and a checkpoint at the step reached when SIGTERM, SIGUSR1 or SIGINT arrives. Returns the last metrics."""
     args, accelerator, state = run.args, run.accelerator, run.state
     device, milestones = accelerator.device, config.milestone_steps(args)
     batches = data.TrainBatches(run.train_ds, run.info, args.batch_size, args.seed, accelerator.process_index,
@@ -312,10 +312,29 @@ def save_final(run: Run, metrics: dict) -> None:
             error = runfolder.storage_error(e, out, "final model.safetensors")
     runfolder.agree(accelerator, error)
     if run.args.push_to_hub and accelerator.is_main_process:
-        hub.push_run(out, run.args.push_to_hub)
+        push(out, run.args.push_to_hub)
     accelerator.end_training()
     accelerator.print(f"final test_acc={metrics['test_acc']:.4f} best_test_acc={run.state['best_acc']:.4f} "
                       f"(step {run.state['best_step']}) output_dir={out}")
+
+
+def push(out: Path, repo_id: str) -> None:
+    """Push the finished run (hub.push_run), then record the success in the run folder (PUSH_RECORD)."""
+    hub.push_run(out, repo_id)
+    runfolder.write_atomic(out / runfolder.PUSH_RECORD, json.dumps({"repo_id": repo_id}))
+
+
+def finished_again(args: argparse.Namespace, out: Path, accelerator: Accelerator) -> bool:
+    """--resume auto on a finished run: refuse other settings than the run's; retry its push if --push-to-hub is
+    given and no push to that repository succeeded. Whether a push was retried."""
+    config.check_same_run(out, {k: v for k, v in config.planned_config(args).items() if k not in config.DATA_DECIDED})
+    record = out / runfolder.PUSH_RECORD
+    pushed = os.path.lexists(record) and runfolder.read_json(record, {"repo_id": runfolder.text})["repo_id"]
+    if not args.push_to_hub or pushed == args.push_to_hub:
+        return False
+    if accelerator.is_main_process:
+        push(out, args.push_to_hub)
+    return True
 
 
 def make_accelerator(args: argparse.Namespace) -> Accelerator:
@@ -325,7 +344,7 @@ def make_accelerator(args: argparse.Namespace) -> Accelerator:
                               gradient_accumulation_steps=args.gradient_accumulation_steps,
                               log_with=args.report_to, project_dir=args.output_dir, dynamo_plugin=dynamo)
     args.mixed_precision = ran_precision(accelerator)  # what runs, also when it came from the accelerate config
-    config.check_processes(args, accelerator.num_processes, accelerator.device.type)
+    args.sync_bn = config.check_processes(args, accelerator.num_processes, accelerator.device.type)
     if args.num_workers is None:
         args.num_workers = data.default_workers(accelerator.num_processes)
     if args.deterministic:
@@ -343,14 +362,18 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(config.planned_config(args), indent=2))
         return
     datasets.disable_progress_bars()  # the noise maps take a second; our own bar shows training
-    config.check_trackers(args.report_to)
     accelerator = make_accelerator(args)
     if args.weights == "imagenet":  # download (once) or fail with one line before the data is loaded
         with accelerator.main_process_first():
             models.imagenet_state_dict(args.model)
     # ---- folder: locked; what to resume and whether to replace a run decided, nothing deleted yet
     out = Path(args.output_dir)
-    ckpt, clear = runfolder.open_run_folder(out, args.resume, args.overwrite, accelerator)
+    try:
+        ckpt, clear = runfolder.open_run_folder(out, args.resume, args.overwrite, accelerator)
+    except runfolder.Finished:
+        if not finished_again(args, out, accelerator):
+            raise
+        return
     if ckpt is not None:  # the same run: every hyperparameter known before the data loads
         config.check_same_run(ckpt, {k: v for k, v in config.planned_config(args).items() if k not in config.DATA_DECIDED})
     run = Run(args, accelerator, out)
@@ -362,12 +385,13 @@ def main(argv: list[str] | None = None) -> None:
         config.check_same_run(ckpt, run.config)
     record = noise.noise_record(run.train_ds, run.info.noise, key_column=args.key_column) \
         if accelerator.is_main_process else {}
-    runfolder.start_run_folder(out, run.config, record, clear, ckpt, accelerator)  # the first write, after every check
+    if ckpt is not None:  # every file checked whole against this run before it loads, and before any write
+        runfolder.load_checkpoint(accelerator, trainee(run), ckpt)
+    runfolder.start_run_folder(out, run.config, record, clear, run.state["step"] if ckpt else None,
+                               accelerator)  # the first write, after every check
     if args.report_to:
         accelerator.init_trackers("proselflc", config={k: v for k, v in run.config.items()
                                                        if isinstance(v, (int, float, str, bool))})
-    if ckpt is not None:
-        runfolder.load_checkpoint(accelerator, trainee(run), ckpt)
     # ---- loop, save
     runfolder.STOP["training"] = True
     metrics = train_loop(run)
@@ -375,13 +399,13 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """main() behind the one CLI wrapper: bad input is one 'error: ...' line and exit 2, a stop signal exit 143."""
+    """main() behind the one CLI wrapper: bad input is one 'error: ...' line and exit 2, a stop signal runfolder.stop_code."""
     return runfolder.run_cli(lambda: main(argv))
 
 
 atexit.register(runfolder.release_locks)  # also when main() is called without cli()
 
 if __name__ == "__main__":
-    for stop_signal in (signal.SIGTERM, signal.SIGUSR1):  # preemption: checkpoint, then exit 143 (on_stop_signal)
+    for stop_signal in runfolder.STOP_SIGNALS:  # preemption or Ctrl-C: checkpoint, then exit 143 or 130 (on_stop_signal)
         signal.signal(stop_signal, runfolder.on_stop_signal)
     runfolder.leave(cli())

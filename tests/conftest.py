@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+import config
+
 # The user's Hugging Face settings (HF_HUB_OFFLINE=1 on an offline cluster, HF_TOKEN, HF_ENDPOINT, a cache
 # elsewhere) must not change a test's outcome. datasets and huggingface_hub read them once, when first imported,
 # so they are removed here, before any test module imports a script; in-process tests and every subprocess
@@ -82,9 +84,8 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 def data_config(**overrides):
     """train.py's resolved configuration of overrides['dataset'] (default: digits), then the overrides: what
     data.prepare_data takes."""
-    import train
 
-    return {**vars(train.resolve_args(["--dataset", str(overrides.get("dataset", train.DEFAULT_DATASET))])), **overrides}
+    return {**vars(config.resolve(["--dataset", str(overrides.get("dataset", config.DEFAULT_DATASET))])), **overrides}
 
 
 # ----------------------------------------------------------------------------- refusals: one line, exit 2

@@ -15,13 +15,14 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from conftest import SYNTHETIC, TORCHRUN, data_config, run_script
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+import audit
 import data
 import noise
 import train
-from conftest import SYNTHETIC, TORCHRUN, data_config, run_script
 
 SYNTHETIC_160 = [*SYNTHETIC, "--synthetic-size", "160"]  # the later --synthetic-size wins: 160 images
 
@@ -146,7 +147,7 @@ def test_a_short_window_stops_adding_the_training_batches(tmp_path: Path) -> Non
 
 
 def test_the_window_closes_when_the_missed_labels_start_being_fitted() -> None:
-    closes = train.TrainingDynamics.window_closes
+    closes = audit.TrainingDynamics.window_closes
     misses = [0] + [200] * 30
     learn = [60, 40, 30, 20, 15, 10, 10, 10, 10, 10, 10, 10]  # m falls to 0.05 and stays: learnt, nothing memorised
     assert not closes([0, *learn], misses[: len(learn) + 1])
@@ -158,12 +159,12 @@ def test_the_window_closes_when_the_missed_labels_start_being_fitted() -> None:
 
 
 def test_the_run_chooses_and_resumes_its_window(tmp_path: Path) -> None:
-    dyn = train.TrainingDynamics(torch.tensor([0, 1, 1, 0]), 2, torch.device("cpu"), None, True, total_images=40)
+    dyn = audit.TrainingDynamics(torch.tensor([0, 1, 1, 0]), 2, torch.device("cpu"), None, True, total_images=40)
     state = dyn.state_dict()
     assert all(isinstance(v, torch.Tensor) for v in state.values()) and math.isinf(float(state["window_end"]))
     dyn.window_end = 7.0
     dyn.hits[2] = 3
-    again = train.TrainingDynamics(torch.tensor([0, 1, 1, 0]), 2, torch.device("cpu"), None, True, total_images=40)
+    again = audit.TrainingDynamics(torch.tensor([0, 1, 1, 0]), 2, torch.device("cpu"), None, True, total_images=40)
     again.load_state_dict(dyn.state_dict())
     assert again.window_end == 7.0 and again.hits.tolist() == dyn.hits.tolist()
     assert again.observes_step(6, 4) and not again.observes_step(7, 4)  # epoch 6 is inside [0, 7), epoch 7 is not
@@ -173,17 +174,16 @@ def test_the_run_chooses_and_resumes_its_window(tmp_path: Path) -> None:
 
 
 def test_confident_joint_by_hand() -> None:
-    import eval as ev
 
     probs = torch.tensor([[0.9, 0.1, 0.0], [0.6, 0.4, 0.0], [0.2, 0.7, 0.1], [0.5, 0.3, 0.2], [0.1, 0.1, 0.8]])
     labels = torch.tensor([0, 0, 1, 1, 2])
     # thresholds: class 0 (0.9 + 0.6) / 2 = 0.75, class 1 (0.7 + 0.3) / 2 = 0.5, class 2 0.8
     # row 0: {0} -> 0; row 1: {} -> not counted; row 2: {1} -> 1; row 3: {} -> not counted; row 4: {2} -> 2
     # rows scaled to the label counts: label 0 has 2 examples and 1 confident one
-    assert torch.equal(ev.confident_joint(probs, labels), torch.tensor([[2.0, 0, 0], [0, 2, 0], [0, 0, 1]]))
+    assert torch.equal(audit.confident_joint(probs, labels), torch.tensor([[2.0, 0, 0], [0, 2, 0], [0, 0, 1]]))
     probs[3] = torch.tensor([0.8, 0.1, 0.1])  # given 1, confidently 0; thresholds now 0.75, 0.4, 0.8
     # so row 1 (0.4 >= 0.4) now counts as confidently 1 too
-    assert torch.equal(ev.confident_joint(probs, labels), torch.tensor([[1.0, 1, 0], [1, 1, 0], [0, 0, 1]]))
+    assert torch.equal(audit.confident_joint(probs, labels), torch.tensor([[1.0, 1, 0], [1, 1, 0], [0, 0, 1]]))
 
 
 def pairflip_transition(num_classes: int, rate: float) -> torch.Tensor:
@@ -192,20 +192,18 @@ def pairflip_transition(num_classes: int, rate: float) -> torch.Tensor:
 
 
 def test_clean_posterior_undoes_the_noise_the_fit_learnt() -> None:
-    import eval as ev
 
     t = pairflip_transition(3, 0.4)
     q = torch.tensor([[0.55, 0.45, 0.0], [1.0, 0.0, 0.0], [0.2, 0.3, 0.5]])
     p = q @ t  # a perfect fit to the noisy labels
     assert p[0].argmax() == 1  # 0.55 * 0.4 + 0.45 * 0.6 = 0.49 beats 0.55 * 0.6 = 0.33: the fit prefers the flip
-    assert torch.allclose(ev.clean_posterior(p, t), q, atol=1e-6)
-    assert torch.equal(ev.clean_posterior(p, torch.eye(3)), p)  # no noise: nothing to undo
-    assert torch.equal(ev.noise_transition(torch.tensor([[50.0, 0], [20, 0]])), torch.tensor([[5 / 7, 2 / 7], [0, 1]]))
-    assert torch.equal(ev.noise_transition(torch.tensor([[50.0, 0], [2, 0]])), torch.eye(2))  # 2 is scatter, not noise
+    assert torch.allclose(audit.clean_posterior(p, t), q, atol=1e-6)
+    assert torch.equal(audit.clean_posterior(p, torch.eye(3)), p)  # no noise: nothing to undo
+    assert torch.equal(audit.noise_transition(torch.tensor([[50.0, 0], [20, 0]])), torch.tensor([[5 / 7, 2 / 7], [0, 1]]))
+    assert torch.equal(audit.noise_transition(torch.tensor([[50.0, 0], [2, 0]])), torch.eye(2))  # 2 is scatter, not noise
 
 
 def test_the_audit_score_finds_pairflip_noise_in_a_noisy_fit() -> None:
-    import eval as ev
 
     gen = torch.Generator().manual_seed(0)
     n, c, rate = 5000, 10, 0.4
@@ -217,13 +215,12 @@ def test_the_audit_score_finds_pairflip_noise_in_a_noisy_fit() -> None:
     p = 0.9 * q @ pairflip_transition(c, rate) + 0.1 * torch.nn.functional.one_hot(given, c).float()
     dyn = {"early_prob_sum": 2 * p, "early_count": torch.full((n,), 2), "label": given,
            "margin_sum": torch.zeros(n), "count": torch.ones(n, dtype=torch.int64)}
-    flagged = ev.dynamics_columns(dyn, torch.ones(n, dtype=torch.bool))["predicted_label"] != given
+    flagged = audit.dynamics_columns(dyn, torch.ones(n, dtype=torch.bool))["predicted_label"] != given
     argmax_flagged = p.argmax(1) != given
     assert f1(flagged, flip) > 0.85 and f1(argmax_flagged, flip) < 0.75  # the argmax of the fit misses the flips it half learnt
 
 
 def test_the_transition_keeps_clean_classes_as_identity_under_partial_pair_noise() -> None:
-    import eval as ev
 
     gen = torch.Generator().manual_seed(0)
     n, c = 6000, 10
@@ -237,24 +234,23 @@ def test_the_transition_keeps_clean_classes_as_identity_under_partial_pair_noise
     # a fit with the model's own scattered errors: every class is sometimes confused with any other
     q = torch.softmax(3 * torch.nn.functional.one_hot(true, c).float() + torch.randn(n, c, generator=gen), dim=1)
     p = 0.9 * q @ t + 0.1 * torch.nn.functional.one_hot(given, c).float()
-    estimate = ev.noise_transition(ev.confident_joint(p, given))
+    estimate = audit.noise_transition(audit.confident_joint(p, given))
     clean = [k for k in range(c) if k not in pairs]
     assert torch.equal(estimate[clean], torch.eye(c)[clean])  # a clean class keeps its labels
     for i, j in pairs.items():
         assert estimate[i, j] > 0.2 and (estimate[i] > 0).sum() == 2  # the pair and nothing else
-    counts = ev.confident_joint(p, given).T  # what the test pruned: the confident joint's scatter in clean rows
+    counts = audit.confident_joint(p, given).T  # what the test pruned: the confident joint's scatter in clean rows
     assert sum(float(counts[k].sum() - counts[k, k]) for k in clean) > 0
-    assert f1(ev.audit_posterior(p, given).argmax(1) != given, flip) > f1(p.argmax(1) != given, flip) + 0.05  # 0.67 vs 0.58
+    assert f1(audit.audit_posterior(p, given).argmax(1) != given, flip) > f1(p.argmax(1) != given, flip) + 0.05  # 0.67 vs 0.58
 
 
 def test_top_confusions_count_the_flagged_pairs() -> None:
-    import eval as ev
 
     labels, predicted = torch.tensor([0, 0, 1, 1, 1, 2, 2]), torch.tensor([1, 1, 2, 2, 1, 0, 2])
     flagged = labels != predicted
-    assert ev.top_confusions(labels, predicted, flagged, None) == "0 -> 1 (2), 1 -> 2 (2), 2 -> 0 (1)"
-    assert ev.top_confusions(labels, predicted, flagged, ["cat", "dog", "fox"], k=1) == "cat -> dog (2)"
-    assert ev.top_confusions(labels, predicted, torch.zeros(7, dtype=torch.bool), None) == "none"
+    assert audit.top_confusions(labels, predicted, flagged, None) == "0 -> 1 (2), 1 -> 2 (2), 2 -> 0 (1)"
+    assert audit.top_confusions(labels, predicted, flagged, ["cat", "dog", "fox"], k=1) == "cat -> dog (2)"
+    assert audit.top_confusions(labels, predicted, torch.zeros(7, dtype=torch.bool), None) == "none"
 
 
 # ----------------------------------------------------------------------------- the audit after memorisation

@@ -8,10 +8,10 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from conftest import UNREACHABLE, data_config
 
 import data
 import noise
-from conftest import UNREACHABLE, data_config
 
 
 @pytest.fixture(autouse=True)
@@ -198,8 +198,8 @@ def test_cifar_n_file_through_prepare_data(tmp_path):
     "cfg, message",
     [
         ({"dataset": "tinyimagenet"}, "unknown dataset 'tinyimagenet': choose one of digits, synthetic, cifar10, cifar100, imagenet, clothing1m"),
-        ({"noise": "symmetric", "noise_rate": 1.0}, r"noise rate must be in \[0, 1\)"),
-        ({"noise": "symmetric", "noise_rate": -0.2}, r"noise rate must be in \[0, 1\)"),
+        ({"noise": "symmetric", "noise_rate": 1.0}, r"--noise-rate must be in \[0, 1\)"),
+        ({"noise": "symmetric", "noise_rate": -0.2}, r"--noise-rate must be in \[0, 1\)"),
         ({"noise": "salt"}, "unknown noise kind 'salt'"),
         ({"label_column": "target"}, "no label column 'target': the dataset has columns image, image_shape, label"),
         ({"image_column": "pixels"}, "no image column 'pixels'"),

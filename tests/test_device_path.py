@@ -8,6 +8,7 @@ import json
 import torch
 from conftest import data_config
 
+import config
 import data
 import losses
 import models
@@ -111,9 +112,9 @@ def test_evaluation_slices_device_tensors_and_predict_equals_a_bare_forward(monk
 
 
 def test_eval_batch_size_follows_the_batch_size_and_is_recorded(tmp_path, capsys):
-    assert train.resolve_args(["--batch-size", "64"]).eval_batch_size == 64
-    assert train.resolve_args(["--eval-batch-size", "1000"]).eval_batch_size == 1000
-    assert train.resolve_args(["--dataset", "cifar100"]).train_eval_size == 10_000  # a small share of the run
+    assert config.resolve(["--batch-size", "64"]).eval_batch_size == 64
+    assert config.resolve(["--eval-batch-size", "1000"]).eval_batch_size == 1000
+    assert config.resolve(["--dataset", "cifar100"]).train_eval_size == 10_000  # a small share of the run
     out = tmp_path / "run"
     assert train.cli(["--cpu", "--max-steps", "2", "--eval-every", "2", "--eval-batch-size", "50",
                       "--output-dir", str(out)]) == 0

@@ -11,13 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TORCHRUN, assert_one_error_line, data_config, run_script
 from PIL import Image
 from safetensors.torch import save_file
 
 import eval as ev
 import models
+import report
+import runfolder
 import sweep
-from conftest import TORCHRUN, assert_one_error_line, data_config, run_script
 
 
 def fake_run(root: Path, method: str, noise: str, rate: float, seed: int, acc: float, eps: float = 0.25,
@@ -95,7 +97,7 @@ def test_budget_table_shows_accuracy_and_memorisation_per_budget(tmp_path: Path)
     for steps, acc in ((300, 0.90), (1500, 0.70)):
         for seed in (0, 1):
             fake_run(tmp_path / f"T{steps}", "cce", "symmetric", 0.4, seed, acc + seed / 100, steps=steps)
-    rows = table_rows(ev.budget_table(ev.finished_runs([str(tmp_path)])))
+    rows = table_rows(report.budget_table(runfolder.finished_runs([str(tmp_path)])))
     assert rows["Method"] == ["symmetric r=0.4 T=300 test acc", "symmetric r=0.4 T=300 noisy_fit",
                               "symmetric r=0.4 T=1500 test acc", "symmetric r=0.4 T=1500 noisy_fit"]
     assert rows["CCE"] == ["**90.5 ± 0.7**", "50.0 ± 0.0", "**70.5 ± 0.7**", "50.0 ± 0.0"]
@@ -105,19 +107,19 @@ def test_table_eps_rows_and_best_eps(tmp_path: Path) -> None:
     for eps, acc in ((0.125, 0.55), (0.5, 0.59)):
         fake_run(tmp_path, "ls", "symmetric", 0.4, 0, acc, eps=eps)
     fake_run(tmp_path, "cce", "symmetric", 0.4, 0, 0.57)
-    runs = ev.finished_runs([str(tmp_path)])
-    rows = table_rows(ev.markdown_table(ev.collect_cells(runs)))
+    runs = runfolder.finished_runs([str(tmp_path)])
+    rows = table_rows(report.markdown_table(report.collect_cells(runs)))
     assert rows["LS (ε=0.125)"] == ["55.0"] and rows["LS (ε=0.5)"] == ["**59.0**"]
-    rows = table_rows(ev.markdown_table(ev.collect_cells(runs, best_eps=True), best_eps=True))
+    rows = table_rows(report.markdown_table(report.collect_cells(runs, best_eps=True), best_eps=True))
     assert rows["LS"] == ["**59.0 (ε=0.5)**"] and rows["CCE"] == ["57.0"]
 
 
 def test_plot_panels_size_and_runs_differ(grid: Path, tmp_path: Path) -> None:
-    runs_a = [ev.load_run(p) for p in sorted(grid.glob("digits-symmetric-0.4-cce-*"))]
+    runs_a = [runfolder.load_run(p) for p in sorted(grid.glob("digits-symmetric-0.4-cce-*"))]
     out_a = tmp_path / "a.png"
     proc = run_script("eval.py", "--plot", *map(str, (r.path for r in runs_a)), "--out", str(out_a))
     assert proc.returncode == 0, proc.stderr
-    fig = ev.plot_runs(runs_a, tmp_path / "a2.png")
+    fig = report.plot_runs(runs_a, tmp_path / "a2.png")
     titles = [ax.get_title() for ax in fig.axes]
     for key in ("Generalisation", "Memorisation", "Correction", "clean subset", "Entropy: clean", "Entropy: noisy", "epsilon"):
         assert any(key.lower() in (t + " " + ax.get_ylabel()).lower() for t, ax in zip(titles, fig.axes)), key
@@ -130,7 +132,7 @@ def test_plot_panels_size_and_runs_differ(grid: Path, tmp_path: Path) -> None:
     assert image_a.std() > 10  # not blank
     other = [fake_run(tmp_path / "other", "proselflc", "symmetric", 0.4, 0, 0.9, curve=0.3)]
     out_b = tmp_path / "b.png"
-    ev.plot_runs([ev.load_run(p) for p in other], out_b)
+    report.plot_runs([runfolder.load_run(p) for p in other], out_b)
     image_b = np.asarray(Image.open(out_b))
     assert image_b.shape == image_a.shape and np.abs(image_a.astype(int) - image_b.astype(int)).sum() > 0
 

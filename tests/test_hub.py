@@ -10,12 +10,14 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import ENV, UNREACHABLE, assert_one_error_line, read_metrics, run_script, snapshot
 from huggingface_hub import ModelCard
 
+import config
 import eval as ev
 import hub
+import report
 import train
-from conftest import ENV, UNREACHABLE, assert_one_error_line, read_metrics, run_script, snapshot
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +49,8 @@ def test_dry_run_stages_the_run_and_a_card_whose_accuracy_is_the_final_test_acc(
     assert "dry run: would upload 7 files" in proc.stdout and "model.safetensors" in proc.stdout
     assert sorted(p.name for p in stage.iterdir()) == ["README.md", "config.json", "dynamics.png",
                                                         "dynamics.safetensors", "metrics.jsonl", "model.safetensors",
-                                                        "noise.json"]
-    for name in hub.RUN_FILES:  # copies, byte for byte
+                                                        "noise.json", "proselflc-stage.json"]  # the mark: not uploaded
+    for name in hub.PUSHED_FILES:  # copies, byte for byte
         assert (stage / name).read_bytes() == (run / name).read_bytes()
     assert (stage / "dynamics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert snapshot(run) == before
@@ -64,16 +66,16 @@ def test_dry_run_stages_the_run_and_a_card_whose_accuracy_is_the_final_test_acc(
     noise = json.loads((run / "noise.json").read_text())
     assert f"realised rate {noise['realised_rate']:.4f}" in card.text and "![learning dynamics](dynamics.png)" in card.text
     assert f"{final:.4f}** (step 20 of 20)" in card.text and "models.build_model" in card.text
-    assert hub.reproduce_command(json.loads((run / "config.json").read_text())) in card.text
+    assert config.reproduce_command(json.loads((run / "config.json").read_text())) in card.text
 
 
 def test_the_cards_command_resolves_to_the_runs_configuration(run: Path) -> None:
-    config = json.loads((run / "config.json").read_text())
-    command = hub.reproduce_command(config)
+    cfg = json.loads((run / "config.json").read_text())
+    command = config.reproduce_command(cfg)
     assert command.startswith("python train.py --dataset digits --noise symmetric --noise-rate 0.4 ")
-    resolved = vars(train.resolve_args(shlex.split(command)[2:]))
-    skipped = {*hub.NOT_REPRODUCED, "resize", "image_size", "eps", "gce_q", "alpha", "beta", "elr_beta", "elr_lambda"}
-    differs = {k: (v, config[k]) for k, v in resolved.items() if k not in skipped and config.get(k) != v}
+    resolved = vars(config.resolve(shlex.split(command)[2:]))
+    skipped = {*config.NOT_REPRODUCED, "resize", "image_size", "eps", "gce_q", "alpha", "beta", "elr_beta", "elr_lambda"}
+    differs = {k: (v, cfg[k]) for k, v in resolved.items() if k not in skipped and cfg.get(k) != v}
     assert differs == {}
     assert "--eps" not in command and "--resize" not in command  # proselflc reads no eps; digits live in memory
 
@@ -82,11 +84,11 @@ def test_label_issues_are_staged_when_the_audit_wrote_them(run: Path, tmp_path: 
     audited = tmp_path / "audited"
     shutil.copytree(run, audited)
     (audited / "label_issues.csv").write_text("index,key,given_label,label_quality,is_label_issue\n0,k,1,0.1,True\n")
-    stage = hub.push_run(audited, "someone/digits-run", dry_run=True)
+    stage = hub.push_run(audited, "someone/digits-run", report.plot_runs, dry_run=True)
     assert stage == audited.with_name("audited-hub")
     assert (stage / "label_issues.csv").read_bytes() == (audited / "label_issues.csv").read_bytes()
     (audited / "label_issues.csv").unlink()
-    hub.push_run(audited, "someone/digits-run", dry_run=True)  # a second staging replaces the first
+    hub.push_run(audited, "someone/digits-run", report.plot_runs, dry_run=True)  # a second staging replaces the first
     assert not (stage / "label_issues.csv").exists()
 
 
@@ -111,17 +113,17 @@ def test_evaluating_a_hub_run_offline_is_one_line(tmp_path: Path) -> None:
 def test_a_bad_repo_id_an_unfinished_run_and_a_bad_stage_dir_are_refused(run: Path, tmp_path: Path) -> None:
     for repo_id in ("no-owner", "a/b/c", "bad..name/x", "owner/"):
         with pytest.raises(ValueError, match="is not a Hub repository id"):
-            hub.push_run(run, repo_id, dry_run=True)
+            hub.push_run(run, repo_id, report.plot_runs, dry_run=True)
     unfinished = tmp_path / "unfinished"
     shutil.copytree(run, unfinished, ignore=shutil.ignore_patterns("model.safetensors"))
     with pytest.raises(ValueError, match="has no model.safetensors: the run has not finished"):
-        hub.push_run(unfinished, "someone/x", dry_run=True)
+        hub.push_run(unfinished, "someone/x", report.plot_runs, dry_run=True)
     with pytest.raises(ValueError, match="inside the run folder"):
-        hub.push_run(run, "someone/x", dry_run=True, stage_dir=run / "hub")
+        hub.push_run(run, "someone/x", report.plot_runs, dry_run=True, stage_dir=run / "hub")
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")
-    with pytest.raises(ValueError, match="holds other files"):
-        hub.push_run(run, "someone/x", dry_run=True, stage_dir=tmp_path / "busy")
+    with pytest.raises(ValueError, match="was not staged by this suite"):
+        hub.push_run(run, "someone/x", report.plot_runs, dry_run=True, stage_dir=tmp_path / "busy")
     assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
     assert not (unfinished.parent / "unfinished-hub").exists()
 
@@ -130,7 +132,7 @@ def test_auditing_a_hub_run_ranks_by_its_dynamics_and_writes_beside_the_user(run
                                                                             monkeypatch, capsys) -> None:
     cache = tmp_path / "hf-cache-snapshot"  # stands in for the download: what a push stages, as snapshot_download gives
     cache.mkdir()
-    for name in (*hub.RUN_FILES, *hub.OPTIONAL_RUN_FILES):
+    for name in (*hub.PUSHED_FILES, *hub.OPTIONAL_PUSHED_FILES):
         if (run / name).is_file():
             shutil.copyfile(run / name, cache / name)
     monkeypatch.setattr(hub, "download_run", lambda text: cache)

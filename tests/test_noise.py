@@ -8,10 +8,10 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from conftest import Evil
 from datasets.distributed import split_dataset_by_node
 
 import noise
-from conftest import Evil
 
 # CIFAR-100 fine id -> coarse id as published with the dataset (an independent transcription of
 # the meta file's order, widely used as "sparse2coarse"): noise.py derives its table from names.
@@ -234,7 +234,7 @@ def test_pt_noise_file_is_loaded_weights_only(tmp_path):
 def test_bad_arguments():
     ds = label_dataset(100, 10)
     for rate in (1.0, -0.1, 1.5):
-        with pytest.raises(ValueError, match=r"noise rate must be in \[0, 1\)"):
+        with pytest.raises(ValueError, match=r"--noise-rate must be in \[0, 1\)"):
             noise.add_label_noise(ds, noise.resolve_noise("symmetric", rate, 0, 10), key_column="id")
     with pytest.raises(ValueError, match="unknown noise kind 'gaussian'"):
         noise.add_label_noise(ds, noise.resolve_noise("gaussian", 0.1, 0, 10), key_column="id")

@@ -8,6 +8,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from conftest import TORCHRUN, data_config, kill_once_written, read_metrics, run_script
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -15,7 +16,6 @@ import data
 import eval as evaluate
 import noise
 import train
-from conftest import TORCHRUN, data_config, kill_once_written, read_metrics, run_script
 
 PHOTO_RUN = ["--cpu", "--resize", "36", "--image-size", "32", "--model", "digits_cnn", "--weights", "none", "--batch-size", "8",
          "--num-workers", "1", "--max-bad-fraction", "0.1"]

@@ -7,9 +7,10 @@ import math
 import os
 
 import pytest
-
-import train
 from conftest import ENV, UNREACHABLE, read_metrics, run_script
+
+import config
+import train
 
 SMALL = ["--cpu", "--dataset", "synthetic", "--synthetic-size", "256", "--model", "digits_cnn", "--weights", "none",
          "--batch-size", "32", "--max-steps", "4", "--eval-every", "2", "--resize", "32", "--image-size", "32"]
@@ -81,8 +82,8 @@ def test_a_tiny_run_of_each_photo_recipe_records_its_values(tmp_path, recipe, va
     ("clothing1m", "clothing1m"), ("./my_photos", "cifar"), ("someone/food101n", "cifar"),
 ])
 def test_the_recipe_is_chosen_by_the_dataset_name(dataset, recipe):
-    assert train.resolve_args(["--dataset", dataset]).recipe == recipe
-    assert train.resolve_args(["--dataset", dataset, "--recipe", "digits"]).recipe == "digits"  # unless given
+    assert config.resolve(["--dataset", dataset]).recipe == recipe
+    assert config.resolve(["--dataset", dataset, "--recipe", "digits"]).recipe == "digits"  # unless given
 
 
 def other_value(key: str, value):
@@ -99,29 +100,29 @@ USED_WITH = {"synthetic_size": ["--dataset", "synthetic"], "synthetic_classes": 
              "resize": ["--image-size", "32"], "noise_rate": ["--noise", "symmetric"], "noise_seed": ["--noise", "symmetric", "--noise-rate", "0.2"]}
 
 
-@pytest.mark.parametrize("recipe", list(train.RECIPES))
+@pytest.mark.parametrize("recipe", list(config.RECIPES))
 def test_every_recipe_value_is_a_flag_that_overrides_it(recipe, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "mine.safetensors").write_bytes(b"")  # --weights names a file: it must exist
-    assert all(getattr(train.parse_args([]), key) is None for key in train.RECIPES[recipe])  # no second default
-    for key, value in train.RECIPES[recipe].items():
+    assert all(getattr(config.parse_args([]), key) is None for key in config.RECIPES[recipe])  # no second default
+    for key, value in config.RECIPES[recipe].items():
         if key == "channels_last":
-            assert train.resolve_args(["--recipe", recipe, "--no-channels-last"]).channels_last is False
+            assert config.resolve(["--recipe", recipe, "--no-channels-last"]).channels_last is False
             continue
-        if key == "milestones" and value is None or key == "poly_power" and train.RECIPES[recipe]["lr_schedule"] != "poly":
+        if key == "milestones" and value is None or key == "poly_power" and config.RECIPES[recipe]["lr_schedule"] != "poly":
             continue  # not used by this recipe's schedule (giving it is an error, tested below)
         new = other_value(key, value)
         uses = USED_WITH.get(key, [])  # a flag the run would not use is refused: give it a run that uses it
-        args = train.resolve_args(["--recipe", recipe, *uses, f"--{key.replace('_', '-')}", str(new)])
+        args = config.resolve(["--recipe", recipe, *uses, f"--{key.replace('_', '-')}", str(new)])
         assert getattr(args, key) == new, key
 
 
 def test_another_max_steps_scales_the_recipes_milestones():
-    assert train.resolve_args(["--dataset", "cifar100", "--max-steps", "3000"]).milestones == "1500,2200"
-    assert train.resolve_args(["--dataset", "cifar100", "--max-steps", "3000", "--milestones", "100"]).milestones == "100"
-    args = train.resolve_args(["--recipe", "imagenet", "--lr-schedule", "step"])
-    assert (args.milestones, args.poly_power) == ("", None) and train.milestone_steps(args) == []  # a constant lr
-    args = train.resolve_args(["--recipe", "cifar", "--lr-schedule", "poly"])
+    assert config.resolve(["--dataset", "cifar100", "--max-steps", "3000"]).milestones == "1500,2200"
+    assert config.resolve(["--dataset", "cifar100", "--max-steps", "3000", "--milestones", "100"]).milestones == "100"
+    args = config.resolve(["--recipe", "imagenet", "--lr-schedule", "step"])
+    assert (args.milestones, args.poly_power) == ("", None) and config.milestone_steps(args) == []  # a constant lr
+    args = config.resolve(["--recipe", "cifar", "--lr-schedule", "poly"])
     assert (args.milestones, args.poly_power) == (None, 2.0)
 
 
@@ -146,8 +147,8 @@ def test_poly_and_cosine_learning_rates_follow_their_formulas():
     (["--weights", "imagenet"], "--weights imagenet needs --model resnet18 or resnet50"),
     (["--weights", "imagenet", "--model", "resnet44"], "--weights imagenet needs --model resnet18 or resnet50"),
     (["--weights", "/no/such/weights.safetensors"], "no such file"),
-    (["--resize", "32", "--image-size", "40"], "--image-size 40 must not exceed --resize 32"),
-    (["--resize", "0"], "--resize and --image-size must be at least 1"),
+    (["--resize", "32", "--image-size", "40"], "--image-size 40 must be between 1 and --resize 32"),
+    (["--resize", "0"], "--resize must be at least 1"),
     (["--lr", "0"], "--lr must be positive"),
     (["--momentum", "1"], "--momentum must be in [0, 1)"),
 ])

@@ -20,14 +20,15 @@ import numpy as np
 import psutil
 import pytest
 import torch
+from conftest import ENV, ROOT, TINY, TORCHRUN, Evil, one_error_line, run_script, snapshot
 from safetensors.torch import load_file
 
+import config
 import eval as ev
 import losses
 import runfolder
 import sweep
 import train
-from conftest import ENV, ROOT, TINY, TORCHRUN, Evil, one_error_line, run_script, snapshot
 
 
 def wait_for(path: Path, proc: subprocess.Popen, seconds: float = 120) -> None:
@@ -105,10 +106,10 @@ def test_a_second_run_into_a_busy_folder_is_refused_and_a_dead_runs_lock_is_take
 def test_a_terminated_sweep_leaves_no_train_py_running(tmp_path):
     root = tmp_path / "sweep"
     proc = subprocess.Popen([sys.executable, "sweep.py", "--methods", "cce", "--settings", "symmetric:0.2",
-                             "--seeds", "0", "1", "--budgets", "300", "--jobs", "2", "--output-root", str(root),
-                             "--", *TINY[1:], "--max-steps", "100000", "--eval-every", "100000", "--save-every", "100000"],
+                             "--seeds", "0", "1", "--budgets", "100000", "--jobs", "2", "--output-root", str(root),
+                             "--", "--batch-size", "32", "--eval-every", "100000", "--save-every", "100000"],
                             cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    locks = [root / f"digits-symmetric-0.2-cce-T300-seed{s}" / runfolder.LOCK_NAME for s in (0, 1)]
+    locks = [root / f"digits-symmetric-0.2-cce-T100000-seed{s}" / runfolder.LOCK_NAME for s in (0, 1)]
     children = []
     spawned = psutil.Process(proc.pid)
     try:
@@ -307,7 +308,7 @@ def test_silently_accepted_flags_are_refused(tmp_path, capsys, flags, words):
     assert train.cli([*TINY, "--output-dir", str(tmp_path / "run"), *flags]) == 2
     assert words in one_error_line(capsys)
     if flags[-1] == "wandb" and importlib.util.find_spec("tensorboard"):
-        train.check_trackers("tensorboard")  # an installed tracker passes
+        config.check_trackers("tensorboard")  # an installed tracker passes
 
 
 @pytest.mark.parametrize("flags, words", [(["--jobs", "0"], "--jobs must be >= 1"),

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import ENV, ROOT, one_error_line
 
 import cluster

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SYNTHETIC, TORCHRUN, kill_once_written, read_metrics, run_script
 from safetensors.torch import load_file
 
 import data
 import losses
 import models
 import train
-from conftest import SYNTHETIC, TORCHRUN, kill_once_written, read_metrics, run_script
 
 
 def test_clean_digits_learns_and_writes_every_file(clean_digits_run):
@@ -212,6 +212,7 @@ def test_elr_resumed_from_a_checkpoint_equals_an_uninterrupted_run(tmp_path):
     # the state a kill right after the step-4 checkpoint leaves behind
     (cut / "checkpoints").mkdir(parents=True)
     shutil.copytree(whole / "checkpoints" / "step_000004", cut / "checkpoints" / "step_000004")
+    shutil.copy(whole / "proselflc-run.json", cut)  # the suite's mark: a folder without it is never a run
     config = json.loads((whole / "config.json").read_text())
     (cut / "config.json").write_text(json.dumps({**config, "output_dir": str(cut)}))
     (cut / "metrics.jsonl").write_text((whole / "metrics.jsonl").read_text().splitlines()[0] + "\n")
