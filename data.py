@@ -1313,3 +1313,11 @@ def prepare_data(cfg: Mapping[str, Any]) -> tuple[Any, Any, DatasetInfo]:
         noise=spec,
     )
     return train, test, info
+
+
+def stream_num_rows(train_ds: Any, key_column: str) -> int:
+    """1 + the largest integer id in a stream's key column (one pass over that column alone)."""
+    ids = [row[key_column] for row in train_ds.select_columns([key_column])]
+    if not ids or not all(isinstance(i, int) and i >= 0 for i in ids):
+        raise ValueError(f"--key-column {key_column} must hold non-negative integer ids for --method elr")
+    return max(ids) + 1

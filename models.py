@@ -129,7 +129,7 @@ def imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:
     except (urllib.error.URLError, OSError) as e:
         why = getattr(e, "reason", e)
         raise ValueError(f"--weights imagenet: cannot download {weights.url} ({why}); on a machine without internet, "
-                         f"pass a local file: --weights {name}_imagenet.safetensors (README: 'ImageNet weights')") from None
+                         f"pass a local file: --weights {name}_imagenet.safetensors (docs/data.md: 'ImageNet weights')") from None
     finally:
         socket.setdefaulttimeout(timeout)
 

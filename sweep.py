@@ -4,7 +4,7 @@
     python sweep.py --preset paper --accelerate-config accelerate_config.yaml
                                                          # CIFAR-100, ResNet-44, the paper's recipe
     python sweep.py --preset paper --dry-run             # print the train.py commands only
-    python sweep.py --preset digits --seeds 0 1 2 -- --lr 0.05   # after --: more train.py flags
+    python sweep.py --preset digits --seeds 0 -- --lr 0.05   # after --: train.py flags the grid leaves open
     python sweep.py --preset paper --launcher slurm --partition gpu --time 2:00:00   # a Slurm job array (docs/cloud.md)
     python sweep.py --status runs/sweep-paper            # finished, running, requeued, failed runs; the table
 
@@ -27,7 +27,7 @@ Presets:
   symmetric 20/40/60%: 14/12/8; asymmetric 20/30/40%: 14/10/8. 78 runs for one seed.
 - digits: digits_cnn on scikit-learn's 8x8 digits on the CPU, 40% symmetric noise, every method in
   losses.METHODS (CCE, LS, CP, Boot-soft, Boot-hard, GCE, SCE, ProSelfLC, its later variant and ELR)
-  at eps 0.25, seeds 0 and 1, at a short (300 steps) and a long (1,500 steps) budget (--budgets): 40
+  at eps 0.25, seeds 0, 1 and 2, at a short (300 steps) and a long (1,500 steps) budget (--budgets): 60
   runs, two at a time. With several budgets table.md has a test accuracy and a noisy_fit
   (memorisation) column per budget (eval.budget_table).
 """

@@ -54,40 +54,29 @@ def ran_precision(accelerator: Accelerator) -> str:
     return accelerator.mixed_precision
 
 
-def stream_num_rows(train_ds, key_column: str) -> int:
-    """1 + the largest integer id in a stream's key column (one pass over that column alone)."""
-    ids = [row[key_column] for row in train_ds.select_columns([key_column])]
-    if not ids or not all(isinstance(i, int) and i >= 0 for i in ids):
-        raise ValueError(f"--key-column {key_column} must hold non-negative integer ids for --method elr")
-    return max(ids) + 1
-
-
 def sync_running_targets(accelerator: Accelerator, loss_fn: losses.TrainingLoss, rows: torch.Tensor) -> None:
     """ELR: every process writes the rows its step updated into every copy, so all processes hold the same targets."""
     if accelerator.num_processes > 1:
         loss_fn.elr_targets[accelerator.gather(rows)] = accelerator.gather(loss_fn.elr_targets[rows])
 
 
-def evaluate(model, test_batches: data.EvalBatches, train_eval_batches: data.EvalBatches | None, accelerator, info,
-             channels_last: bool, dynamics: audit.TrainingDynamics | None = None, known_noise: bool = True,
-             early: bool = True) -> dict:
-    """Clean test accuracy/loss, the training dynamics and, with known noise, the paper's Figure 3 metrics."""
-    logits, labels = data.predict(model, test_batches, info, channels_last, accelerator.gather), test_batches.label
-    metrics = ev.test_metrics(logits, labels) | {"test_examples": len(labels)}
-    if train_eval_batches is not None:
-        logits = data.predict(model, train_eval_batches, info, channels_last, accelerator.gather)
-        b = train_eval_batches
-        label, clean, noisy, rows = b.label, b.clean_label, b.is_noisy, b.index
-        if dynamics is not None:
-            dynamics.update(logits, label, rows, early)
-        if not known_noise:
-            return metrics
-        pred, ent = logits.argmax(1), losses.normalized_entropy(logits.float().softmax(1))
-        mean = lambda x, mask: x[mask].float().mean().item() if mask.any() else float("nan")  # noqa: E731
-        metrics |= {"clean_fit": mean(pred == label, ~noisy), "noisy_fit": mean(pred == label, noisy),
-                    "noisy_correct": mean(pred == clean, noisy), "entropy_clean": mean(ent, ~noisy),
-                    "entropy_noisy": mean(ent, noisy)}
-    return metrics
+def evaluate(run: Run, early: bool) -> dict:
+    """Clean test accuracy/loss, the audit's statistics and, with known noise, the paper's Figure 3 metrics."""
+    args, accelerator, info, b = run.args, run.accelerator, run.info, run.train_eval_batches
+    logits = data.predict(run.model, run.test_batches, info, args.channels_last, accelerator.gather)
+    metrics = ev.test_metrics(logits, run.test_batches.label) | {"test_examples": len(run.test_batches.label)}
+    if b is None:
+        return metrics
+    logits = data.predict(run.model, b, info, args.channels_last, accelerator.gather)
+    if run.dynamics is not None:
+        run.dynamics.update(logits, b.label, b.index, early)
+    if args.noise == "none" and not info.clean_subset:
+        return metrics
+    pred, ent, noisy = logits.argmax(1), losses.normalized_entropy(logits.float().softmax(1)), b.is_noisy
+    mean = lambda x, mask: x[mask].float().mean().item() if mask.any() else float("nan")  # noqa: E731
+    return metrics | {"clean_fit": mean(pred == b.label, ~noisy), "noisy_fit": mean(pred == b.label, noisy),
+                      "noisy_correct": mean(pred == b.clean_label, noisy), "entropy_clean": mean(ent, ~noisy),
+                      "entropy_noisy": mean(ent, noisy)}
 
 
 def lr_at(step: int, base_lr: float, total_steps: int, schedule: str = "step", milestones: list[int] = (),
@@ -101,6 +90,9 @@ def lr_at(step: int, base_lr: float, total_steps: int, schedule: str = "step", m
 
 
 # ----------------------------------------------------------------------------- the run's pieces
+
+
+FRESH_STATE = {"step": 0, "best_acc": -1.0, "best_step": 0, "loss_sum": 0.0, "eps_sum": 0.0, "n_sum": 0}
 
 
 @dataclass
@@ -121,8 +113,7 @@ class Run:
     loss_module: losses.TrainingLoss | None = None  # the uncompiled loss: its state (ELR's targets) is checkpointed
     loss_fn: Any = None
     config: dict = field(default_factory=dict)
-    state: dict = field(default_factory=lambda: {"step": 0, "best_acc": -1.0, "best_step": 0, "loss_sum": 0.0,
-                                                 "eps_sum": 0.0, "n_sum": 0})
+    state: dict = field(default_factory=lambda: dict(FRESH_STATE))
 
 
 def trainee(run: Run) -> runfolder.Trainee:
@@ -168,7 +159,7 @@ def build_model_and_loss(run: Run) -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     num_examples = None
     if args.method == "elr":  # ELR's rows: the map-style split's rows, or a stream's --key-column ids
-        num_examples = stream_num_rows(run.train_ds, args.key_column) if args.streaming else len(run.train_ds)
+        num_examples = data.stream_num_rows(run.train_ds, args.key_column) if args.streaming else len(run.train_ds)
     run.loss_module = config.loss_from_args(args, info.num_classes, num_examples).to(accelerator.device)
     # the model is compiled by prepare (the accelerator's dynamo plugin); the loss is compiled here
     run.loss_fn = torch.compile(run.loss_module, mode=args.compile_mode) if args.compile else run.loss_module
@@ -204,8 +195,7 @@ def evaluate_and_log(run: Run, step: int, lr: float, sums: torch.Tensor, batches
     loss_sum, eps_sum = sums.tolist()
     metrics = {"step": step, "lr": lr, "train_loss": loss_sum / n, "epsilon": eps_sum / n}
     early = run.dynamics is not None and run.dynamics.observes_evaluation(step, args.batch_size, args.eval_every)
-    metrics |= evaluate(run.model, run.test_batches, run.train_eval_batches, accelerator, run.info, args.channels_last,
-                        run.dynamics, known_noise=args.noise != "none" or run.info.clean_subset, early=early)
+    metrics |= evaluate(run, early)
     metrics["process_steps"] = accelerator.gather(torch.tensor([step], device=accelerator.device)).tolist()
     metrics["bad_images"] = len(set(gather_object(sorted(batches.bad_files))))
     sums.zero_()

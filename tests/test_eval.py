@@ -27,7 +27,9 @@ def fake_run(root: Path, method: str, noise: str, rate: float, seed: int, acc: f
     """A run folder as train.py writes it: config.json and metrics.jsonl with 5 evaluations ending at `acc`."""
     path = root / f"digits-{noise}-{rate:g}-{method}-eps{eps:g}-seed{seed}"
     path.mkdir(parents=True)
-    cfg = data_config() | {"dataset": "digits", "noise": noise, "noise_rate": rate, "method": method, "eps": eps, "seed": seed,
+    recorded = {"device": "cpu", "input_path": "memory", "world_size": 1, "versions": {}, "git_commit": None,
+                "mixed_precision": "no", "sync_bn": False}  # what train.py adds once the run starts
+    cfg = {k: v for k, v in data_config().items() if k != "print_config"} | recorded | {"dataset": "digits", "noise": noise, "noise_rate": rate, "method": method, "eps": eps, "seed": seed,
            "exp_base": 10.0, "model": "digits_cnn", "num_classes": 10, "in_channels": 1, "max_steps": steps,
            "total_steps": steps, "batch_size": 128, "lr": 0.1}
     (path / "config.json").write_text(json.dumps(cfg))
@@ -35,7 +37,8 @@ def fake_run(root: Path, method: str, noise: str, rate: float, seed: int, acc: f
     lines = []
     for k in range(1, last + 1):
         m = {"step": steps * k // 5, "lr": 0.1, "train_loss": 2.0 / k * curve, "test_acc": acc * k / 5 if k < 5 else acc,
-             "test_loss": 1.0 / k, "epsilon": 0.1 * k * curve}
+             "test_loss": 1.0 / k, "epsilon": 0.1 * k * curve, "test_examples": 360,
+             "process_steps": [steps * k // 5], "bad_images": 0}
         if noise != "none":
             m |= {"clean_fit": 0.9 * k / 5, "noisy_fit": 0.1 * k * curve, "noisy_correct": 0.5 * curve,
                   "entropy_clean": 0.5 / k, "entropy_noisy": 0.6 / k * curve}
