@@ -33,8 +33,9 @@ import json
 import math
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -68,8 +69,15 @@ class TrainingDynamics:
     SMOOTH = 5  # epochs pooled on each side of the test in window_closes
     Z = 3.0  # one-sided z of the two-proportion test in window_closes
 
-    def __init__(self, labels: torch.Tensor, num_classes: int, device: torch.device, audit_epochs: float | None,
-                 from_batches: bool, total_images: int = 0):
+    def __init__(
+        self,
+        labels: torch.Tensor,
+        num_classes: int,
+        device: torch.device,
+        audit_epochs: float | None,
+        from_batches: bool,
+        total_images: int = 0,
+    ):
         self.label = labels.to(device)
         self.from_batches, self.auto = from_batches, audit_epochs is None and from_batches
         fixed = audit_epochs if audit_epochs is not None else config.STREAM_AUDIT_EPOCHS
@@ -134,7 +142,9 @@ class TrainingDynamics:
 
     def observes_evaluation(self, step: int, global_batch: int, eval_every: int) -> bool:
         """Whether the evaluation after `step` adds to the early sums (streams): the first one, or within the window."""
-        return not self.from_batches and (step <= eval_every or step * global_batch <= self.window_end * len(self.label))
+        return not self.from_batches and (
+            step <= eval_every or step * global_batch <= self.window_end * len(self.label)
+        )
 
     @torch.no_grad()
     def observe(self, logits: torch.Tensor, rows: torch.Tensor) -> None:
@@ -162,9 +172,16 @@ class TrainingDynamics:
             self.observe(z, rows)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"margin_sum": self.margin_sum, "count": self.count, "early_prob_sum": self.early_prob_sum,
-                "early_count": self.early_count, "last_pred": self.last_pred, "misses": self.misses,
-                "hits": self.hits, "window_end": self.end}
+        return {
+            "margin_sum": self.margin_sum,
+            "count": self.count,
+            "early_prob_sum": self.early_prob_sum,
+            "early_count": self.early_count,
+            "last_pred": self.last_pred,
+            "misses": self.misses,
+            "hits": self.hits,
+            "window_end": self.end,
+        }
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         for name, value in state.items():
@@ -177,31 +194,55 @@ class TrainingDynamics:
         """The early window as saved and printed, e.g. 'epochs [0, 21) chosen by the run'."""
         self.refresh()
         end = self.window_end if math.isfinite(self.window_end) else self.epoch + 1
-        how = "--audit-epochs" if not self.auto else ("chosen by the run" if math.isfinite(self.window_end) else
-                                                        "chosen by the run: never closed, the whole run")
+        how = (
+            "--audit-epochs"
+            if not self.auto
+            else (
+                "chosen by the run"
+                if math.isfinite(self.window_end)
+                else "chosen by the run: never closed, the whole run"
+            )
+        )
         if not self.from_batches:
             how = "evaluations of a stream within " + how.replace("chosen by the run", "the default")
         return f"epochs [0, {end:g}) ({how})"
 
     def save(self, path: Path, keys: list[str] | None) -> None:
         """dynamics.safetensors: the sums, count and given label per row; the window and a stream's subset keys in the metadata."""
-        tensors = {k: v.cpu().contiguous() for k, v in (self.state_dict() | {"label": self.label}).items()
-                   if k in ("margin_sum", "count", "early_prob_sum", "early_count", "label")}
+        tensors = {
+            k: v.cpu().contiguous()
+            for k, v in (self.state_dict() | {"label": self.label}).items()
+            if k in ("margin_sum", "count", "early_prob_sum", "early_count", "label")
+        }
         meta = {"rows": "split"} if keys is None else {"rows": "stream_subset", "keys": json.dumps(keys)}
         self.refresh()
         end = self.window_end
-        meta |= {"early": "training_batches" if self.from_batches else "evaluations",
-                 "audit_epochs": f"{end:g}" if math.isfinite(end) else f"{self.epoch + 1:g}",
-                 "window": "auto" if self.auto else "fixed", "window_text": self.window_text()}
+        meta |= {
+            "early": "training_batches" if self.from_batches else "evaluations",
+            "audit_epochs": f"{end:g}" if math.isfinite(end) else f"{self.epoch + 1:g}",
+            "window": "auto" if self.auto else "fixed",
+            "window_text": self.window_text(),
+        }
         runfolder.save_tensors_atomic(tensors, path, meta)
 
 
-def corrected_targets(logits: torch.Tensor, labels: torch.Tensor, cfg: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+def corrected_targets(
+    logits: torch.Tensor, labels: torch.Tensor, cfg: dict[str, Any]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """ProSelfLC at the end of training (step = T): eps_i and argmax_k of losses.py's target q~ of the run's settings."""
     total = int(cfg["total_steps"])
-    method = cfg["method"] if cfg["method"] in ("proselflc", "proselflc_t") else "proselflc"  # any run: ProSelfLC's view
-    loss_fn = losses.build_loss(method, logits.shape[1], total_steps=total, exp_base=cfg.get("exp_base"),
-                                transit=cfg.get("transit"), temperature=cfg.get("temperature"), trust=cfg.get("trust"))
+    method = (
+        cfg["method"] if cfg["method"] in ("proselflc", "proselflc_t") else "proselflc"
+    )  # any run: ProSelfLC's view
+    loss_fn = losses.build_loss(
+        method,
+        logits.shape[1],
+        total_steps=total,
+        exp_base=cfg.get("exp_base"),
+        transit=cfg.get("transit"),
+        temperature=cfg.get("temperature"),
+        trust=cfg.get("trust"),
+    )
     with torch.no_grad():
         target = loss_fn.target(logits.float(), labels, step=total)
     return loss_fn.last_epsilon, target.argmax(dim=1)
@@ -210,12 +251,20 @@ def corrected_targets(logits: torch.Tensor, labels: torch.Tensor, cfg: dict[str,
 def final_model_columns(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
     """The final model's view: its predicted class and its p(given label) per training example."""
     probs = F.softmax(logits.float(), dim=1)
-    return {"final_predicted_label": probs.argmax(dim=1), "final_label_quality": probs.gather(1, labels[:, None]).squeeze(1)}
+    return {
+        "final_predicted_label": probs.argmax(dim=1),
+        "final_label_quality": probs.gather(1, labels[:, None]).squeeze(1),
+    }
 
 
 # dynamics.safetensors (TrainingDynamics.save): its metadata fields.
-DYNAMICS_META = {"rows": runfolder.one_of("split", "stream_subset"), "early": runfolder.one_of("training_batches", "evaluations"),
-                 "audit_epochs": runfolder.text, "window": runfolder.one_of("auto", "fixed"), "window_text": runfolder.text}
+DYNAMICS_META = {
+    "rows": runfolder.one_of("split", "stream_subset"),
+    "early": runfolder.one_of("training_batches", "evaluations"),
+    "audit_epochs": runfolder.text,
+    "window": runfolder.one_of("auto", "fixed"),
+    "window_text": runfolder.text,
+}
 
 
 def read_dynamics_file(path: Path, num_classes: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -223,26 +272,49 @@ def read_dynamics_file(path: Path, num_classes: int) -> tuple[dict[str, torch.Te
     counts >= 0 and not all 0, sums finite), its metadata fields exactly as written; else one line naming the field."""
     dyn, meta = runfolder.read_tensors(path)
     n = len(dyn["label"]) if "label" in dyn and dyn["label"].dim() == 1 else 0
-    runfolder.check_tensors(path, dyn, {"label": torch.zeros(n, dtype=torch.int64), "count": torch.zeros(n, dtype=torch.int64),
-                                        "early_count": torch.zeros(n, dtype=torch.int64),
-                                        "margin_sum": torch.zeros(n), "early_prob_sum": torch.zeros(n, num_classes)})
+    runfolder.check_tensors(
+        path,
+        dyn,
+        {
+            "label": torch.zeros(n, dtype=torch.int64),
+            "count": torch.zeros(n, dtype=torch.int64),
+            "early_count": torch.zeros(n, dtype=torch.int64),
+            "margin_sum": torch.zeros(n),
+            "early_prob_sum": torch.zeros(n, num_classes),
+        },
+    )
     stream = meta.get("rows") == "stream_subset"
     runfolder.check_fields(f"{path} metadata", meta, DYNAMICS_META | ({"keys": runfolder.text} if stream else {}))
     keys = runfolder.parse_json(meta["keys"], f"{path} metadata 'keys'") if stream else None
-    bad = next((name for name, bad in (
-        ("label", ((dyn["label"] < 0) | (dyn["label"] >= num_classes)).any()),
-        ("count", (dyn["count"] < 0).any() or not dyn["count"].any()),
-        ("early_count", (dyn["early_count"] < 0).any()), ("early_prob_sum", (dyn["early_prob_sum"] < 0).any()),
-        ("audit_epochs", not runfolder.number(0)(runfolder.parse_json(meta["audit_epochs"], f"{path} audit_epochs"))),
-        ("keys", stream and not (runfolder.list_of(runfolder.text)(keys) and len(set(keys)) == len(keys) == n)),
-    ) if bad), None)
+    bad = next(
+        (
+            name
+            for name, bad in (
+                ("label", ((dyn["label"] < 0) | (dyn["label"] >= num_classes)).any()),
+                ("count", (dyn["count"] < 0).any() or not dyn["count"].any()),
+                ("early_count", (dyn["early_count"] < 0).any()),
+                ("early_prob_sum", (dyn["early_prob_sum"] < 0).any()),
+                (
+                    "audit_epochs",
+                    not runfolder.number(0)(runfolder.parse_json(meta["audit_epochs"], f"{path} audit_epochs")),
+                ),
+                ("keys", stream and not (runfolder.list_of(runfolder.text)(keys) and len(set(keys)) == len(keys) == n)),
+            )
+            if bad
+        ),
+        None,
+    )
     if bad is not None:
-        raise ValueError(f"{path}: field {bad!r} is not what train.py writes (labels in [0, {num_classes}), counts "
-                         "at least 0 and not all 0, distinct string keys, one per row): refused")
+        raise ValueError(
+            f"{path}: field {bad!r} is not what train.py writes (labels in [0, {num_classes}), counts "
+            "at least 0 and not all 0, distinct string keys, one per row): refused"
+        )
     return dyn, meta
 
 
-def read_dynamics(run_dir: Path, train_ds: Any, num_classes: int) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+def read_dynamics(
+    run_dir: Path, train_ds: Any, num_classes: int
+) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
     """(dynamics.safetensors, checked whole, scattered onto the rows of the map-style training split, its
     metadata); None if the run has none.
 
@@ -353,11 +425,16 @@ def dynamics_columns(dyn: dict[str, torch.Tensor], scored: torch.Tensor) -> dict
     given = dyn["label"].long()
     q = p_bar.clone()
     q[scored] = audit_posterior(p_bar[scored], given[scored])
-    return {"predicted_label": q.argmax(dim=1), "label_quality": q.gather(1, given[:, None]).squeeze(1),
-            "aum": dyn["margin_sum"] / dyn["count"].clamp(min=1).float()}
+    return {
+        "predicted_label": q.argmax(dim=1),
+        "label_quality": q.gather(1, given[:, None]).squeeze(1),
+        "aum": dyn["margin_sum"] / dyn["count"].clamp(min=1).float(),
+    }
 
 
-def audit_rows(columns: dict[str, torch.Tensor], labels: torch.Tensor, scored: torch.Tensor) -> tuple[list[int], torch.Tensor]:
+def audit_rows(
+    columns: dict[str, torch.Tensor], labels: torch.Tensor, scored: torch.Tensor
+) -> tuple[list[int], torch.Tensor]:
     """(every scored row ranked by label_quality, worst first; is_label_issue = predicted_label != given label)."""
     is_issue = (columns["predicted_label"] != labels) & scored
     rows = torch.nonzero(scored).squeeze(1)
@@ -365,23 +442,34 @@ def audit_rows(columns: dict[str, torch.Tensor], labels: torch.Tensor, scored: t
     return rows[order].tolist(), is_issue
 
 
-def audit_summary(is_issue: torch.Tensor, columns: dict[str, torch.Tensor], train: dict[str, torch.Tensor]) -> dict[str, float]:
+def audit_summary(
+    is_issue: torch.Tensor, columns: dict[str, torch.Tensor], train: dict[str, torch.Tensor]
+) -> dict[str, float]:
     """Precision and recall of the flagged rows against the real flips, and how many flips the prediction recovers."""
     is_noisy = train["is_noisy"].bool()
     flagged, n_noisy = int(is_issue.sum()), int(is_noisy.sum())
     hit = int((is_issue & is_noisy).sum())
     summary = {
-        "flagged": flagged, "noisy": n_noisy, "noise_rate": n_noisy / len(is_noisy),
+        "flagged": flagged,
+        "noisy": n_noisy,
+        "noise_rate": n_noisy / len(is_noisy),
         "precision": hit / flagged if flagged else 0.0,
         "recall": hit / n_noisy if n_noisy else 0.0,
-        "recovered": float((columns["predicted_label"][is_noisy] == train["clean_label"][is_noisy]).float().mean()) if n_noisy else 0.0,
+        "recovered": float((columns["predicted_label"][is_noisy] == train["clean_label"][is_noisy]).float().mean())
+        if n_noisy
+        else 0.0,
     }
-    summary["corrected_recovered"] = float((columns["corrected_label"][is_noisy] == train["clean_label"][is_noisy]).float().mean()) if n_noisy else 0.0
+    summary["corrected_recovered"] = (
+        float((columns["corrected_label"][is_noisy] == train["clean_label"][is_noisy]).float().mean())
+        if n_noisy
+        else 0.0
+    )
     return summary
 
 
-def top_confusions(labels: torch.Tensor, predicted: torch.Tensor, is_issue: torch.Tensor, names: Sequence[str] | None,
-                   k: int = 5) -> str:
+def top_confusions(
+    labels: torch.Tensor, predicted: torch.Tensor, is_issue: torch.Tensor, names: Sequence[str] | None, k: int = 5
+) -> str:
     """The k most frequent (given -> predicted) pairs among the flagged examples, e.g. '3 -> 5 (12), 7 -> 1 (4)'."""
     pairs = torch.stack([labels[is_issue], predicted[is_issue]], dim=1)
     if not len(pairs):
@@ -392,16 +480,38 @@ def top_confusions(labels: torch.Tensor, predicted: torch.Tensor, is_issue: torc
     return ", ".join(f"{name(int(unique[i, 0]))} -> {name(int(unique[i, 1]))} ({int(counts[i])})" for i in order)
 
 
-AUDIT_COLUMNS = ("index", "key", "given_label", "predicted_label", "is_label_issue", "label_quality", "aum",
-                 "corrected_label", "eps", "final_predicted_label", "final_label_quality")
+AUDIT_COLUMNS = (
+    "index",
+    "key",
+    "given_label",
+    "predicted_label",
+    "is_label_issue",
+    "label_quality",
+    "aum",
+    "corrected_label",
+    "eps",
+    "final_predicted_label",
+    "final_label_quality",
+)
 
 
-def write_audit_csv(path: Path, ranked: list[int], keys: list[str], train: dict[str, torch.Tensor],
-                    columns: dict[str, torch.Tensor], known_noise: bool) -> None:
+def write_audit_csv(
+    path: Path,
+    ranked: list[int],
+    keys: list[str],
+    train: dict[str, torch.Tensor],
+    columns: dict[str, torch.Tensor],
+    known_noise: bool,
+) -> None:
     """One CSV row per scored training example, worst label_quality first (cleanlab's column names plus ours)."""
     header = ["rank", *(c for c in AUDIT_COLUMNS if c in columns or c in ("index", "key", "given_label"))]
     header += ["clean_label", "is_noisy"] if known_noise else []
-    values = {**columns, "given_label": train["label"], "clean_label": train["clean_label"], "is_noisy": train["is_noisy"]}
+    values = {
+        **columns,
+        "given_label": train["label"],
+        "clean_label": train["clean_label"],
+        "is_noisy": train["is_noisy"],
+    }
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(header)
@@ -413,8 +523,9 @@ def write_audit_csv(path: Path, ranked: list[int], keys: list[str], train: dict[
             w.writerow(row)
 
 
-def write_label_file(path: Path, keys: list[str], labels: torch.Tensor, is_issue: torch.Tensor,
-                     new_labels: torch.Tensor | None) -> None:
+def write_label_file(
+    path: Path, keys: list[str], labels: torch.Tensor, is_issue: torch.Tensor, new_labels: torch.Tensor | None
+) -> None:
     """A `train.py --noise file --noise-file PATH` file, `key,label` for every training example: the flagged
     ones relabelled to `new_labels`, or (None) given label -1, which drops them from the training set."""
     out = torch.where(is_issue, new_labels if new_labels is not None else torch.full_like(labels, -1), labels)
@@ -445,50 +556,75 @@ def audit_labels(run_dir: Path, cfg: dict[str, Any], train_ds: Any, logits: torc
     window = None
     if dyn is not None:
         if not torch.equal(dyn["label"][dyn["count"] > 0], labels[dyn["count"] > 0]):
-            raise ValueError(f"{run_dir}: the training labels differ from the run's: pass the run's --dataset and noise files")
+            raise ValueError(
+                f"{run_dir}: the training labels differ from the run's: pass the run's --dataset and noise files"
+            )
         scored = dyn["early_count"] > 0
         columns |= dynamics_columns(dyn, scored)
         how = "the early training dynamics"
         window = meta.get("window_text") or f"epochs [0, {meta.get('audit_epochs', '?')})"
     else:
         if score == "dynamics" and int(os.environ.get("RANK", "0")) == 0:
-            print(f"notice: {run_dir} has no usable dynamics.safetensors (trained before the audit kept training dynamics, "
-                  f"or with --train-eval-size 0): ranking by the final model, which misses the labels it has memorised",
-                  file=sys.stderr)
-        columns["predicted_label"], columns["label_quality"] = columns["final_predicted_label"], columns["final_label_quality"]
+            print(
+                f"notice: {run_dir} has no usable dynamics.safetensors (trained before the audit kept training dynamics, "
+                f"or with --train-eval-size 0): ranking by the final model, which misses the labels it has memorised",
+                file=sys.stderr,
+            )
+        columns["predicted_label"], columns["label_quality"] = (
+            columns["final_predicted_label"],
+            columns["final_label_quality"],
+        )
         scored, how = torch.ones_like(labels, dtype=torch.bool), "the final model"
     ranked, is_issue = audit_rows(columns, labels, scored)
     columns["is_label_issue"] = is_issue
     return Audit(columns, scored, ranked, is_issue, how, window)
 
 
-def write_audit(audit: Audit, train_ds: Any, info: data.DatasetInfo, cfg: dict[str, Any], out: Path, top: int,
-                relabel: str | None, drop: str | None) -> None:
+def write_audit(
+    audit: Audit,
+    train_ds: Any,
+    info: data.DatasetInfo,
+    cfg: dict[str, Any],
+    out: Path,
+    top: int,
+    relabel: str | None,
+    drop: str | None,
+) -> None:
     """Write the ranked CSV (and the --relabel/--drop label files) and print what the audit found."""
     train = data.label_tensors(train_ds)
     labels, columns, is_issue, ranked = train["label"], audit.columns, audit.is_issue, audit.ranked
     keys = [str(k) for k in train_ds["example_key"]]
     known_noise = (cfg.get("noise") or "none") != "none"
     runfolder.write_or_explain(lambda: write_audit_csv(out, ranked, keys, train, columns, known_noise), out)
-    print(f"{int(is_issue.sum())} of {int(audit.scored.sum())} training labels flagged as label issues by {audit.how}: "
-          f"its predicted class differs from the given label; wrote {out}")
+    print(
+        f"{int(is_issue.sum())} of {int(audit.scored.sum())} training labels flagged as label issues by {audit.how}: "
+        f"its predicted class differs from the given label; wrote {out}"
+    )
     if audit.window:
         print(f"early window: {audit.window}")
     names = getattr(train_ds.features["label"], "names", None)
     print(f"most flagged (given -> predicted): {top_confusions(labels, columns['predicted_label'], is_issue, names)}")
     for rank, i in enumerate([i for i in ranked if is_issue[i]][:top], 1):
-        print(f"{rank:4d}. key={keys[i]} given={int(labels[i])} predicted={int(columns['predicted_label'][i])} "
-              f"label_quality={float(columns['label_quality'][i]):.3f} corrected={int(columns['corrected_label'][i])} "
-              f"eps={float(columns['eps'][i]):.3f}")
+        print(
+            f"{rank:4d}. key={keys[i]} given={int(labels[i])} predicted={int(columns['predicted_label'][i])} "
+            f"label_quality={float(columns['label_quality'][i]):.3f} corrected={int(columns['corrected_label'][i])} "
+            f"eps={float(columns['eps'][i]):.3f}"
+        )
     for path, new in ((relabel, columns["predicted_label"]), (drop, None)):
         if path:
-            runfolder.write_or_explain(lambda: write_label_file(Path(path), keys, labels, is_issue, new), path)
-            print(f"wrote {path}: train.py --noise file --noise-file {path} trains on the "
-                  f"{'relabelled' if new is not None else 'remaining'} labels")
+            runfolder.write_or_explain(lambda p=path, n=new: write_label_file(Path(p), keys, labels, is_issue, n), path)
+            print(
+                f"wrote {path}: train.py --noise file --noise-file {path} trains on the "
+                f"{'relabelled' if new is not None else 'remaining'} labels"
+            )
     if known_noise or info.clean_subset:  # Clothing1M: against the clean labels of the overlap
         known = audit.scored & data.clean_label_known(train_ds)
-        s = audit_summary(is_issue[known], {k: v[known] for k, v in columns.items()}, {k: v[known] for k, v in train.items()})
+        s = audit_summary(
+            is_issue[known], {k: v[known] for k, v in columns.items()}, {k: v[known] for k, v in train.items()}
+        )
         where = "" if known.all() else f" of the {int(known.sum())} training examples with a known clean label"
-        print(f"against the real flips{where} ({s['noisy']} noisy, rate {s['noise_rate']:.3f}): precision={s['precision']:.3f} "
-              f"recall={s['recall']:.3f}; clean label recovered by the prediction for {s['recovered']:.3f} of the flips, "
-              f"by ProSelfLC's corrected target for {s['corrected_recovered']:.3f}")
+        print(
+            f"against the real flips{where} ({s['noisy']} noisy, rate {s['noise_rate']:.3f}): precision={s['precision']:.3f} "
+            f"recall={s['recall']:.3f}; clean label recovered by the prediction for {s['recovered']:.3f} of the flips, "
+            f"by ProSelfLC's corrected target for {s['corrected_recovered']:.3f}"
+        )

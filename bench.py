@@ -39,8 +39,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +53,9 @@ import models
 import noise
 
 
-def median_time(fn: Callable[[], object], repeats: int, inner: int = 1, sync: Callable[[], None] = lambda: None) -> float:
+def median_time(
+    fn: Callable[[], object], repeats: int, inner: int = 1, sync: Callable[[], None] = lambda: None
+) -> float:
     """Median over `repeats` blocks of the seconds per call of fn (each block `inner` calls)."""
     times = []
     for _ in range(repeats):
@@ -69,7 +71,9 @@ def median_time(fn: Callable[[], object], repeats: int, inner: int = 1, sync: Ca
 # ---------------------------------------------------------------------------------------------- losses
 
 
-def loss_calls(c: int, n: int, device: torch.device, compiled: bool) -> dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+def loss_calls(
+    c: int, n: int, device: torch.device, compiled: bool
+) -> dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
     """Every method's loss as fn(logits, labels) at ProSelfLC's t = T/2 (ELR on random rows of 50,000), eager or compiled."""
     total, rows = 30_000, torch.randperm(50_000, device=device)[:n]
     calls = {}
@@ -80,8 +84,13 @@ def loss_calls(c: int, n: int, device: torch.device, compiled: bool) -> dict[str
     return calls
 
 
-def loss_fraction_rows(step_time: float, device: torch.device, quick: bool, sync: Callable[[], None],
-                       logits_dtype: torch.dtype = torch.float32) -> list[dict]:
+def loss_fraction_rows(
+    step_time: float,
+    device: torch.device,
+    quick: bool,
+    sync: Callable[[], None],
+    logits_dtype: torch.dtype = torch.float32,
+) -> list[dict]:
     """Each method's forward+backward on logits (256, 100), eager and compiled, as a fraction of step_time."""
     gen = torch.Generator(device=device).manual_seed(0)
     logits = (3.0 * torch.randn(256, 100, generator=gen, device=device)).to(logits_dtype).requires_grad_()
@@ -93,11 +102,17 @@ def loss_fraction_rows(step_time: float, device: torch.device, quick: bool, sync
             torch._dynamo.reset()  # the methods share TrainingLoss.forward: each gets its own compile budget
             for _ in range(5):  # warm-up, compilation included
                 torch.autograd.grad(loss(logits, labels), logits)
-            t = median_time(lambda: torch.autograd.grad(loss(logits, labels), logits), repeats, calls, sync=sync)
-            rows.append({"name": f"{name}, {'torch.compile' if compiled else 'eager'}, logits (256, 100) "
-                                 f"{str(logits_dtype).removeprefix('torch.')}, {device.type}",
-                         "value": 100 * t / step_time, "unit": "% of a step", "ratio": None,
-                         "note": f"{t * 1e6:,.0f} us per call; goal < 1% of a ResNet-44 batch-256 training step"})
+            t = median_time(lambda f=loss: torch.autograd.grad(f(logits, labels), logits), repeats, calls, sync=sync)
+            rows.append(
+                {
+                    "name": f"{name}, {'torch.compile' if compiled else 'eager'}, logits (256, 100) "
+                    f"{str(logits_dtype).removeprefix('torch.')}, {device.type}",
+                    "value": 100 * t / step_time,
+                    "unit": "% of a step",
+                    "ratio": None,
+                    "note": f"{t * 1e6:,.0f} us per call; goal < 1% of a ResNet-44 batch-256 training step",
+                }
+            )
     return rows
 
 
@@ -121,8 +136,15 @@ def resnet44_cpu_step_time(quick: bool) -> float:
 def bench_losses(quick: bool) -> list[dict]:
     """Every method's forward+backward on CPU, eager and torch.compile, as a fraction of a ResNet-44 batch-256 step."""
     step_time = resnet44_cpu_step_time(quick)
-    rows = [{"name": "ResNet-44 training step, batch 256, CPU, fp32 channels_last (the baseline)", "value": step_time * 1e3,
-             "unit": "ms/step", "ratio": 1.0, "note": "F.cross_entropy inside"}]
+    rows = [
+        {
+            "name": "ResNet-44 training step, batch 256, CPU, fp32 channels_last (the baseline)",
+            "value": step_time * 1e3,
+            "unit": "ms/step",
+            "ratio": 1.0,
+            "note": "F.cross_entropy inside",
+        }
+    ]
     return rows + loss_fraction_rows(step_time, torch.device("cpu"), quick, sync=lambda: None)
 
 
@@ -154,7 +176,7 @@ def epoch_rate(images: torch.Tensor, augment: bool, info: data.DatasetInfo, seed
     start = time.perf_counter()
     order = torch.randperm(n, generator=g)
     for i in range(0, n - INPUT_BATCH + 1, INPUT_BATCH):
-        x = images[order[i:i + INPUT_BATCH]]
+        x = images[order[i : i + INPUT_BATCH]]
         if augment:
             x = data.augment_batch(x, info.pad, True, g)
         data.normalize(x, info.mean, info.std)
@@ -174,8 +196,11 @@ def bench_input(quick: bool) -> list[dict]:
     torch.set_num_threads(1)
     try:
         n, repeats = (10_000, 2) if quick else (50_000, 3)
-        cfg = vars(config.resolve(["--dataset", "cifar10", "--data-dir", bench_parquet(n), "--noise", "symmetric",
-                                       "--noise-rate", "0.4"]))
+        cfg = vars(
+            config.resolve(
+                ["--dataset", "cifar10", "--data-dir", bench_parquet(n), "--noise", "symmetric", "--noise-rate", "0.4"]
+            )
+        )
         start = time.perf_counter()
         train_ds, _, info = data.prepare_data(cfg)
         images = data.to_tensors(train_ds)["image"]
@@ -189,23 +214,44 @@ def bench_input(quick: bool) -> list[dict]:
         for epoch in range(repeats):
             g = torch.Generator().manual_seed(epoch)
             count, start = 0, time.perf_counter()
-            for batch in data.stream_batches(stream_train, INPUT_BATCH, seed=0, epoch=epoch, process_index=0,
-                                             num_processes=1):
+            for batch in data.stream_batches(
+                stream_train, INPUT_BATCH, seed=0, epoch=epoch, process_index=0, num_processes=1
+            ):
                 data.normalize(data.augment_batch(batch["image"], info.pad, True, g), info.mean, info.std)
                 count += len(batch["label"])
             stream = max(stream, count / (time.perf_counter() - start))
     finally:
         torch.set_num_threads(threads)
     return [
-        {"name": f"bound: uint8 tensor, random batches of {INPUT_BATCH}, normalise (N={n})", "value": bound,
-         "unit": "images/s", "ratio": 1.0, "note": "baseline"},
-        {"name": "map-style epoch: index, augment (pad 4, crop, flip), normalise", "value": mapped,
-         "unit": "images/s", "ratio": mapped / bound, "note": "goal ratio >= 0.5"},
-        {"name": "map-style one-off: load parquet, symmetric noise, decode PNG to one tensor", "value": n / prepare_s,
-         "unit": "images/s", "ratio": None, "note": f"{prepare_s:.1f} s once per run (cached by datasets after)"},
-        {"name": f"streaming epoch: noise, reshard+split, shuffle, PNG decode in {data.default_workers(1)} workers, "
-                 "augment, normalise", "value": stream, "unit": "images/s", "ratio": stream / bound,
-         "note": "goal >= 20,000 images/s on 2 cores"},
+        {
+            "name": f"bound: uint8 tensor, random batches of {INPUT_BATCH}, normalise (N={n})",
+            "value": bound,
+            "unit": "images/s",
+            "ratio": 1.0,
+            "note": "baseline",
+        },
+        {
+            "name": "map-style epoch: index, augment (pad 4, crop, flip), normalise",
+            "value": mapped,
+            "unit": "images/s",
+            "ratio": mapped / bound,
+            "note": "goal ratio >= 0.5",
+        },
+        {
+            "name": "map-style one-off: load parquet, symmetric noise, decode PNG to one tensor",
+            "value": n / prepare_s,
+            "unit": "images/s",
+            "ratio": None,
+            "note": f"{prepare_s:.1f} s once per run (cached by datasets after)",
+        },
+        {
+            "name": f"streaming epoch: noise, reshard+split, shuffle, PNG decode in {data.default_workers(1)} workers, "
+            "augment, normalise",
+            "value": stream,
+            "unit": "images/s",
+            "ratio": stream / bound,
+            "note": "goal >= 20,000 images/s on 2 cores",
+        },
     ]
 
 
@@ -239,11 +285,38 @@ def train_py_step_time(steps: int, batch: int, tmp: str) -> float:
 
     def wall(total: int) -> float:
         start = time.perf_counter()
-        subprocess.run([sys.executable, str(config.SUITE_DIR / "train.py"), "--cpu", "--dataset", "synthetic", "--synthetic-size",
-                        "2048", "--model", "resnet20", "--method", "cce", "--batch-size", str(batch), "--max-steps",
-                        str(total), "--eval-every", str(total), "--save-every", str(10 * total), "--train-eval-size",
-                        "0", "--no-channels-last", "--overwrite", "--output-dir", f"{tmp}/run{total}"],
-                       check=True, capture_output=True, cwd=config.SUITE_DIR)
+        subprocess.run(
+            [
+                sys.executable,
+                str(config.SUITE_DIR / "train.py"),
+                "--cpu",
+                "--dataset",
+                "synthetic",
+                "--synthetic-size",
+                "2048",
+                "--model",
+                "resnet20",
+                "--method",
+                "cce",
+                "--batch-size",
+                str(batch),
+                "--max-steps",
+                str(total),
+                "--eval-every",
+                str(total),
+                "--save-every",
+                str(10 * total),
+                "--train-eval-size",
+                "0",
+                "--no-channels-last",
+                "--overwrite",
+                "--output-dir",
+                f"{tmp}/run{total}",
+            ],
+            check=True,
+            capture_output=True,
+            cwd=config.SUITE_DIR,
+        )
         return time.perf_counter() - start
 
     short, long = steps // 4, steps + steps // 4
@@ -260,21 +333,34 @@ def bench_train(quick: bool) -> list[dict]:
         plain_times.append(plain_loop_step_time(steps, batch))
     accelerate_loop, plain = statistics.median(loop_times), statistics.median(plain_times)
     rows = [
-        {"name": f"plain PyTorch loop, ResNet-20, batch {batch}, CPU", "value": 1 / plain, "unit": "steps/s",
-         "ratio": 1.0, "note": "baseline"},
-        {"name": f"train.py (Accelerate) loop, ResNet-20, batch {batch}, CPU", "value": 1 / accelerate_loop,
-         "unit": "steps/s", "ratio": plain / accelerate_loop, "note": "goal: within 5% (ratio >= 0.95)"},
+        {
+            "name": f"plain PyTorch loop, ResNet-20, batch {batch}, CPU",
+            "value": 1 / plain,
+            "unit": "steps/s",
+            "ratio": 1.0,
+            "note": "baseline",
+        },
+        {
+            "name": f"train.py (Accelerate) loop, ResNet-20, batch {batch}, CPU",
+            "value": 1 / accelerate_loop,
+            "unit": "steps/s",
+            "ratio": plain / accelerate_loop,
+            "note": "goal: within 5% (ratio >= 0.95)",
+        },
     ]
     x, y = torch.randn(256, 3, 32, 32), torch.randint(0, 100, (256,))
     base = None
-    for name, fmt, bf16 in (("fp32", torch.contiguous_format, False), ("fp32 channels_last", torch.channels_last, False),
-                            ("bf16 autocast channels_last", torch.channels_last, True)):
+    for name, fmt, bf16 in (
+        ("fp32", torch.contiguous_format, False),
+        ("fp32 channels_last", torch.channels_last, False),
+        ("bf16 autocast channels_last", torch.channels_last, True),
+    ):
         torch.manual_seed(0)  # a fresh model and optimizer per format: momentum buffers follow the weights' layout
         m = models.build_model("resnet44", 100).to(memory_format=fmt)
         opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
         xi = x.contiguous(memory_format=fmt)
 
-        def step(m=m, opt=opt, xi=xi) -> None:
+        def step(m=m, opt=opt, xi=xi, bf16=bf16) -> None:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 loss = F.cross_entropy(m(xi), y)
             loss.backward()
@@ -284,16 +370,24 @@ def bench_train(quick: bool) -> list[dict]:
         step()
         t = median_time(step, repeats=2 if quick else 3)
         base = base or t
-        rows.append({"name": f"ResNet-44 training step, batch 256, CPU, {name}", "value": t * 1000, "unit": "ms/step",
-                     "ratio": base / t, "note": f"{256 / t:.0f} images/s; ratio = speed-up over fp32"})
+        rows.append(
+            {
+                "name": f"ResNet-44 training step, batch 256, CPU, {name}",
+                "value": t * 1000,
+                "unit": "ms/step",
+                "ratio": base / t,
+                "note": f"{256 / t:.0f} images/s; ratio = speed-up over fp32",
+            }
+        )
     return rows
 
 
 # ------------------------------------------------------------------------------------------------ eval
 
 
-def eval_input_rates(paths: dict[str, Callable[[], object]], n: int, info: data.DatasetInfo, rounds: int,
-                     sync: Callable[[], None]) -> dict[str, list[float]]:
+def eval_input_rates(
+    paths: dict[str, Callable[[], object]], n: int, info: data.DatasetInfo, rounds: int, sync: Callable[[], None]
+) -> dict[str, list[float]]:
     """images/s of each path (a callable giving its uint8 image batches, or tuples led by one) with normalisation,
     per round: the paths run one after another in each round, so a ratio within a round sees one load."""
     rates: dict[str, list[float]] = {name: [] for name in paths}
@@ -323,19 +417,37 @@ def bench_eval(quick: bool) -> list[dict]:
     decode_s = time.perf_counter() - start
     tensor = data.nchw(images).to(device)
     collated = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(tensor.cpu()), batch_size=1024)
-    rates = eval_input_rates({"sliced": lambda: tensor.split(batch), "ours": lambda: batches,
-                              "before": lambda: collated}, n, info, 2 if quick else 8, sync)
+    rates = eval_input_rates(
+        {"sliced": lambda: tensor.split(batch), "ours": lambda: batches, "before": lambda: collated},
+        n,
+        info,
+        2 if quick else 8,
+        sync,
+    )
     ratio = {k: statistics.median(r / s for r, s in zip(rates[k], rates["sliced"])) for k in rates}  # median per round
     sliced, ours, before = (statistics.median(rates[k]) for k in ("sliced", "ours", "before"))  # before: replaced path
     rows = [
-        {"name": f"bound: slice a uint8 [N,3,32,32] tensor on the {device.type} in batches of {batch}, normalise (N={n:,})",
-         "value": sliced, "unit": "images/s", "ratio": 1.0, "note": "baseline"},
-        {"name": "data.EvalBatches (train.py's and eval.py's evaluation input), normalise", "value": ours,
-         "unit": "images/s", "ratio": ratio["ours"],
-         "note": f"goal ratio near 1; plus {decode_s:.2f} s once to decode the split onto the device"},
-        {"name": "before: TensorDataset + DataLoader, batch 1,024 (per-example collation), normalise", "value": before,
-         "unit": "images/s", "ratio": ratio["before"],
-         "note": "the replaced path; values: medians of 8 rounds, ratios: median of each round's ratio"},
+        {
+            "name": f"bound: slice a uint8 [N,3,32,32] tensor on the {device.type} in batches of {batch}, normalise (N={n:,})",
+            "value": sliced,
+            "unit": "images/s",
+            "ratio": 1.0,
+            "note": "baseline",
+        },
+        {
+            "name": "data.EvalBatches (train.py's and eval.py's evaluation input), normalise",
+            "value": ours,
+            "unit": "images/s",
+            "ratio": ratio["ours"],
+            "note": f"goal ratio near 1; plus {decode_s:.2f} s once to decode the split onto the device",
+        },
+        {
+            "name": "before: TensorDataset + DataLoader, batch 1,024 (per-example collation), normalise",
+            "value": before,
+            "unit": "images/s",
+            "ratio": ratio["before"],
+            "note": "the replaced path; values: medians of 8 rounds, ratios: median of each round's ratio",
+        },
     ]
     m = 1_000 if quick else (10_000 if device.type == "cuda" else 2_000)
     small = data.pixel_dataset(images[:m], labels[:m], [f"class{c}" for c in range(100)])
@@ -347,15 +459,22 @@ def bench_eval(quick: bool) -> list[dict]:
             for chunk in tensor[:m].split(500):
                 model(data.normalize(chunk, info.mean, info.std)).float().cpu()
 
-    ev.split_logits(model, data.pixel_dataset(images[:500], labels[:500], [str(c) for c in range(100)]), info,
-                    accelerator, 500)  # warm-up at the batch shape
+    ev.split_logits(
+        model, data.pixel_dataset(images[:500], labels[:500], [str(c) for c in range(100)]), info, accelerator, 500
+    )  # warm-up at the batch shape
     t_eval = t_bare = math.inf
     for _ in range(3):  # interleaved, best of each
         t_eval = min(t_eval, median_time(lambda: ev.split_logits(model, small, info, accelerator, 500), 1, sync=sync))
         t_bare = min(t_bare, median_time(bare, 1, sync=sync))
-    return rows + [{"name": f"eval.py split_logits (data.predict), ResNet-44 fp32, {device.type}, {m:,} images",
-                    "value": m / t_eval, "unit": "images/s", "ratio": t_bare / t_eval,
-                    "note": "ratio = bare forward loop time / eval.py time (which also decodes the split once)"}]
+    return rows + [
+        {
+            "name": f"eval.py split_logits (data.predict), ResNet-44 fp32, {device.type}, {m:,} images",
+            "value": m / t_eval,
+            "unit": "images/s",
+            "ratio": t_bare / t_eval,
+            "note": "ratio = bare forward loop time / eval.py time (which also decodes the split once)",
+        }
+    ]
 
 
 # ----------------------------------------------------------------------------------------------- audit
@@ -374,13 +493,35 @@ AUDIT_NOISES = (  # (name, train.py noise flags): the grid of bench_audit
 AUDIT_METHODS = ("cce", "proselflc", "gce", "elr")
 
 
-def audit_digits_run(out: Path, noise_flags: tuple[str, ...], method: str, steps: int, extra: tuple[str, ...] = ()) -> float:
+def audit_digits_run(
+    out: Path, noise_flags: tuple[str, ...], method: str, steps: int, extra: tuple[str, ...] = ()
+) -> float:
     """Train one digits run (seconds of wall time); the run folder holds dynamics.safetensors."""
     start = time.perf_counter()
-    subprocess.run([sys.executable, str(config.SUITE_DIR / "train.py"), "--cpu", *noise_flags, "--method", method,
-                    "--max-steps", str(steps), "--eval-every", "50", "--save-every", str(10 * steps),
-                    "--overwrite", "--output-dir", str(out), *extra], check=True, capture_output=True, cwd=config.SUITE_DIR,
-                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    subprocess.run(
+        [
+            sys.executable,
+            str(config.SUITE_DIR / "train.py"),
+            "--cpu",
+            *noise_flags,
+            "--method",
+            method,
+            "--max-steps",
+            str(steps),
+            "--eval-every",
+            "50",
+            "--save-every",
+            str(10 * steps),
+            "--overwrite",
+            "--output-dir",
+            str(out),
+            *extra,
+        ],
+        check=True,
+        capture_output=True,
+        cwd=config.SUITE_DIR,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     return time.perf_counter() - start
 
 
@@ -388,9 +529,25 @@ def audit_scores(run: Path, score: str = "dynamics") -> tuple[float, float, str]
     """(precision, recall, early window) that `eval.py --audit --score SCORE` prints against the real flips."""
     import re
 
-    proc = subprocess.run([sys.executable, str(config.SUITE_DIR / "eval.py"), "--audit", str(run), "--cpu", "--score", score,
-                           "--top", "0", "--out", str(run / f"issues-{score}.csv")], check=True, capture_output=True,
-                          text=True, cwd=config.SUITE_DIR)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(config.SUITE_DIR / "eval.py"),
+            "--audit",
+            str(run),
+            "--cpu",
+            "--score",
+            score,
+            "--top",
+            "0",
+            "--out",
+            str(run / f"issues-{score}.csv"),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=config.SUITE_DIR,
+    )
     found = re.search(r"precision=([0-9.]+) recall=([0-9.]+)", proc.stdout)
     window = re.search(r"early window: epochs \[0, ([0-9.]+)\)", proc.stdout)
     return float(found.group(1)), float(found.group(2)), window.group(1) if window else "-"
@@ -406,7 +563,11 @@ def cleanlab_scores(noise_flags: tuple[str, ...]) -> dict[str, tuple[float, floa
 
     train_ds, _, _ = data.prepare_data(vars(config.resolve(list(noise_flags))))
     t = data.to_tensors(train_ds)
-    x, y, noisy = t["image"].reshape(len(t["label"]), -1).float().numpy() / 16, t["label"].numpy(), t["is_noisy"].numpy()
+    x, y, noisy = (
+        t["image"].reshape(len(t["label"]), -1).float().numpy() / 16,
+        t["label"].numpy(),
+        t["is_noisy"].numpy(),
+    )
     out = {}
     # a small grid: more regularisation (smaller C, more neighbours) helps against pair-flip noise; the
     # best one per cell is reported (picking it needs the real flips, which a user does not have)
@@ -414,7 +575,9 @@ def cleanlab_scores(noise_flags: tuple[str, ...]) -> dict[str, tuple[float, floa
     classifiers += [(f"kNN k={k}", KNeighborsClassifier(k)) for k in (15, 30, 50)]
     classifiers += [("logistic regression", LogisticRegression(max_iter=2000))]
     for name, clf in classifiers:
-        probs = cross_val_predict(clf, x, y, cv=StratifiedKFold(5, shuffle=True, random_state=0), method="predict_proba")
+        probs = cross_val_predict(
+            clf, x, y, cv=StratifiedKFold(5, shuffle=True, random_state=0), method="predict_proba"
+        )
         flagged = find_label_issues(y, probs)
         hit = int((flagged & noisy).sum())
         out[name] = (hit / max(int(flagged.sum()), 1), hit / int(noisy.sum()))
@@ -441,20 +604,36 @@ def bench_audit(quick: bool) -> list[dict]:
     noises = AUDIT_NOISES[1:2] + AUDIT_NOISES[5:6] if quick else AUDIT_NOISES
     rows = []
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(2) as pool:  # two single-thread runs at a time
-        cells = {(n[0], m, s): pool.submit(audit_cell, tmp, n, m, s) for n in noises for m in AUDIT_METHODS for s in budgets}
+        cells = {
+            (n[0], m, s): pool.submit(audit_cell, tmp, n, m, s) for n in noises for m in AUDIT_METHODS for s in budgets
+        }
         for name, flags in noises:
             scores = cleanlab_scores(flags)
             best = max(scores, key=lambda k: f1(*scores[k]))
             bp, br = scores[best]
-            rows.append({"name": f"cleanlab find_label_issues, 5-fold, best of 7: {best}, {name}", "value": f1(bp, br),
-                         "unit": "F1", "ratio": None, "note": f"precision {bp:.3f}, recall {br:.3f}; "
-                         + ", ".join(f"{k} {f1(*v):.3f}" for k, v in scores.items())})
+            rows.append(
+                {
+                    "name": f"cleanlab find_label_issues, 5-fold, best of 7: {best}, {name}",
+                    "value": f1(bp, br),
+                    "unit": "F1",
+                    "ratio": None,
+                    "note": f"precision {bp:.3f}, recall {br:.3f}; "
+                    + ", ".join(f"{k} {f1(*v):.3f}" for k, v in scores.items()),
+                }
+            )
             for method in AUDIT_METHODS:
                 for steps in budgets:
                     p, r, window = cells[(name, method, steps)].result()
-                    rows.append({"name": f"eval.py --audit, {method} T={steps}, {name}", "value": f1(p, r), "unit": "F1",
-                                 "ratio": f1(p, r) - f1(bp, br), "note": f"precision {p:.3f}, recall {r:.3f}, window "
-                                 f"[0, {window}) epochs; ratio = F1 - best cleanlab F1"})
+                    rows.append(
+                        {
+                            "name": f"eval.py --audit, {method} T={steps}, {name}",
+                            "value": f1(p, r),
+                            "unit": "F1",
+                            "ratio": f1(p, r) - f1(bp, br),
+                            "note": f"precision {p:.3f}, recall {r:.3f}, window "
+                            f"[0, {window}) epochs; ratio = F1 - best cleanlab F1",
+                        }
+                    )
             print(f"  {name} done", flush=True)
     return rows
 
@@ -495,12 +674,43 @@ def cifar_gpu_runs_step_time(steps: int, runs: int, tmp: str, extra: tuple[str, 
 
     def wall(total: int) -> float:
         start = time.perf_counter()
-        procs = [subprocess.Popen([sys.executable, str(config.SUITE_DIR / "train.py"), "--dataset", "synthetic", "--synthetic-size",
-                                   "50000", "--synthetic-classes", "100", "--model", "resnet44", "--method", "proselflc",
-                                   "--mixed-precision", "bf16", "--batch-size", "256", "--max-steps", str(total),
-                                   "--eval-every", str(total), "--save-every", str(10 * total), "--train-eval-size",
-                                   "0", "--output-dir", f"{tmp}/k{runs}-{total}-{i}", *extra],
-                                  cwd=config.SUITE_DIR, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for i in range(runs)]
+        procs = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    str(config.SUITE_DIR / "train.py"),
+                    "--dataset",
+                    "synthetic",
+                    "--synthetic-size",
+                    "50000",
+                    "--synthetic-classes",
+                    "100",
+                    "--model",
+                    "resnet44",
+                    "--method",
+                    "proselflc",
+                    "--mixed-precision",
+                    "bf16",
+                    "--batch-size",
+                    "256",
+                    "--max-steps",
+                    str(total),
+                    "--eval-every",
+                    str(total),
+                    "--save-every",
+                    str(10 * total),
+                    "--train-eval-size",
+                    "0",
+                    "--output-dir",
+                    f"{tmp}/k{runs}-{total}-{i}",
+                    *extra,
+                ],
+                cwd=config.SUITE_DIR,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+            for i in range(runs)
+        ]
         for proc in procs:
             if proc.wait() != 0:
                 raise RuntimeError(proc.stderr.read().decode()[-2000:])
@@ -516,31 +726,61 @@ def bench_gpu(quick: bool) -> list[dict]:
     steps, rows = (200 if quick else 800), []
     with tempfile.TemporaryDirectory() as tmp:
         bound = idealised_gpu_step_time(quick, compiled=True)
-        rows.append({"name": "bare loop (no Accelerate, indices on the device), torch.compile", "value": 256 / bound,
-                     "unit": "images/s", "ratio": 1.0, "note": "the bound"})
+        rows.append(
+            {
+                "name": "bare loop (no Accelerate, indices on the device), torch.compile",
+                "value": 256 / bound,
+                "unit": "images/s",
+                "ratio": 1.0,
+                "note": "the bound",
+            }
+        )
         best = math.inf
-        for label, extra in (("eager", ()), ("--compile", ("--compile",)),
-                             ("--compile --compile-mode reduce-overhead", ("--compile", "--compile-mode", "reduce-overhead"))):
+        for label, extra in (
+            ("eager", ()),
+            ("--compile", ("--compile",)),
+            ("--compile --compile-mode reduce-overhead", ("--compile", "--compile-mode", "reduce-overhead")),
+        ):
             t = cifar_gpu_runs_step_time(steps, 1, tmp, extra)
             best = min(best, t)
-            rows.append({"name": f"train.py {label}, {torch.cuda.get_device_name()}", "value": 256 / t,
-                         "unit": "images/s", "ratio": bound / t, "note": f"30,000 x 256 run: {30_000 * t / 60:.1f} min "
-                                                                         "of steps (evaluations not counted)"})
+            rows.append(
+                {
+                    "name": f"train.py {label}, {torch.cuda.get_device_name()}",
+                    "value": 256 / t,
+                    "unit": "images/s",
+                    "ratio": bound / t,
+                    "note": f"30,000 x 256 run: {30_000 * t / 60:.1f} min of steps (evaluations not counted)",
+                }
+            )
         fastest = min(rows[1:], key=lambda r: -r["value"])["name"].split("train.py ")[1].split(",")[0]
         extra = tuple(fastest.split()) if fastest != "eager" else ()
         aggregate = {}
         for k in (1, 2, 4, 8):
             t = cifar_gpu_runs_step_time(steps, k, tmp, extra)
             aggregate[k] = k * 256 / t
-            rows.append({"name": f"{k} concurrent train.py runs ({fastest}), aggregate", "value": aggregate[k],
-                         "unit": "images/s", "ratio": aggregate[k] / aggregate[1],
-                         "note": f"Table 4's 78 runs: {78 * 30_000 * 256 / aggregate[k] / 3600:.2f} h of steps"})
+            rows.append(
+                {
+                    "name": f"{k} concurrent train.py runs ({fastest}), aggregate",
+                    "value": aggregate[k],
+                    "unit": "images/s",
+                    "ratio": aggregate[k] / aggregate[1],
+                    "note": f"Table 4's 78 runs: {78 * 30_000 * 256 / aggregate[k] / 3600:.2f} h of steps",
+                }
+            )
     best_k = max(aggregate, key=aggregate.get)
-    rows.append({"name": f"best K = {best_k}", "value": aggregate[best_k], "unit": "images/s", "ratio": None,
-                 "note": f"sweep.py --preset paper --gpus 0 --runs-per-gpu {best_k}: about "
-                         f"{78 * 30_000 * 256 / aggregate[best_k] / 3600:.2f} h of steps for 78 runs"})
-    return rows + loss_fraction_rows(bound, torch.device("cuda"), quick, sync=torch.cuda.synchronize,
-                                     logits_dtype=torch.bfloat16)
+    rows.append(
+        {
+            "name": f"best K = {best_k}",
+            "value": aggregate[best_k],
+            "unit": "images/s",
+            "ratio": None,
+            "note": f"sweep.py --preset paper --gpus 0 --runs-per-gpu {best_k}: about "
+            f"{78 * 30_000 * 256 / aggregate[best_k] / 3600:.2f} h of steps for 78 runs",
+        }
+    )
+    return rows + loss_fraction_rows(
+        bound, torch.device("cuda"), quick, sync=torch.cuda.synchronize, logits_dtype=torch.bfloat16
+    )
 
 
 GPU_SECTIONS = ("gpu", "gpu_photo")  # need CUDA: without it they are skipped and BENCHMARKS.md keeps their figures
@@ -572,7 +812,10 @@ def bench_photo_folder(n: int, size: tuple[int, int] = (500, 375), distinct: int
             im = Image.merge("RGB", [band.point(lambda v, a=a: (v + a) % 256) for band, a in zip(im.split(), c[:3])])
             draw = ImageDraw.Draw(im)
             for _ in range(6):
-                x, y = torch.randint(0, size[0], (1,), generator=rng).item(), torch.randint(0, size[1], (1,), generator=rng).item()
+                x, y = (
+                    torch.randint(0, size[0], (1,), generator=rng).item(),
+                    torch.randint(0, size[1], (1,), generator=rng).item(),
+                )
                 draw.ellipse((x, y, x + size[0] // 4, y + size[1] // 4), fill=tuple(c[3:]))
             im = Image.blend(im, Image.effect_noise(size, 20).convert("RGB"), 0.15)
             im.save(path, quality=90)
@@ -617,11 +860,36 @@ def peak_rss_of_run(folder: str, tmp: str) -> float:
     sizes (pages shared by the forked workers counted once), sampled every 50 ms."""
     import psutil
 
-    cmd = [sys.executable, "train.py", "--cpu", "--dataset", folder, "--model", "digits_cnn", "--resize", "128",
-           "--image-size", "112", "--batch-size", "32", "--max-steps", "20", "--eval-every", "20",
-           "--num-workers", "2", "--train-eval-size", "0", "--output-dir", os.path.join(tmp, "run"), "--overwrite"]
+    cmd = [
+        sys.executable,
+        "train.py",
+        "--cpu",
+        "--dataset",
+        folder,
+        "--model",
+        "digits_cnn",
+        "--resize",
+        "128",
+        "--image-size",
+        "112",
+        "--batch-size",
+        "32",
+        "--max-steps",
+        "20",
+        "--eval-every",
+        "20",
+        "--num-workers",
+        "2",
+        "--train-eval-size",
+        "0",
+        "--output-dir",
+        os.path.join(tmp, "run"),
+        "--overwrite",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_CACHE": os.path.join(tmp, "hf")}
-    proc = subprocess.Popen(cmd, cwd=config.SUITE_DIR, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cmd, cwd=config.SUITE_DIR, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     root, peak = psutil.Process(proc.pid), 0
     while proc.poll() is None:
         try:
@@ -660,13 +928,27 @@ def bench_photo(quick: bool) -> list[dict]:
             paper = max(paper, transform_rate(table, info, 64))
             rrc = max(rrc, transform_rate(table, info._replace(augment="rrc"), 64))
         rows += [
-            {"name": f"bound: PIL open + decode + resize to 256x256, 500x375 JPEGs (N={n})", "value": bound,
-             "unit": "images/s/core", "ratio": 1.0, "note": "baseline"},
-            {"name": "paper transform: decode, warp 256, random crop 224, flip, uint8 NCHW", "value": paper,
-             "unit": "images/s/core", "ratio": paper / bound,
-             "note": "goal ratio >= 0.8; resizes only the crop box (PIL box=), less work than the bound"},
-            {"name": "--augment rrc: decode, RandomResizedCrop 224, flip, uint8 NCHW", "value": rrc,
-             "unit": "images/s/core", "ratio": rrc / bound, "note": ""},
+            {
+                "name": f"bound: PIL open + decode + resize to 256x256, 500x375 JPEGs (N={n})",
+                "value": bound,
+                "unit": "images/s/core",
+                "ratio": 1.0,
+                "note": "baseline",
+            },
+            {
+                "name": "paper transform: decode, warp 256, random crop 224, flip, uint8 NCHW",
+                "value": paper,
+                "unit": "images/s/core",
+                "ratio": paper / bound,
+                "note": "goal ratio >= 0.8; resizes only the crop box (PIL box=), less work than the bound",
+            },
+            {
+                "name": "--augment rrc: decode, RandomResizedCrop 224, flip, uint8 NCHW",
+                "value": rrc,
+                "unit": "images/s/core",
+                "ratio": rrc / bound,
+                "note": "",
+            },
         ]
         big, _, big_info = data.prepare_data({**cfg, "dataset": large})
         big_table = big.with_format("arrow")[:]
@@ -677,34 +959,62 @@ def bench_photo(quick: bool) -> list[dict]:
             data.JPEG_DRAFT = True
             draft = max(draft, transform_rate(big_table, big_info, 50))
         rows += [
-            {"name": "paper transform, 1000x750 JPEGs, full-size decode (JPEG_DRAFT = False)", "value": full,
-             "unit": "images/s/core", "ratio": 1.0, "note": "baseline"},
-            {"name": "paper transform, 1000x750 JPEGs, PIL draft mode (DCT-scaled decode, the default)", "value": draft,
-             "unit": "images/s/core", "ratio": draft / full, "note": "why JPEG_DRAFT is on"},
+            {
+                "name": "paper transform, 1000x750 JPEGs, full-size decode (JPEG_DRAFT = False)",
+                "value": full,
+                "unit": "images/s/core",
+                "ratio": 1.0,
+                "note": "baseline",
+            },
+            {
+                "name": "paper transform, 1000x750 JPEGs, PIL draft mode (DCT-scaled decode, the default)",
+                "value": draft,
+                "unit": "images/s/core",
+                "ratio": draft / full,
+                "note": "why JPEG_DRAFT is on",
+            },
         ]
         steps = 5 if quick else 20
         one = loader_rate(train_ds, info, 1, steps, 64)
         two = loader_rate(train_ds, info, 2, steps, 64)
         rows += [
-            {"name": "decode-per-batch training source, 1 DataLoader worker, batch 64", "value": one,
-             "unit": "images/s", "ratio": 1.0, "note": "baseline"},
-            {"name": "decode-per-batch training source, 2 DataLoader workers", "value": two, "unit": "images/s",
-             "ratio": two / one, "note": f"goal near 2 on 2 idle cores; load average {os.getloadavg()[0]:.1f} here"},
+            {
+                "name": "decode-per-batch training source, 1 DataLoader worker, batch 64",
+                "value": one,
+                "unit": "images/s",
+                "ratio": 1.0,
+                "note": "baseline",
+            },
+            {
+                "name": "decode-per-batch training source, 2 DataLoader workers",
+                "value": two,
+                "unit": "images/s",
+                "ratio": two / one,
+                "note": f"goal near 2 on 2 idle cores; load average {os.getloadavg()[0]:.1f} here",
+            },
         ]
         with tempfile.TemporaryDirectory() as tmp:
             counts = (2_000,) if quick else (2_000, 20_000)
             peaks = [peak_rss_of_run(bench_photo_folder(c), tmp) for c in counts]
         for c, peak in zip(counts, peaks):
-            rows.append({"name": f"peak memory (PSS), train.py + 2 workers, 20 steps on {c:,} JPEGs", "value": peak,
-                         "unit": "MiB", "ratio": peak / peaks[0], "note": "goal: flat in the dataset size"})
+            rows.append(
+                {
+                    "name": f"peak memory (PSS), train.py + 2 workers, 20 steps on {c:,} JPEGs",
+                    "value": peak,
+                    "unit": "MiB",
+                    "ratio": peak / peaks[0],
+                    "note": "goal: flat in the dataset size",
+                }
+            )
     finally:
         data.JPEG_DRAFT = True
         torch.set_num_threads(threads)
     return rows
 
 
-def resnet50_step_rate(device: torch.device, compiled: bool, batch: int, size: int, steps: int,
-                       sync: Callable[[], None]) -> float:
+def resnet50_step_rate(
+    device: torch.device, compiled: bool, batch: int, size: int, steps: int, sync: Callable[[], None]
+) -> float:
     """images/s of a ResNet-50 training step (bf16 autocast, channels_last, uint8 input normalised on the device)."""
     model = models.build_model("resnet50", 14, 3).to(device, memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
@@ -735,7 +1045,7 @@ def jpeg_decode_rates(paths: list[str], device: torch.device, sync: Callable[[],
     sync()
     start = time.perf_counter()
     for i in range(0, len(blobs), 64):
-        decode_jpeg(blobs[i:i + 64], device=device)
+        decode_jpeg(blobs[i : i + 64], device=device)
     sync()
     on_device = len(blobs) / (time.perf_counter() - start)
     return on_device, bare_decode_rate(paths)
@@ -744,38 +1054,78 @@ def jpeg_decode_rates(paths: list[str], device: torch.device, sync: Callable[[],
 def bench_gpu_photo(quick: bool) -> list[dict]:
     """ResNet-50 224 bf16 step on CUDA (eager, compiled) vs the CPU decode-per-batch loader and GPU JPEG decoding."""
     if not torch.cuda.is_available():
-        return [{"name": "GPU photo section", "value": float("nan"), "unit": "-", "ratio": None,
-                 "note": "skipped: no CUDA device on this machine"}]
+        return [
+            {
+                "name": "GPU photo section",
+                "value": float("nan"),
+                "unit": "-",
+                "ratio": None,
+                "note": "skipped: no CUDA device on this machine",
+            }
+        ]
     device, sync, batch = torch.device("cuda"), torch.cuda.synchronize, 256
     torch.backends.cudnn.benchmark = True
     rows, base = [], None
     for compiled in (False, True):
         rate = resnet50_step_rate(device, compiled, batch, 224, 5 if quick else 20, sync)
         base = base or rate
-        rows.append({"name": f"ResNet-50 224 bf16 channels_last step, batch {batch}, {torch.cuda.get_device_name()}, "
-                             f"{'torch.compile' if compiled else 'eager'}", "value": rate, "unit": "images/s",
-                     "ratio": rate / base, "note": "what the GPU consumes"})
+        rows.append(
+            {
+                "name": f"ResNet-50 224 bf16 channels_last step, batch {batch}, {torch.cuda.get_device_name()}, "
+                f"{'torch.compile' if compiled else 'eager'}",
+                "value": rate,
+                "unit": "images/s",
+                "ratio": rate / base,
+                "note": "what the GPU consumes",
+            }
+        )
     folder = bench_photo_folder(2_000)
     cfg = vars(config.resolve(["--dataset", folder, "--resize", "256", "--image-size", "224"]))
     train_ds, _, info = data.prepare_data(cfg)
     workers = min(16, os.cpu_count() or 1)
     loader = loader_rate(train_ds, info, workers, 10 if quick else 30, 256)
-    rows.append({"name": f"decode-per-batch loader, {workers} DataLoader workers, 500x375 JPEGs, batch 256",
-                 "value": loader, "unit": "images/s", "ratio": loader / max(r["value"] for r in rows),
-                 "note": "ratio >= 1: the CPU decode keeps up with the fastest step above"})
+    rows.append(
+        {
+            "name": f"decode-per-batch loader, {workers} DataLoader workers, 500x375 JPEGs, batch 256",
+            "value": loader,
+            "unit": "images/s",
+            "ratio": loader / max(r["value"] for r in rows),
+            "note": "ratio >= 1: the CPU decode keeps up with the fastest step above",
+        }
+    )
     paths = [str(p) for p in sorted(Path(folder, "train").rglob("*.jpg"))][: 256 if quick else 1_024]
     gpu, cpu = jpeg_decode_rates(paths, device, sync)
-    rows += [{"name": "PIL decode + resize 256, one CPU core", "value": cpu, "unit": "images/s", "ratio": 1.0,
-              "note": "baseline"},
-             {"name": "torchvision.io.decode_jpeg(device='cuda'), batches of 64", "value": gpu, "unit": "images/s",
-              "ratio": gpu / cpu, "note": "decode only, no resize"}]
+    rows += [
+        {
+            "name": "PIL decode + resize 256, one CPU core",
+            "value": cpu,
+            "unit": "images/s",
+            "ratio": 1.0,
+            "note": "baseline",
+        },
+        {
+            "name": "torchvision.io.decode_jpeg(device='cuda'), batches of 64",
+            "value": gpu,
+            "unit": "images/s",
+            "ratio": gpu / cpu,
+            "note": "decode only, no resize",
+        },
+    ]
     return rows
 
 
 # ------------------------------------------------------------------------------------------------ main
 
-SECTIONS = {"losses": bench_losses, "input": bench_input, "train": bench_train, "eval": bench_eval, "gpu": bench_gpu,
-            "photo": bench_photo, "gpu_photo": bench_gpu_photo, "audit": bench_audit}
+SECTIONS = {
+    "losses": bench_losses,
+    "input": bench_input,
+    "train": bench_train,
+    "eval": bench_eval,
+    "gpu": bench_gpu,
+    "photo": bench_photo,
+    "gpu_photo": bench_gpu_photo,
+    "audit": bench_audit,
+}
 
 
 def markdown(results: dict[str, list[dict]], command: str, seconds: float) -> str:
@@ -783,17 +1133,29 @@ def markdown(results: dict[str, list[dict]], command: str, seconds: float) -> st
     import accelerate
     import datasets
 
-    lines = ["# Benchmarks", "", f"Produced by `{command}` on {datetime.date.today()} in {seconds / 60:.1f} min.", "",
-             f"- machine: {platform.platform()}, {os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}, "
-             f"load average at the end {os.getloadavg()[0]:.1f}, CUDA: "
-             f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}",
-             f"- python {platform.python_version()}, torch {torch.__version__}, accelerate {accelerate.__version__}, "
-             f"datasets {datasets.__version__}",
-             "- every ratio compares against a baseline measured in the same run (medians of repeats); "
-             "no timing is asserted in the tests.", ""]
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Produced by `{command}` on {datetime.date.today()} in {seconds / 60:.1f} min.",
+        "",
+        f"- machine: {platform.platform()}, {os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}, "
+        f"load average at the end {os.getloadavg()[0]:.1f}, CUDA: "
+        f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}",
+        f"- python {platform.python_version()}, torch {torch.__version__}, accelerate {accelerate.__version__}, "
+        f"datasets {datasets.__version__}",
+        "- every ratio compares against a baseline measured in the same run (medians of repeats); "
+        "no timing is asserted in the tests.",
+        "",
+    ]
     for section, rows in results.items():
-        lines += [f"## {section}", "", SECTIONS[section].__doc__.strip().splitlines()[0], "",
-                  "| what | value | unit | ratio | note |", "|---|---:|---|---:|---|"]
+        lines += [
+            f"## {section}",
+            "",
+            SECTIONS[section].__doc__.strip().splitlines()[0],
+            "",
+            "| what | value | unit | ratio | note |",
+            "|---|---:|---|---:|---|",
+        ]
         for r in rows:
             ratio = "" if r["ratio"] is None else (f"{r['ratio']:+.3f}" if r["unit"] == "F1" else f"{r['ratio']:.2f}")
             value = f"{r['value']:,.3f}" if r["unit"] == "F1" or r["unit"].startswith("%") else f"{r['value']:,.1f}"
@@ -814,8 +1176,10 @@ def merge_sections(old: str, new: str, command: str) -> str:
     _, fresh = split(new)
     for name, body in fresh.items():
         title, rest = body.split("\n", 1)
-        kept[name] = f"{title}\n\nProduced by `{command}` on {datetime.date.today()}, {os.cpu_count()} CPU cores, " \
-                     f"load average {os.getloadavg()[0]:.1f} at the end (above 2: a loaded machine).\n{rest}"
+        kept[name] = (
+            f"{title}\n\nProduced by `{command}` on {datetime.date.today()}, {os.cpu_count()} CPU cores, "
+            f"load average {os.getloadavg()[0]:.1f} at the end (above 2: a loaded machine).\n{rest}"
+        )
     return "\n".join([head.rstrip("\n") + "\n", *(body.rstrip("\n") + "\n" for body in kept.values())])
 
 
@@ -830,8 +1194,10 @@ def main() -> None:
     if unknown:
         sys.exit(f"error: unknown section {unknown[0]!r}: choose among {', '.join(SECTIONS)}")
     if not torch.cuda.is_available() and set(sections) & set(GPU_SECTIONS):
-        print(f"bench.py: {', '.join(s for s in sections if s in GPU_SECTIONS)} need a CUDA device, which this machine "
-              f"does not have: skipped, and {args.out} keeps the figures it has")
+        print(
+            f"bench.py: {', '.join(s for s in sections if s in GPU_SECTIONS)} need a CUDA device, which this machine "
+            f"does not have: skipped, and {args.out} keeps the figures it has"
+        )
         sections = [s for s in sections if s not in GPU_SECTIONS]
         if not sections:
             return

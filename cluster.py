@@ -23,15 +23,24 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import eval as ev
 import runfolder
 
 ROOT = Path(__file__).resolve().parent
-SLURM_FLAGS = ("partition", "time", "account", "gpus_per_task", "cpus_per_task", "constraint", "sbatch_line",
-               "signal_seconds")
+SLURM_FLAGS = (
+    "partition",
+    "time",
+    "account",
+    "gpus_per_task",
+    "cpus_per_task",
+    "constraint",
+    "sbatch_line",
+    "signal_seconds",
+)
 SLURM_TIME = re.compile(r"(\d+-)?\d+(:\d+){0,2}")  # minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS
 
 
@@ -44,12 +53,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gpus-per-task", type=int, help="GPUs of each task (sbatch --gres=gpu:N; default 1, 0 with --cpu)")
     g.add_argument("--cpus-per-task", type=int, help="sbatch --cpus-per-task (also each task's OMP_NUM_THREADS)")
     g.add_argument("--constraint", help="sbatch --constraint, e.g. a100")
-    g.add_argument("--sbatch-line", action="append", metavar="OPTION",
-                   help="one more #SBATCH line, e.g. --sbatch-line=--qos=high (repeatable)")
-    g.add_argument("--signal-seconds", type=int,
-                   help="USR1 this many seconds before the time limit (default 120; Slurm may send it up to 60 s early)")
-    p.add_argument("--status", metavar="OUTPUT_ROOT",
-                   help="show the state of the sweep under OUTPUT_ROOT and the table of its finished runs, then exit")
+    g.add_argument(
+        "--sbatch-line",
+        action="append",
+        metavar="OPTION",
+        help="one more #SBATCH line, e.g. --sbatch-line=--qos=high (repeatable)",
+    )
+    g.add_argument(
+        "--signal-seconds",
+        type=int,
+        help="USR1 this many seconds before the time limit (default 120; Slurm may send it up to 60 s early)",
+    )
+    p.add_argument(
+        "--status",
+        metavar="OUTPUT_ROOT",
+        help="show the state of the sweep under OUTPUT_ROOT and the table of its finished runs, then exit",
+    )
 
 
 def check_args(p: argparse.ArgumentParser, args: argparse.Namespace, extra: Sequence[str]) -> None:
@@ -89,13 +108,18 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace, extra: Sequ
 def batch_script(runs: Sequence[tuple[str, list[str]]], args: argparse.Namespace) -> str:
     """A Slurm job-array batch script for (run name, command) pairs, args.runs_per_gpu runs per array task."""
     k = args.runs_per_gpu
-    tasks = [runs[i:i + k] for i in range(0, len(runs), k)]
+    tasks = [runs[i : i + k] for i in range(0, len(runs), k)]
     root, logs = Path(args.output_root), Path(args.output_root) / "logs"
     gpus = args.gpus_per_task if args.gpus_per_task is not None else 0 if args.cpu else 1
     seconds = 120 if args.signal_seconds is None else args.signal_seconds
-    options = [f"--job-name=proselflc-{root.name}",
-               f"--array=0-{len(tasks) - 1}" + (f"%{args.array_limit}" if args.array_limit else ""),
-               "--requeue", f"--signal=B:USR1@{seconds}", "--open-mode=append", f"--output={logs}/slurm-%A_%a.out"]
+    options = [
+        f"--job-name=proselflc-{root.name}",
+        f"--array=0-{len(tasks) - 1}" + (f"%{args.array_limit}" if args.array_limit else ""),
+        "--requeue",
+        f"--signal=B:USR1@{seconds}",
+        "--open-mode=append",
+        f"--output={logs}/slurm-%A_%a.out",
+    ]
     for flag in ("partition", "time", "account", "constraint", "cpus_per_task"):
         if getattr(args, flag) is not None:
             options.append(f"--{flag.replace('_', '-')}={getattr(args, flag)}")
@@ -109,7 +133,7 @@ def batch_script(runs: Sequence[tuple[str, list[str]]], args: argparse.Namespace
 # USR1 ({seconds} s before the time limit, or `scancel --signal=USR1 --batch JOB_TASK`): train.py checkpoints at the
 # step it reached and exits 143, then the task requeues itself and its runs continue from there (--resume auto).
 # Each run's output is appended to logs/NAME.log, its starts and ends to logs/NAME.events (sweep.py --status).
-{chr(10).join(f'#SBATCH {o}' for o in options)}
+{chr(10).join(f"#SBATCH {o}" for o in options)}
 
 set -u
 cd {shlex.quote(str(ROOT))}  # the repository: each run starts there, as sweep.py starts them on one machine
@@ -171,8 +195,10 @@ def submit(runs: Sequence[tuple[str, list[str]]], args: argparse.Namespace) -> i
         print(script, end="")
         return 0
     if shutil.which("sbatch") is None:
-        raise ValueError("sbatch not found: --launcher slurm submits with Slurm's sbatch (run it where sbatch works, "
-                         "e.g. a login node), or add --dry-run to print the batch script")
+        raise ValueError(
+            "sbatch not found: --launcher slurm submits with Slurm's sbatch (run it where sbatch works, "
+            "e.g. a login node), or add --dry-run to print the batch script"
+        )
     logs = root / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     path = logs / "slurm-array.sh"
@@ -186,10 +212,12 @@ def submit(runs: Sequence[tuple[str, list[str]]], args: argparse.Namespace) -> i
         with open(logs / f"{name}.events", "a") as f:
             f.write(f"{stamp} submitted job={job}_{i // args.runs_per_gpu} host={socket.gethostname()}\n")
     tasks = -(-len(runs) // args.runs_per_gpu)
-    print(f"submitted job array {job}: {len(runs)} runs in {tasks} tasks ({path})\n"
-          f"follow it:  squeue -j {job}\n"
-          f"            tail -f {logs}/{runs[0][0]}.log\n"
-          f"            python sweep.py --status {root}")
+    print(
+        f"submitted job array {job}: {len(runs)} runs in {tasks} tasks ({path})\n"
+        f"follow it:  squeue -j {job}\n"
+        f"            tail -f {logs}/{runs[0][0]}.log\n"
+        f"            python sweep.py --status {root}"
+    )
     return 0
 
 
@@ -208,7 +236,9 @@ def read_events(path: Path) -> list[dict[str, str]]:
 
 def last_error(log: Path) -> str:
     """The last 'error: ...' line of a run's log (else its last line), for the status view."""
-    lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()] if log.is_file() else []
+    lines = (
+        [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()] if log.is_file() else []
+    )
     errors = [line for line in lines if line.startswith("error:") or "Error" in line.split(":")[0]]
     return (errors or lines or [""])[-1][:200]
 
@@ -243,8 +273,11 @@ def status_rows(root: Path) -> list[dict[str, Any]]:
     """One row per run under root: from its folder, logs/NAME.log and logs/NAME.events."""
     logs = root / "logs"
     names = {p.stem for p in logs.glob("*.events")} | {p.stem for p in logs.glob("*.log")}
-    names |= {p.name for p in root.iterdir() if p.is_dir() and p.name != "logs"
-              and (runfolder.is_run_folder(p) or (p / runfolder.LOCK_NAME).exists())}
+    names |= {
+        p.name
+        for p in root.iterdir()
+        if p.is_dir() and p.name != "logs" and (runfolder.is_run_folder(p) or (p / runfolder.LOCK_NAME).exists())
+    }
     rows = []
     for name in sorted(names):
         out, log, events = root / name, logs / f"{name}.log", read_events(logs / f"{name}.events")
@@ -253,9 +286,19 @@ def status_rows(root: Path) -> list[dict[str, Any]]:
         total = None
         if (out / "config.json").is_file():
             total = runfolder.read_json(out / "config.json").get("total_steps")
-        requeues = sum(1 for before, e in zip(events, events[1:]) if before["what"] == "exit 143" and e["what"] == "start")
-        rows.append({"name": name, "state": state, "note": note, "requeues": requeues, "dir": out,
-                     "step": f"{metrics[-1]['step'] if metrics else 0}/{total or '?'}"})
+        requeues = sum(
+            1 for before, e in zip(events, events[1:]) if before["what"] == "exit 143" and e["what"] == "start"
+        )
+        rows.append(
+            {
+                "name": name,
+                "state": state,
+                "note": note,
+                "requeues": requeues,
+                "dir": out,
+                "step": f"{metrics[-1]['step'] if metrics else 0}/{total or '?'}",
+            }
+        )
     return rows
 
 
@@ -266,11 +309,16 @@ def show_status(root: Path) -> int:
     rows = status_rows(root)
     if not rows:
         raise ValueError(f"--status {root}: no runs there (no run folders, no logs/*.log)")
-    counts = {s: sum(r["state"] == s for r in rows) for s in ("finished", "running", "requeued", "pending",
-                                                                "stopped", "failed")}
+    counts = {
+        s: sum(r["state"] == s for r in rows)
+        for s in ("finished", "running", "requeued", "pending", "stopped", "failed")
+    }
     requeued = sum(r["requeues"] > 0 for r in rows)
-    print(f"sweep under {root}: {len(rows)} runs: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n)
-          + f"; {requeued} requeued at least once")
+    print(
+        f"sweep under {root}: {len(rows)} runs: "
+        + ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+        + f"; {requeued} requeued at least once"
+    )
     width = max(len(r["name"]) for r in rows)
     print(f"{'run':<{width}}  {'state':<9}  {'step':>13}  requeued  note")
     for r in rows:

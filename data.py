@@ -69,11 +69,17 @@ CIFAR_STATS = {
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 # The keys prepare_data reads; their defaults are train.py's (RECIPES): pass train.resolve_args(...) or config.json.
 CFG_KEYS = (
-    "dataset", "data_dir", "streaming",
+    "dataset",
+    "data_dir",
+    "streaming",
     "image_column",  # None: "image", else "img", else the first Image column
     "label_column",  # None: "fine_label" if present, else "label"
     "key_column",  # None: hash of the stored image bytes
-    "noise", "noise_rate", "noise_seed", "noise_file", "noise_key",
+    "noise",
+    "noise_rate",
+    "noise_seed",
+    "noise_file",
+    "noise_key",
     "noise_pairs",  # None: the dataset's preset (cifar10, cifar100, synthetic)
     "synthetic_size",  # train examples; the test split has a fifth as many
     "synthetic_classes",
@@ -234,8 +240,10 @@ def _read_batch(path: str) -> dict[str, Any]:
         with open(path, "rb") as f:
             obj = _CifarUnpickler(f, encoding="bytes").load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
-        raise ValueError(f"{path} is not a CIFAR python batch ({e}): use the files of the official "
-                         f"cifar-10-batches-py / cifar-100-python download") from None
+        raise ValueError(
+            f"{path} is not a CIFAR python batch ({e}): use the files of the official "
+            f"cifar-10-batches-py / cifar-100-python download"
+        ) from None
     if not isinstance(obj, dict):
         raise ValueError(f"{path} is not a CIFAR python batch (it holds a {type(obj).__name__}, not a dict)")
     return {(k.decode() if isinstance(k, bytes) else k): v for k, v in obj.items()}
@@ -295,8 +303,7 @@ def pickle_splits(folder: str, kind: str) -> tuple[Any, Any]:
 def hub_error(repo_id: str, why: str) -> str:
     """One-line message for an unusable Hub: what happened and what to pass instead."""
     return (
-        f"cannot load '{repo_id}' from the Hugging Face Hub ({why}): "
-        f"pass --data-dir with a local copy: {LOCAL_FORMATS}"
+        f"cannot load '{repo_id}' from the Hugging Face Hub ({why}): pass --data-dir with a local copy: {LOCAL_FORMATS}"
     )
 
 
@@ -328,8 +335,10 @@ def load_local(path: str, name: str, streaming: bool) -> tuple[Any, Any]:
         return _pick_splits(datasets.load_from_disk(path), path, name)
     script = os.path.join(path, os.path.basename(os.path.normpath(path)) + ".py")
     if os.path.isfile(script):
-        raise ValueError(f"{path} holds a loading script ({script}), which datasets no longer runs (nor do we): "
-                         f"point --data-dir at the data files (parquet, images) or a save_to_disk folder")
+        raise ValueError(
+            f"{path} holds a loading script ({script}), which datasets no longer runs (nor do we): "
+            f"point --data-dir at the data files (parquet, images) or a save_to_disk folder"
+        )
     if os.path.isfile(os.path.join(path, "state.json")):
         raise ValueError(f"{path} holds one saved split: save a DatasetDict with 'train' and 'test' splits")
     data_files = None
@@ -341,7 +350,11 @@ def load_local(path: str, name: str, streaming: bool) -> tuple[Any, Any]:
         if test == os.path.basename(path) or not os.path.isfile(test_path):
             raise ValueError(f"{path} needs a test split: name the files train*.parquet and test*.parquet")
         data_files, path = {"train": path, "test": test_path}, "parquet"
-    unreadable = (FileNotFoundError, datasets.exceptions.DataFilesNotFoundError, datasets.exceptions.DatasetGenerationError)
+    unreadable = (
+        FileNotFoundError,
+        datasets.exceptions.DataFilesNotFoundError,
+        datasets.exceptions.DatasetGenerationError,
+    )
     try:
         return _pick_splits(datasets.load_dataset(path, data_files=data_files, streaming=streaming), path, name)
     except unreadable as e:
@@ -457,7 +470,9 @@ def load_splits(cfg: Mapping[str, Any]) -> tuple[Any, Any]:
         train, test = digits_splits()
     elif name == "clothing1m":
         if not cfg["data_dir"]:
-            raise ValueError("--dataset clothing1m needs --data-dir with the release (images/, *_label_kv.txt, key lists)")
+            raise ValueError(
+                "--dataset clothing1m needs --data-dir with the release (images/, *_label_kv.txt, key lists)"
+            )
         train, test = clothing1m_splits(os.path.expanduser(cfg["data_dir"]))
     elif name == "synthetic":
         train, test = synthetic_splits(int(cfg["synthetic_size"]), int(cfg["synthetic_classes"]))
@@ -590,7 +605,9 @@ def augment_batch(x: torch.Tensor, pad: int, flip: bool, generator: torch.Genera
 
 
 @functools.lru_cache(maxsize=16)
-def _scale_shift(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _scale_shift(
+    mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel scale 1/(255 std) and shift -mean/std as [1,C,1,1] tensors on device (made once)."""
     mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
@@ -636,8 +653,11 @@ def crop_box(
             top, left = rng.integers(0, height - h + 1), rng.integers(0, width - w + 1)
             return (left, top, left + w, top + h), bool(rng.random() < 0.5)
     ratio = width / height  # fallback: the centred crop of the whole image clamped to the ratio range
-    w, h = (width, round(width / RRC_RATIO[0])) if ratio < RRC_RATIO[0] else (
-        (round(height * RRC_RATIO[1]), height) if ratio > RRC_RATIO[1] else (width, height))
+    w, h = (
+        (width, round(width / RRC_RATIO[0]))
+        if ratio < RRC_RATIO[0]
+        else ((round(height * RRC_RATIO[1]), height) if ratio > RRC_RATIO[1] else (width, height))
+    )
     top, left = (height - h) // 2, (width - w) // 2
     return (left, top, left + w, top + h), bool(rng.random() < 0.5)
 
@@ -704,11 +724,16 @@ def photo_batch(
     take = np.arange(len(sources))
     if bad and seed is not None:
         if not good:
-            raise ValueError(f"every image of a training batch is unreadable ({names[0] or 'row ' + str(index[0])}, ...): "
-                             "check the data files")
+            raise ValueError(
+                f"every image of a training batch is unreadable ({names[0] or 'row ' + str(index[0])}, ...): "
+                "check the data files"
+            )
         take[bad] = [good[k % len(good)] for k in range(len(bad))]
-    out = {"image": nchw(images[take]), "index": torch.from_numpy(np.asarray(index, dtype=np.int64)[take]), "bad": [
-        names[i] or f"row {index[i]}" for i in bad]}
+    out = {
+        "image": nchw(images[take]),
+        "index": torch.from_numpy(np.asarray(index, dtype=np.int64)[take]),
+        "bad": [names[i] or f"row {index[i]}" for i in bad],
+    }
     for column in ("label", "clean_label"):
         if column in table.column_names:
             out[column] = torch.from_numpy(table.column(column).to_numpy().astype(np.int64)[take])
@@ -750,12 +775,23 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor.to(device, non_blocking=True)
 
 
-def batch_loader(dataset: torch.utils.data.Dataset, device: torch.device, workers: int, sampler: Any = None,
-                 batch_size: int | None = None) -> torch.utils.data.DataLoader:
+def batch_loader(
+    dataset: torch.utils.data.Dataset,
+    device: torch.device,
+    workers: int,
+    sampler: Any = None,
+    batch_size: int | None = None,
+) -> torch.utils.data.DataLoader:
     """DataLoader decoding in `workers` processes (0: in this one); batches pinned when they go to a CUDA
     device, so that .to(device, non_blocking=True) neither waits nor stages through pageable memory."""
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                                       prefetch_factor=4 if workers else None, pin_memory=device.type == "cuda")
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        prefetch_factor=4 if workers else None,
+        pin_memory=device.type == "cuda",
+    )
 
 
 class DecodedSteps(torch.utils.data.Dataset):
@@ -810,12 +846,22 @@ class EvalBatches:
     batch in `workers` DataLoader workers with warp + centre crop, pinned for a CUDA device.
     """
 
-    def __init__(self, ds: Any, info: DatasetInfo, device: torch.device, batch_size: int,
-                 rows: torch.Tensor | None = None, rank: int = 0, world: int = 1, workers: int = 0):
+    def __init__(
+        self,
+        ds: Any,
+        info: DatasetInfo,
+        device: torch.device,
+        batch_size: int,
+        rows: torch.Tensor | None = None,
+        rank: int = 0,
+        world: int = 1,
+        workers: int = 0,
+    ):
         rows = torch.arange(len(ds)) if rows is None else rows
         labels = label_tensors(ds)
-        self.label, self.clean_label, self.is_noisy = (to_device(labels[k][rows], device)
-                                                       for k in ("label", "clean_label", "is_noisy"))
+        self.label, self.clean_label, self.is_noisy = (
+            to_device(labels[k][rows], device) for k in ("label", "clean_label", "is_noisy")
+        )
         self.index, self.device, self.batch_size = to_device(rows, device), device, batch_size
         self.part, self.images, self.photos = process_part(rows, rank, world), None, None
         if info.photo:
@@ -838,8 +884,9 @@ class EvalBatches:
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, batches: EvalBatches, info: DatasetInfo, channels_last: bool = False,
-            gather: Any = None) -> torch.Tensor:
+def predict(
+    model: torch.nn.Module, batches: EvalBatches, info: DatasetInfo, channels_last: bool = False, gather: Any = None
+) -> torch.Tensor:
     """fp32 logits [N, C] of batches' N examples in their order, on every process: each process runs its
     part in eval mode, gather (accelerator.gather; None for one process) joins the parts, the padding is cut.
 
@@ -937,8 +984,18 @@ def stream_batches(
     device: where the batches go next (a CUDA device: they come pinned, see batch_loader).
     """
     workers = default_workers(num_processes) if num_workers is None else num_workers
-    epoch_ds = StreamEpoch(train_iterable, batch_size, seed, epoch, process_index, num_processes, shuffle_buffer,
-                           drop_last, info, key_column)
+    epoch_ds = StreamEpoch(
+        train_iterable,
+        batch_size,
+        seed,
+        epoch,
+        process_index,
+        num_processes,
+        shuffle_buffer,
+        drop_last,
+        info,
+        key_column,
+    )
     yield from batch_loader(epoch_ds, device or torch.device("cpu"), workers)
 
 
@@ -1013,9 +1070,18 @@ class TrainBatches:
         """Streamed batches epoch after epoch, from start_step on."""
         epoch, seen, size = 0, 0, process_batch(self.global_batch, self.world)
         while True:
-            for batch in stream_batches(self.ds, size, self.seed, epoch, self.rank,
-                                        self.world, num_workers=self.workers, info=self.info,
-                                        key_column=self.key_column, device=self.device):
+            for batch in stream_batches(
+                self.ds,
+                size,
+                self.seed,
+                epoch,
+                self.rank,
+                self.world,
+                num_workers=self.workers,
+                info=self.info,
+                key_column=self.key_column,
+                device=self.device,
+            ):
                 if seen >= self.start_step:
                     yield batch
                 seen += 1
@@ -1031,8 +1097,10 @@ class TrainBatches:
         total = self.seen if self.info.input_path == "stream" else len(self.ds)
         if len(self.bad_files) > self.max_bad_fraction * total and (self.info.input_path != "stream" or total >= 1000):
             listed = ", ".join(sorted(self.bad_files)[:5])
-            raise ValueError(f"{len(self.bad_files)} unreadable training images of {total}, more than "
-                             f"--max-bad-fraction {self.max_bad_fraction:g}: {listed}; fix or remove them")
+            raise ValueError(
+                f"{len(self.bad_files)} unreadable training images of {total}, more than "
+                f"--max-bad-fraction {self.max_bad_fraction:g}: {listed}; fix or remove them"
+            )
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         """One dict per step: the path's batch, moved to the device, pad-crop-flipped if not a photo batch."""
@@ -1055,8 +1123,10 @@ def data_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """The CFG_KEYS of a resolved configuration, converted to their types; KeyError names any missing key."""
     missing = [k for k in CFG_KEYS if k not in cfg]
     if missing:
-        raise KeyError(f"data.prepare_data needs a resolved configuration (config.resolve or config.json); "
-                       f"missing {', '.join(missing)}")
+        raise KeyError(
+            f"data.prepare_data needs a resolved configuration (config.resolve or config.json); "
+            f"missing {', '.join(missing)}"
+        )
     c = {k: cfg[k] for k in CFG_KEYS}
     c["streaming"] = bool(c["streaming"])
     c["noise_rate"], c["noise_seed"] = float(c["noise_rate"]), int(c["noise_seed"])
@@ -1067,7 +1137,9 @@ def data_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
     if c["augment"] not in ("paper", "rrc"):
         raise ValueError(f"--augment must be paper or rrc, got {c['augment']!r}")
     if c["resize"] and not 1 <= c["image_size"] <= c["resize"]:  # resize 0: a run recorded on the memory path
-        raise ValueError(f"--image-size {c['image_size']} must be between 1 and --resize {c['resize']} (the crop of the warped image)")
+        raise ValueError(
+            f"--image-size {c['image_size']} must be between 1 and --resize {c['resize']} (the crop of the warped image)"
+        )
     return c
 
 
@@ -1171,13 +1243,20 @@ def choose_input_path(train: Any, in_memory: str, image_size: int) -> tuple[str,
     if shape is not None:
         return "memory", False
     if in_memory == "yes":
-        raise ValueError("--in-memory yes needs images of one size, and these differ in size (or one is unreadable): "
-                         "use --in-memory auto to decode them per batch")
+        raise ValueError(
+            "--in-memory yes needs images of one size, and these differ in size (or one is unreadable): "
+            "use --in-memory auto to decode them per batch"
+        )
     return "decode", True
 
 
-CLOTHING1M_FILES = ("noisy_label_kv.txt", "clean_label_kv.txt", "noisy_train_key_list.txt", "clean_test_key_list.txt",
-                    "category_names_eng.txt")
+CLOTHING1M_FILES = (
+    "noisy_label_kv.txt",
+    "clean_label_kv.txt",
+    "noisy_train_key_list.txt",
+    "clean_test_key_list.txt",
+    "category_names_eng.txt",
+)
 CLOTHING1M_CLASSES = 14
 
 
@@ -1195,7 +1274,9 @@ def _read_kv(path: str) -> dict[str, int]:
             raise ValueError(f"{path} line {number}: expected 'images/.../name.jpg LABEL', got {' '.join(parts)!r}")
         label = int(parts[1])
         if not 0 <= label < CLOTHING1M_CLASSES:
-            raise ValueError(f"{path} line {number}: label {label} of {parts[0]} is outside 0..{CLOTHING1M_CLASSES - 1}")
+            raise ValueError(
+                f"{path} line {number}: label {label} of {parts[0]} is outside 0..{CLOTHING1M_CLASSES - 1}"
+            )
         out[parts[0]] = label
     return out
 
@@ -1209,15 +1290,21 @@ def clothing1m_splits(root: str) -> tuple[Any, Any]:
     """
     missing = [f for f in CLOTHING1M_FILES if not os.path.isfile(os.path.join(root, f))]
     if missing:
-        raise ValueError(f"{root} is not a Clothing1M release: missing {', '.join(missing)} "
-                         "(expected images/, the two *_label_kv.txt files and the key lists as distributed)")
+        raise ValueError(
+            f"{root} is not a Clothing1M release: missing {', '.join(missing)} "
+            "(expected images/, the two *_label_kv.txt files and the key lists as distributed)"
+        )
     names = [" ".join(parts) for parts in _read_lines(os.path.join(root, "category_names_eng.txt"))]
     if len(names) != CLOTHING1M_CLASSES:
-        raise ValueError(f"{root}/category_names_eng.txt has {len(names)} class names: Clothing1M has {CLOTHING1M_CLASSES}")
+        raise ValueError(
+            f"{root}/category_names_eng.txt has {len(names)} class names: Clothing1M has {CLOTHING1M_CLASSES}"
+        )
     noisy, clean = (_read_kv(os.path.join(root, f)) for f in ("noisy_label_kv.txt", "clean_label_kv.txt"))
     splits = []
-    for key_file, labels, kv in (("noisy_train_key_list.txt", noisy, "noisy_label_kv.txt"),
-                                 ("clean_test_key_list.txt", clean, "clean_label_kv.txt")):
+    for key_file, labels, kv in (
+        ("noisy_train_key_list.txt", noisy, "noisy_label_kv.txt"),
+        ("clean_test_key_list.txt", clean, "clean_label_kv.txt"),
+    ):
         keys = [parts[0] for parts in _read_lines(os.path.join(root, key_file))]
         unlabelled = [k for k in keys if k not in labels]
         if unlabelled:
@@ -1225,17 +1312,26 @@ def clothing1m_splits(root: str) -> tuple[Any, Any]:
         paths = [os.path.join(root, k) for k in keys]
         absent = [p for p in paths if not os.path.isfile(p)]
         if absent:
-            raise ValueError(f"{len(absent)} images of {key_file} are missing (first: {absent[0]}): copy the images/ folder")
+            raise ValueError(
+                f"{len(absent)} images of {key_file} are missing (first: {absent[0]}): copy the images/ folder"
+            )
         label = [labels[k] for k in keys]
         columns: dict[str, Any] = {"image": paths, "label": label, "key": keys}
-        features = {"image": datasets.Image(), "label": datasets.ClassLabel(names=names), "key": datasets.Value("string")}
+        features = {
+            "image": datasets.Image(),
+            "label": datasets.ClassLabel(names=names),
+            "key": datasets.Value("string"),
+        }
         if labels is noisy:
             known = [k in clean for k in keys]
             columns["clean_label"] = [clean.get(k, labels[k]) for k in keys]
             columns["is_noisy"] = [c != n for c, n in zip(columns["clean_label"], label)]
             columns["has_clean_label"] = known
-            features |= {"clean_label": datasets.ClassLabel(names=names), "is_noisy": datasets.Value("bool"),
-                         "has_clean_label": datasets.Value("bool")}
+            features |= {
+                "clean_label": datasets.ClassLabel(names=names),
+                "is_noisy": datasets.Value("bool"),
+                "has_clean_label": datasets.Value("bool"),
+            }
         splits.append(datasets.Dataset.from_dict(columns, features=datasets.Features(features)))
     return splits[0], splits[1]
 
@@ -1278,8 +1374,9 @@ def prepare_data(cfg: Mapping[str, Any]) -> tuple[Any, Any, DatasetInfo]:
         c["key_column"] = "key"  # the release's image key: no hashing of a million files
     train, test = load_splits(c)
     num_classes = _num_classes(train, test)
-    spec = noise.resolve_noise(c["noise"], c["noise_rate"], c["noise_seed"], num_classes, pairs, c["noise_file"],
-                               c["noise_key"])
+    spec = noise.resolve_noise(
+        c["noise"], c["noise_rate"], c["noise_seed"], num_classes, pairs, c["noise_file"], c["noise_key"]
+    )
     features = features_of(train)
     clean_subset = "has_clean_label" in features and spec.kind == "none"
     if clean_subset:  # real noisy labels (Clothing1M): keep the known clean ones, key by the release's key

@@ -32,8 +32,9 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import datasets
 import torch
@@ -90,12 +91,20 @@ def plot_main(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------- model evaluation
 
 
-def split_logits(model: torch.nn.Module, ds: Any, info: data.DatasetInfo, accelerator: Accelerator,
-                 batch_size: int) -> torch.Tensor:
+def split_logits(
+    model: torch.nn.Module, ds: Any, info: data.DatasetInfo, accelerator: Accelerator, batch_size: int
+) -> torch.Tensor:
     """fp32 logits [N, C] of every example of split `ds`, in split order, on CPU, on every process: data.predict
     over data.EvalBatches (each process its part, batch_size per process)."""
-    batches = data.EvalBatches(ds, info, accelerator.device, batch_size, rank=accelerator.process_index,
-                               world=accelerator.num_processes, workers=data.default_workers(accelerator.num_processes))
+    batches = data.EvalBatches(
+        ds,
+        info,
+        accelerator.device,
+        batch_size,
+        rank=accelerator.process_index,
+        world=accelerator.num_processes,
+        workers=data.default_workers(accelerator.num_processes),
+    )
     return data.predict(model.to(accelerator.device), batches, info, gather=accelerator.gather).cpu()
 
 
@@ -112,15 +121,21 @@ def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, n_bins
 def test_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     """test_acc (argmax = label) and test_loss (mean cross entropy) from logits, in fp32."""
     logits = logits.float()
-    return {"test_acc": float((logits.argmax(dim=1) == labels).float().mean()),
-            "test_loss": float(F.cross_entropy(logits, labels))}
+    return {
+        "test_acc": float((logits.argmax(dim=1) == labels).float().mean()),
+        "test_loss": float(F.cross_entropy(logits, labels)),
+    }
 
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     """test_metrics, entropy (mean H(p)/log C) and ece from fp32 logits."""
     probs = F.softmax(logits.float(), dim=1)
-    return {**test_metrics(logits, labels), "entropy": float(losses.normalized_entropy(probs).mean()),
-            "ece": expected_calibration_error(probs, labels), "n": int(len(labels))}
+    return {
+        **test_metrics(logits, labels),
+        "entropy": float(losses.normalized_entropy(probs).mean()),
+        "ece": expected_calibration_error(probs, labels),
+        "n": int(len(labels)),
+    }
 
 
 def config_with_overrides(run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -151,15 +166,22 @@ def evaluate_main(args: argparse.Namespace) -> None:
     run_dir = single_run_dir(args.runs, "evaluation", hint=": use --table for several")
     cfg = config_with_overrides(run_dir, args)
     if not (run_dir / "model.safetensors").is_file():
-        raise FileNotFoundError(f"{run_dir} has no model.safetensors: the run has not finished (evaluate a finished run)")
+        raise FileNotFoundError(
+            f"{run_dir} has no model.safetensors: the run has not finished (evaluate a finished run)"
+        )
     # The test split never carries noise; skipping it avoids needing e.g. the run's noise file here.
     _, test_ds, info = data.prepare_data({**cfg, "noise": "none"})
     model = runfolder.load_final_model(run_dir, cfg, info)
     accelerator = Accelerator(cpu=args.cpu, mixed_precision="no")  # evaluation is always fp32
     test = data.label_tensors(test_ds)
     logits = split_logits(model, test_ds, info, accelerator, args.batch_size)
-    result = {"run": str(run_dir), "method": cfg.get("method"), "dataset": info.name,
-              **classification_metrics(logits, test["label"]), "processes": accelerator.num_processes}
+    result = {
+        "run": str(run_dir),
+        "method": cfg.get("method"),
+        "dataset": info.name,
+        **classification_metrics(logits, test["label"]),
+        "processes": accelerator.num_processes,
+    }
     recorded = recorded_test_acc(run_dir)
     if recorded is not None:
         result["recorded_test_acc"] = recorded
@@ -168,9 +190,11 @@ def evaluate_main(args: argparse.Namespace) -> None:
             print(json.dumps(result))
         else:
             print(f"run {run_dir}: {cfg.get('method')} on {info.name}, {result['n']} clean test examples")
-            print(f"test_acc={result['test_acc']:.4f} test_loss={result['test_loss']:.4f} "
-                  f"entropy={result['entropy']:.4f} ece={result['ece']:.4f}"
-                  + (f" (train.py recorded test_acc={recorded:.4f})" if recorded is not None else ""))
+            print(
+                f"test_acc={result['test_acc']:.4f} test_loss={result['test_loss']:.4f} "
+                f"entropy={result['entropy']:.4f} ece={result['ece']:.4f}"
+                + (f" (train.py recorded test_acc={recorded:.4f})" if recorded is not None else "")
+            )
     accelerator.end_training()
 
 
@@ -206,54 +230,104 @@ def audit_main(args: argparse.Namespace) -> None:
 
 
 # The flags of one use only: typed with another, they would be ignored, so they are refused.
-FLAG_USES = {"csv": ("table",), "best_eps": ("table",), "relabel": ("audit",), "drop": ("audit",), "top": ("audit",),
-             "score": ("audit",), "json": ("evaluate",), "dataset": ("evaluate", "audit"),
-             "data_dir": ("evaluate", "audit"), "batch_size": ("evaluate", "audit"), "cpu": ("evaluate", "audit"),
-             "out": ("plot", "table", "audit"), "repo_id": ("push",), "dry_run": ("push",), "stage_dir": ("push",)}
+FLAG_USES = {
+    "csv": ("table",),
+    "best_eps": ("table",),
+    "relabel": ("audit",),
+    "drop": ("audit",),
+    "top": ("audit",),
+    "score": ("audit",),
+    "json": ("evaluate",),
+    "dataset": ("evaluate", "audit"),
+    "data_dir": ("evaluate", "audit"),
+    "batch_size": ("evaluate", "audit"),
+    "cpu": ("evaluate", "audit"),
+    "out": ("plot", "table", "audit"),
+    "repo_id": ("push",),
+    "dry_run": ("push",),
+    "stage_dir": ("push",),
+}
 OUTPUT_FLAGS = ("out", "csv", "relabel", "drop")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command line: RUN_DIR... and one of --plot / --table / --audit (none: evaluate the model); every flag typed is
     one the use reads, and every file to be written can be, before any work starts."""
-    p = runfolder.Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                         epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("runs", nargs="*", metavar="RUN_DIR", help="train.py run folders (--table/--plot: or a parent folder)")
+    p = runfolder.Parser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    p.add_argument(
+        "runs", nargs="*", metavar="RUN_DIR", help="train.py run folders (--table/--plot: or a parent folder)"
+    )
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--plot", action="store_true", help="plot the learning dynamics of the runs to --out (PNG)")
     mode.add_argument("--table", action="store_true", help="print the Table 4 style Markdown table of final accuracies")
-    mode.add_argument("--audit", action="store_true", help="rank the training labels by the training dynamics; write label_issues.csv")
-    p.add_argument("--out", help="output file: the PNG (--plot, default dynamics.png), the Markdown (--table), "
-                                 "the CSV (--audit, default RUN_DIR/label_issues.csv)")
+    mode.add_argument(
+        "--audit", action="store_true", help="rank the training labels by the training dynamics; write label_issues.csv"
+    )
+    p.add_argument(
+        "--out",
+        help="output file: the PNG (--plot, default dynamics.png), the Markdown (--table), "
+        "the CSV (--audit, default RUN_DIR/label_issues.csv)",
+    )
     p.add_argument("--csv", help="--table: also write the cells as CSV to this file")
-    p.add_argument("--best-eps", action="store_true", help="--table: one row per method, each cell at its best eps (as Table 4)")
+    p.add_argument(
+        "--best-eps", action="store_true", help="--table: one row per method, each cell at its best eps (as Table 4)"
+    )
     p.add_argument("--json", action="store_true", help="evaluation: print one JSON object")
-    p.add_argument("--dataset", help="evaluation/--audit: override the run's dataset (a Hub id or local path of the same data)")
+    p.add_argument(
+        "--dataset", help="evaluation/--audit: override the run's dataset (a Hub id or local path of the same data)"
+    )
     p.add_argument("--data-dir", help="evaluation/--audit: a local copy of the data (see train.py --data-dir)")
     p.add_argument("--batch-size", type=int, help="evaluation/--audit batch size per process (default 500)")
     p.add_argument("--top", type=int, help="--audit: how many ranked examples to print (default 10)")
-    p.add_argument("--score", choices=("dynamics", "final"),
-                   help="--audit: rank by the training dynamics (default) or by the final model's predictions")
-    p.add_argument("--relabel", metavar="PATH", help="--audit: write a label file with the flagged labels set to the predicted class")
+    p.add_argument(
+        "--score",
+        choices=("dynamics", "final"),
+        help="--audit: rank by the training dynamics (default) or by the final model's predictions",
+    )
+    p.add_argument(
+        "--relabel",
+        metavar="PATH",
+        help="--audit: write a label file with the flagged labels set to the predicted class",
+    )
     p.add_argument("--drop", metavar="PATH", help="--audit: write a label file without the flagged examples (label -1)")
     p.add_argument("--cpu", action="store_true", help="evaluate on the CPU even when a GPU is present")
-    mode.add_argument("--push-to-hub", metavar="RUN_DIR", help="upload a finished run with a model card to --repo-id (hub.py)")
+    mode.add_argument(
+        "--push-to-hub", metavar="RUN_DIR", help="upload a finished run with a model card to --repo-id (hub.py)"
+    )
     p.add_argument("--repo-id", help="--push-to-hub: the Hub model repository, owner/name")
     p.add_argument("--dry-run", action="store_true", help="--push-to-hub: stage the files and list them, no network")
     p.add_argument("--stage-dir", help="--push-to-hub: where to stage the files (default: RUN_DIR-hub beside the run)")
     args = p.parse_args(argv)
-    use = "push" if args.push_to_hub else "plot" if args.plot else "table" if args.table else "audit" if args.audit else "evaluate"
+    use = (
+        "push"
+        if args.push_to_hub
+        else "plot"
+        if args.plot
+        else "table"
+        if args.table
+        else "audit"
+        if args.audit
+        else "evaluate"
+    )
     for key, uses in FLAG_USES.items():
         if getattr(args, key) not in (None, False) and use not in uses:
-            raise ValueError(f"--{key.replace('_', '-')} is not used by {'evaluation' if use == 'evaluate' else '--' + use.replace('push', 'push-to-hub')} "
-                             f"(only by {', '.join('evaluation' if u == 'evaluate' else '--' + u.replace('push', 'push-to-hub') for u in uses)}): drop it")
+            raise ValueError(
+                f"--{key.replace('_', '-')} is not used by {'evaluation' if use == 'evaluate' else '--' + use.replace('push', 'push-to-hub')} "
+                f"(only by {', '.join('evaluation' if u == 'evaluate' else '--' + u.replace('push', 'push-to-hub') for u in uses)}): drop it"
+            )
     args.batch_size = 500 if args.batch_size is None else args.batch_size
     args.top = 10 if args.top is None else args.top
     args.score = args.score or "dynamics"
     if use == "push":
         return check_push_args(args)
     if not args.runs:
-        raise ValueError("no run folders given: pass train.py run folders (or, for --table/--plot, a folder holding them)")
+        raise ValueError(
+            "no run folders given: pass train.py run folders (or, for --table/--plot, a folder holding them)"
+        )
     if args.batch_size < 1 or args.top < 0:
         raise ValueError(f"--batch-size must be >= 1 and --top >= 0, got {args.batch_size} and {args.top}")
     for key in OUTPUT_FLAGS:
@@ -288,12 +362,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     datasets.disable_progress_bars()  # the splits are small or cached; keep stderr for warnings and errors
     if args.push_to_hub:
-        hub.push_run(Path(args.push_to_hub), args.repo_id, dry_run=args.dry_run,
-                     stage_dir=Path(args.stage_dir) if args.stage_dir else None)
+        hub.push_run(
+            Path(args.push_to_hub),
+            args.repo_id,
+            dry_run=args.dry_run,
+            stage_dir=Path(args.stage_dir) if args.stage_dir else None,
+        )
         return
     if args.audit and not args.out and hub.is_hub_run(args.runs[0]):
         # a downloaded run lives in the Hugging Face cache, whose files are shared links: write beside the user
-        args.out = args.runs[0][len(hub.HF_PREFIX):].replace("/", "--") + "-label_issues.csv"
+        args.out = args.runs[0][len(hub.HF_PREFIX) :].replace("/", "--") + "-label_issues.csv"
     args.runs = [str(hub.download_run(r)) if hub.is_hub_run(r) else r for r in args.runs]
     if args.table:
         table_main(args)

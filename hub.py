@@ -58,12 +58,15 @@ def eval_result(run: runfolder.RunRecord, noise: dict[str, Any]) -> EvalResult:
     """The model-index entry: the final clean test accuracy (last test_acc of metrics.jsonl) and what it was measured on."""
     dataset, kind, rate = report.setting_of(run.config)
     return EvalResult(
-        task_type="image-classification", dataset_type=dataset_id(run.config),
+        task_type="image-classification",
+        dataset_type=dataset_id(run.config),
         dataset_name=f"{dataset}, clean test split (trained on {report.noise_label(kind, rate)} training labels)",
-        dataset_split="test", dataset_args={"noise": kind, "noise_rate": rate,
-                                            "realised_noise_rate": noise.get("realised_rate")},
-        metric_type="accuracy", metric_name="final clean test accuracy",
-        metric_value=run.metrics[-1]["test_acc"])
+        dataset_split="test",
+        dataset_args={"noise": kind, "noise_rate": rate, "realised_noise_rate": noise.get("realised_rate")},
+        metric_type="accuracy",
+        metric_name="final clean test accuracy",
+        metric_value=run.metrics[-1]["test_acc"],
+    )
 
 
 def card_data(run: runfolder.RunRecord, noise: dict[str, Any], model_name: str) -> ModelCardData:
@@ -71,14 +74,35 @@ def card_data(run: runfolder.RunRecord, noise: dict[str, Any], model_name: str) 
     method = str(run.config.get("method"))
     kind = str(noise.get("kind", run.config.get("noise")))
     tags = list(dict.fromkeys(["noisy-labels", method, "proselflc", "image-classification", f"noise-{kind}"]))
-    return ModelCardData(library_name="pytorch", tags=tags, datasets=[dataset_id(run.config)], metrics=["accuracy"],
-                         model_name=model_name, eval_results=[eval_result(run, noise)])
+    return ModelCardData(
+        library_name="pytorch",
+        tags=tags,
+        datasets=[dataset_id(run.config)],
+        metrics=["accuracy"],
+        model_name=model_name,
+        eval_results=[eval_result(run, noise)],
+    )
 
 
 def hyperparameter_rows(cfg: dict[str, Any]) -> list[str]:
     """Markdown table rows of the method's and the optimiser's values from config.json."""
-    keys = ("method", *config.method_keys(str(cfg.get("method"))), "model", "weights", "max_steps", "batch_size", "lr",
-            "momentum", "weight_decay", "lr_schedule", "milestones", "poly_power", "seed", "mixed_precision", "world_size")
+    keys = (
+        "method",
+        *config.method_keys(str(cfg.get("method"))),
+        "model",
+        "weights",
+        "max_steps",
+        "batch_size",
+        "lr",
+        "momentum",
+        "weight_decay",
+        "lr_schedule",
+        "milestones",
+        "poly_power",
+        "seed",
+        "mixed_precision",
+        "world_size",
+    )
     return [f"| `{k}` | {cfg[k]} |" for k in keys if cfg.get(k) is not None]
 
 
@@ -106,8 +130,12 @@ def card_body(run: runfolder.RunRecord, noise: dict[str, Any], repo_id: str) -> 
         "## Label noise (noise.json)",
         "",
         f"- kind: `{noise.get('kind', kind)}`, requested rate {noise.get('requested_rate', rate)}"
-        + (f", realised rate {realised:.4f} ({noise.get('num_noisy')} of {noise.get('num_examples')} "
-           "training labels changed)" if isinstance(realised, (int, float)) else ""),
+        + (
+            f", realised rate {realised:.4f} ({noise.get('num_noisy')} of {noise.get('num_examples')} "
+            "training labels changed)"
+            if isinstance(realised, (int, float))
+            else ""
+        ),
         f"- noise seed: {noise.get('seed', cfg.get('noise_seed'))}",
         "",
         "## Method and hyperparameters (config.json)",
@@ -170,13 +198,20 @@ def prepare_stage_dir(stage_dir: Path, run_dir: Path) -> None:
             raise ValueError(f"the staging folder {stage_dir} is not a folder: choose a new or empty folder")
         marked = runfolder.has_mark(stage_dir, "stage")
         if not marked and any(stage_dir.iterdir()):
-            raise ValueError(f"the staging folder {stage_dir} holds files and was not staged by this suite (no "
-                             f"{STAGE_MARK}): choose a new or empty folder (nothing was changed)")
-        foreign = sorted(p.name for p in stage_dir.iterdir() if p.name != STAGE_MARK and
-                         (p.name not in STAGED_NAMES or p.is_symlink() or not p.is_file()))
+            raise ValueError(
+                f"the staging folder {stage_dir} holds files and was not staged by this suite (no "
+                f"{STAGE_MARK}): choose a new or empty folder (nothing was changed)"
+            )
+        foreign = sorted(
+            p.name
+            for p in stage_dir.iterdir()
+            if p.name != STAGE_MARK and (p.name not in STAGED_NAMES or p.is_symlink() or not p.is_file())
+        )
         if foreign:
-            raise ValueError(f"the staging folder {stage_dir} holds files this suite did not stage "
-                             f"({', '.join(foreign[:3])}): choose a new or empty folder (nothing was changed)")
+            raise ValueError(
+                f"the staging folder {stage_dir} holds files this suite did not stage "
+                f"({', '.join(foreign[:3])}): choose a new or empty folder (nothing was changed)"
+            )
         for p in stage_dir.iterdir():
             if p.name != STAGE_MARK:
                 p.unlink()
@@ -188,8 +223,11 @@ def stage_run(run_dir: Path, repo_id: str, stage_dir: Path) -> list[Path]:
     """Copy the run's files, draw the plot and write the card into stage_dir; return the staged files."""
     run = runfolder.finished_run(run_dir)
     card = model_card(run_dir, repo_id, run)  # before any write: a damaged run leaves no half-staged folder
-    files = [runfolder.regular_file(run_dir / name) for name in (*PUSHED_FILES, *OPTIONAL_PUSHED_FILES)
-             if os.path.lexists(run_dir / name)]
+    files = [
+        runfolder.regular_file(run_dir / name)
+        for name in (*PUSHED_FILES, *OPTIONAL_PUSHED_FILES)
+        if os.path.lexists(run_dir / name)
+    ]
     for weights in (f for f in files if f.suffix == ".safetensors"):
         runfolder.check_header(weights)
     prepare_stage_dir(stage_dir, run_dir)
@@ -206,18 +244,24 @@ def upload(stage_dir: Path, repo_id: str, private: bool) -> str:
         if huggingface_hub.get_token() is None:
             raise LocalTokenNotFoundError("no Hugging Face token: run `hf auth login` or set HF_TOKEN")
         huggingface_hub.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-        info = huggingface_hub.upload_folder(repo_id=repo_id, folder_path=stage_dir, repo_type="model",
-                                             ignore_patterns=[STAGE_MARK],
-                                             commit_message="Upload a ProSelfLC run")
+        info = huggingface_hub.upload_folder(
+            repo_id=repo_id,
+            folder_path=stage_dir,
+            repo_type="model",
+            ignore_patterns=[STAGE_MARK],
+            commit_message="Upload a ProSelfLC run",
+        )
     except HUB_ERRORS as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ValueError(f"cannot push to the Hub as {repo_id} ({type(e).__name__}: {first}); the staged "
-                         f"files are in {stage_dir}") from None
+        raise ValueError(
+            f"cannot push to the Hub as {repo_id} ({type(e).__name__}: {first}); the staged files are in {stage_dir}"
+        ) from None
     return str(getattr(info, "commit_url", info))
 
 
-def push_run(run_dir: Path, repo_id: str, *, dry_run: bool = False, stage_dir: Path | None = None,
-             private: bool = False) -> Path:
+def push_run(
+    run_dir: Path, repo_id: str, *, dry_run: bool = False, stage_dir: Path | None = None, private: bool = False
+) -> Path:
     """Stage a finished run (the run folder is only read) and upload it to the model repo `repo_id`; the staged folder."""
     run_dir = Path(run_dir)
     config.check_repo_id(repo_id)
@@ -227,7 +271,9 @@ def push_run(run_dir: Path, repo_id: str, *, dry_run: bool = False, stage_dir: P
     staged = stage_run(run_dir, repo_id, stage_dir)
     listing = "\n".join(f"  {p.name} ({p.stat().st_size:,} bytes)" for p in staged)
     if dry_run:
-        print(f"dry run: would upload {len(staged)} files from {stage_dir} to https://huggingface.co/{repo_id}:\n{listing}")
+        print(
+            f"dry run: would upload {len(staged)} files from {stage_dir} to https://huggingface.co/{repo_id}:\n{listing}"
+        )
         return stage_dir
     url = upload(stage_dir, repo_id, private)
     print(f"pushed {len(staged)} files from {stage_dir} to https://huggingface.co/{repo_id} ({url}):\n{listing}")
@@ -241,10 +287,11 @@ def is_hub_run(text: str) -> bool:
 
 def download_run(text: str) -> Path:
     """snapshot_download of hf://owner/name into the Hugging Face cache; the local folder, to use as a run folder."""
-    repo_id = config.check_repo_id(text[len(HF_PREFIX):])
+    repo_id = config.check_repo_id(text[len(HF_PREFIX) :])
     try:
-        folder = huggingface_hub.snapshot_download(repo_id, repo_type="model",
-                                                   allow_patterns=[*PUSHED_FILES, *OPTIONAL_PUSHED_FILES, CARD])
+        folder = huggingface_hub.snapshot_download(
+            repo_id, repo_type="model", allow_patterns=[*PUSHED_FILES, *OPTIONAL_PUSHED_FILES, CARD]
+        )
     except (*HUB_ERRORS, LocalEntryNotFoundError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ValueError(f"cannot download {text} from the Hub ({type(e).__name__}: {first})") from None

@@ -77,8 +77,13 @@ def digits_cnn(num_classes: int, in_channels: int = 1) -> nn.Module:
         return [nn.Conv2d(cin, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
     return nn.Sequential(
-        *conv_bn(in_channels, 16), *conv_bn(16, 32), nn.MaxPool2d(2), *conv_bn(32, 64),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, num_classes),
+        *conv_bn(in_channels, 16),
+        *conv_bn(16, 32),
+        nn.MaxPool2d(2),
+        *conv_bn(32, 64),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(64, num_classes),
     )
 
 
@@ -107,8 +112,10 @@ def check_weights(weights: str | None, model: str | None) -> None:
         return
     if weights == "imagenet":
         if model not in IMAGENET_WEIGHTS:
-            raise ValueError(f"--weights imagenet needs --model {' or '.join(IMAGENET_WEIGHTS)} (got {model or 'the model by input size'}): "
-                             "or pass --weights none or a local safetensors file")
+            raise ValueError(
+                f"--weights imagenet needs --model {' or '.join(IMAGENET_WEIGHTS)} (got {model or 'the model by input size'}): "
+                "or pass --weights none or a local safetensors file"
+            )
         return
     if not os.path.isfile(weights):
         raise ValueError(f"--weights {weights}: no such file; pass a local safetensors file, 'imagenet' or 'none'")
@@ -128,8 +135,10 @@ def imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:
         return weights.get_state_dict(progress=False, check_hash=True)
     except (urllib.error.URLError, OSError) as e:
         why = getattr(e, "reason", e)
-        raise ValueError(f"--weights imagenet: cannot download {weights.url} ({why}); on a machine without internet, "
-                         f"pass a local file: --weights {name}_imagenet.safetensors (docs/data.md: 'ImageNet weights')") from None
+        raise ValueError(
+            f"--weights imagenet: cannot download {weights.url} ({why}); on a machine without internet, "
+            f"pass a local file: --weights {name}_imagenet.safetensors (docs/data.md: 'ImageNet weights')"
+        ) from None
     finally:
         socket.setdefaulttimeout(timeout)
 
@@ -142,7 +151,9 @@ def read_weights(path: str) -> dict[str, torch.Tensor]:
     try:
         return load_file(path)
     except (FileNotFoundError, SafetensorError, OSError) as e:
-        raise ValueError(f"cannot read weights {path!r} ({e}): pass a safetensors file saved from the same architecture") from None
+        raise ValueError(
+            f"cannot read weights {path!r} ({e}): pass a safetensors file saved from the same architecture"
+        ) from None
 
 
 def load_pretrained(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
@@ -151,7 +162,9 @@ def load_pretrained(model: nn.Module, state: dict[str, torch.Tensor], source: st
     kept = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     missing = [k for k in own if k not in kept and not k.startswith("fc.")]
     if missing:
-        raise ValueError(f"weights {source!r} do not fit this model: {len(missing)} tensors missing, e.g. {missing[0]!r}")
+        raise ValueError(
+            f"weights {source!r} do not fit this model: {len(missing)} tensors missing, e.g. {missing[0]!r}"
+        )
     model.load_state_dict(kept, strict=False)
 
 

@@ -83,8 +83,10 @@ def check_noise_args(kind: str, rate: float, pairs: Any = None, noise_file: str 
     if not 0.0 <= float(rate) < 1.0:
         raise ValueError(f"--noise-rate must be in [0, 1), got {rate}")
     if kind == "file" and not (noise_file and os.path.isfile(noise_file)):
-        raise ValueError("--noise file needs --noise-file PATH of an existing CIFAR-N .pt, .npy, .csv or .parquet file "
-                         f"(got {noise_file!r})")
+        raise ValueError(
+            "--noise file needs --noise-file PATH of an existing CIFAR-N .pt, .npy, .csv or .parquet file "
+            f"(got {noise_file!r})"
+        )
     if kind == "asymmetric" and pairs in (None, "", {}):
         raise ValueError(
             "asymmetric noise needs class structure: this dataset has no preset pairs; pass "
@@ -105,8 +107,15 @@ class NoiseSpec(NamedTuple):
     key: str | None = None  # kind file: which labels of the file (e.g. worse_label)
 
 
-def resolve_noise(kind: str, rate: float, seed: int, num_classes: int, pairs: Any = None, noise_file: str | None = None,
-                  noise_key: str | None = None) -> NoiseSpec:
+def resolve_noise(
+    kind: str,
+    rate: float,
+    seed: int,
+    num_classes: int,
+    pairs: Any = None,
+    noise_file: str | None = None,
+    noise_key: str | None = None,
+) -> NoiseSpec:
     """The one resolution of the noise flags: checked, pairs parsed and resolved (asymmetric only), as a NoiseSpec.
 
     pairs: {src: dst}, "src:dst,..." or a preset in PAIR_PRESETS (cifar100, synthetic: drawn from seed).
@@ -117,8 +126,16 @@ def resolve_noise(kind: str, rate: float, seed: int, num_classes: int, pairs: An
         parsed = parse_pairs(pairs)
         pair_map = resolve_pairs(parsed, seed, num_classes)
         fine_to_coarse = preset_fine_to_coarse(parsed, num_classes) if isinstance(parsed, str) else None
-    return NoiseSpec(kind, float(rate), int(seed), int(num_classes), pair_map, fine_to_coarse,
-                     noise_file if kind == "file" else None, noise_key if kind == "file" else None)
+    return NoiseSpec(
+        kind,
+        float(rate),
+        int(seed),
+        int(num_classes),
+        pair_map,
+        fine_to_coarse,
+        noise_file if kind == "file" else None,
+        noise_key if kind == "file" else None,
+    )
 
 
 def parse_pairs(spec: Any) -> dict[int, int] | str | None:
@@ -141,8 +158,10 @@ def parse_pairs(spec: Any) -> dict[int, int] | str | None:
         ) from None
     same = [a for a, b in pairs.items() if a == b]
     if same:
-        raise ValueError(f"bad noise pairs {spec!r}: the pair {same[0]}:{same[0]} maps class {same[0]} to itself, which "
-                         "flips nothing; drop it")
+        raise ValueError(
+            f"bad noise pairs {spec!r}: the pair {same[0]}:{same[0]} maps class {same[0]} to itself, which "
+            "flips nothing; drop it"
+        )
     return pairs
 
 
@@ -319,9 +338,13 @@ def int_labels(values: Any, path: str) -> np.ndarray:
         wrong = ~(np.isfinite(labels) & (labels == np.round(labels)))
         if not wrong.any():
             return labels.astype(np.int64)
-        raise ValueError(f"noise file {path} holds non-integer labels ({wrong.sum()} of {len(labels)}, the first "
-                         f"{float(labels[wrong][0])} at index {np.flatnonzero(wrong)[0]}): write class indices 0..C-1")
-    raise ValueError(f"noise file {path} holds {labels.dtype} values, not integer class labels: write class indices 0..C-1")
+        raise ValueError(
+            f"noise file {path} holds non-integer labels ({wrong.sum()} of {len(labels)}, the first "
+            f"{float(labels[wrong][0])} at index {np.flatnonzero(wrong)[0]}): write class indices 0..C-1"
+        )
+    raise ValueError(
+        f"noise file {path} holds {labels.dtype} values, not integer class labels: write class indices 0..C-1"
+    )
 
 
 def _label_table(path: str, ext: str) -> pa.Table:
@@ -351,8 +374,10 @@ def load_noise_file(path: str, noise_key: str | None = None) -> tuple[np.ndarray
                 obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - garbage, or a pickle asking for code: refused either way
             why = "it asks to run code, which is refused" if "GLOBAL" in str(e).upper() else "not a torch file"
-            raise ValueError(f"noise file {path} cannot be read as tensors or numpy arrays ({why}): "
-                             f"pass CIFAR-N's .pt file, or a .npy, .csv or .parquet of labels") from None
+            raise ValueError(
+                f"noise file {path} cannot be read as tensors or numpy arrays ({why}): "
+                f"pass CIFAR-N's .pt file, or a .npy, .csv or .parquet of labels"
+            ) from None
         if not isinstance(obj, Mapping):
             obj = {"noisy_label": obj}
         columns = {k: (v.numpy() if hasattr(v, "numpy") else np.asarray(v)) for k, v in obj.items()}
@@ -368,25 +393,32 @@ def load_noise_file(path: str, noise_key: str | None = None) -> tuple[np.ndarray
     raise ValueError(f"noise file {path} has unknown type {ext!r}: use .pt (CIFAR-N), .npy, .csv or .parquet")
 
 
-def labels_by_key(file_keys: np.ndarray, file_labels: np.ndarray, keys: np.ndarray, key_column: str | None,
-                  path: str) -> np.ndarray:
+def labels_by_key(
+    file_keys: np.ndarray, file_labels: np.ndarray, keys: np.ndarray, key_column: str | None, path: str
+) -> np.ndarray:
     """The file's labels in the dataset's order, matched by example key (as noise.json and eval.py write it)."""
     as_u64 = (lambda k: _blake64(k.encode())) if key_column else (lambda k: int(k, 16))
     try:
         fk = np.fromiter((as_u64(k) for k in file_keys), dtype=np.uint64, count=len(file_keys))
     except ValueError:
-        raise ValueError(f"noise file {path}: its key column holds no example keys of this dataset "
-                         "(16 hex digits, or the --key-column values)") from None
+        raise ValueError(
+            f"noise file {path}: its key column holds no example keys of this dataset "
+            "(16 hex digits, or the --key-column values)"
+        ) from None
     order = np.argsort(fk, kind="stable")
     twice = np.flatnonzero((fk[order][1:] == fk[order][:-1]) & (file_labels[order][1:] != file_labels[order][:-1]))
     if len(twice):
-        raise ValueError(f"noise file {path} gives the key {file_keys[order][twice[0]]!r} twice with different labels "
-                         f"({file_labels[order][twice[0]]} and {file_labels[order][twice[0] + 1]}): keep one row per key")
+        raise ValueError(
+            f"noise file {path} gives the key {file_keys[order][twice[0]]!r} twice with different labels "
+            f"({file_labels[order][twice[0]]} and {file_labels[order][twice[0] + 1]}): keep one row per key"
+        )
     pos = np.minimum(np.searchsorted(fk[order], keys), len(fk) - 1)
     missing = int(np.sum(fk[order][pos] != keys))
     if missing:
-        raise ValueError(f"noise file {path} has no row for {missing} of the {len(keys)} training examples: "
-                         "write it for this dataset (eval.py --audit --relabel/--drop does)")
+        raise ValueError(
+            f"noise file {path} has no row for {missing} of the {len(keys)} training examples: "
+            "write it for this dataset (eval.py --audit --relabel/--drop does)"
+        )
     return file_labels[order][pos]
 
 
@@ -509,8 +541,9 @@ def add_label_noise(
         else:
             clean = np.asarray(ds.with_format("arrow")[label_column].to_numpy(), dtype=np.int64)
             if file_row_keys is not None:
-                keys = example_keys(ds.select_columns([key_column or image_column]).with_format("arrow")[:], key_column,
-                                    image_column)
+                keys = example_keys(
+                    ds.select_columns([key_column or image_column]).with_format("arrow")[:], key_column, image_column
+                )
         if file_row_keys is not None:  # keyed rows (any order): place them in the dataset's order
             file_labels = labels_by_key(file_row_keys, file_labels, keys, key_column, noise_file)
         _check_file_labels(file_labels, file_clean, clean, num_classes, noise_file)
@@ -524,7 +557,8 @@ def add_label_noise(
             if conflicts:
                 warnings.warn(
                     f"{conflicts} duplicate images have different labels in {noise_file}: streaming gives "
-                    "each the first one's label (map-style uses the file row); pass --key-column for exact rows"
+                    "each the first one's label (map-style uses the file row); pass --key-column for exact rows",
+                    stacklevel=2,
                 )
     fn = functools.partial(
         _noise_batch,

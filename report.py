@@ -13,8 +13,9 @@ import json
 import math
 import statistics
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import matplotlib
 
@@ -25,8 +26,16 @@ import losses
 import runfolder
 
 METHOD_LABELS = {
-    "cce": "CCE", "ls": "LS", "cp": "CP", "bootsoft": "Boot-soft", "boothard": "Boot-hard",
-    "gce": "GCE", "sce": "SL (SCE)", "proselflc": "ProSelfLC", "elr": "ELR", "proselflc_t": "ProSelfLC (later, T0)",
+    "cce": "CCE",
+    "ls": "LS",
+    "cp": "CP",
+    "bootsoft": "Boot-soft",
+    "boothard": "Boot-hard",
+    "gce": "GCE",
+    "sce": "SL (SCE)",
+    "proselflc": "ProSelfLC",
+    "elr": "ELR",
+    "proselflc_t": "ProSelfLC (later, T0)",
 }
 
 
@@ -53,8 +62,16 @@ METHOD_ORDER = ("boothard", "gce", "sce", "cce", "ls", "cp", "bootsoft", "prosel
 
 
 METHOD_COLORS = {  # ProSelfLC stands out in red; the other methods keep their colour in every plot
-    "proselflc": "tab:red", "cce": "black", "ls": "tab:blue", "cp": "tab:orange", "bootsoft": "tab:green",
-    "boothard": "tab:purple", "gce": "tab:brown", "sce": "tab:pink", "elr": "tab:olive", "proselflc_t": "darkred",
+    "proselflc": "tab:red",
+    "cce": "black",
+    "ls": "tab:blue",
+    "cp": "tab:orange",
+    "bootsoft": "tab:green",
+    "boothard": "tab:purple",
+    "gce": "tab:brown",
+    "sce": "tab:pink",
+    "elr": "tab:olive",
+    "proselflc_t": "darkred",
 }
 
 
@@ -126,7 +143,9 @@ def collect_cells(runs: Sequence[runfolder.RunRecord], best_eps: bool = False) -
         warn_if_mixed(group)
         cell = Cell(
             [100.0 * float(r.metrics[-1]["test_acc"]) for r in group],
-            [int(r.config.get("seed", 0)) for r in group], eps, [str(r.path) for r in group],
+            [int(r.config.get("seed", 0)) for r in group],
+            eps,
+            [str(r.path) for r in group],
         )
         split = eps is not None and len(eps_values.get(method, ())) > 1
         row = (method, eps if split and not best_eps else None)
@@ -141,8 +160,11 @@ def warn_if_mixed(group: Sequence[runfolder.RunRecord]) -> None:
     for key in ("model", "max_steps", "batch_size", "lr", "exp_base", "gce_q", "alpha", "beta", "temperature"):
         values = {json.dumps(r.config.get(key)) for r in group}
         if len(values) > 1:
-            print(f"warning: pooling runs with different {key} ({', '.join(sorted(values))}): "
-                  f"{', '.join(str(r.path) for r in group)}", file=sys.stderr)
+            print(
+                f"warning: pooling runs with different {key} ({', '.join(sorted(values))}): "
+                f"{', '.join(str(r.path) for r in group)}",
+                file=sys.stderr,
+            )
 
 
 def format_cell(cell: Cell, show_eps: bool) -> str:
@@ -189,12 +211,37 @@ def write_table_csv(cells: dict[tuple, Cell], path: Path) -> None:
     """One CSV row per cell: method, eps, dataset, noise, rate, n, mean, std, seeds, values, runs."""
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["method", "eps", "dataset", "noise", "noise_rate", "n_seeds", "mean_acc", "std_acc",
-                    "seeds", "accuracies", "runs"])
-        for (row, s), c in sorted(cells.items(), key=lambda kv: (method_sort_key(kv[0][0]), setting_sort_key(kv[0][1]))):
-            w.writerow([row[0], "" if c.eps is None else c.eps, *s, len(c.values), f"{c.mean:.4f}",
-                        "" if c.std is None else f"{c.std:.4f}", " ".join(map(str, c.seeds)),
-                        " ".join(f"{v:.4f}" for v in c.values), " ".join(c.runs)])
+        w.writerow(
+            [
+                "method",
+                "eps",
+                "dataset",
+                "noise",
+                "noise_rate",
+                "n_seeds",
+                "mean_acc",
+                "std_acc",
+                "seeds",
+                "accuracies",
+                "runs",
+            ]
+        )
+        for (row, s), c in sorted(
+            cells.items(), key=lambda kv: (method_sort_key(kv[0][0]), setting_sort_key(kv[0][1]))
+        ):
+            w.writerow(
+                [
+                    row[0],
+                    "" if c.eps is None else c.eps,
+                    *s,
+                    len(c.values),
+                    f"{c.mean:.4f}",
+                    "" if c.std is None else f"{c.std:.4f}",
+                    " ".join(map(str, c.seeds)),
+                    " ".join(f"{v:.4f}" for v in c.values),
+                    " ".join(c.runs),
+                ]
+            )
 
 
 def mean_std_text(values: Sequence[float]) -> str:
@@ -212,16 +259,22 @@ def budget_table(runs: Sequence[runfolder.RunRecord]) -> str:
     columns = sorted({k[1:] for k in groups}, key=lambda c: (setting_sort_key(c[0]), c[1]))
     methods = sorted({k[0] for k in groups}, key=lambda m: method_sort_key((m, None)))
     acc = {k: [100.0 * float(r.metrics[-1]["test_acc"]) for r in g] for k, g in groups.items()}
-    fit = {k: [100.0 * float(r.metrics[-1]["noisy_fit"]) for r in g if r.metrics[-1].get("noisy_fit") is not None]
-           for k, g in groups.items()}
+    fit = {
+        k: [100.0 * float(r.metrics[-1]["noisy_fit"]) for r in g if r.metrics[-1].get("noisy_fit") is not None]
+        for k, g in groups.items()
+    }
     best = {c: max(round(statistics.fmean(v), 1) for k, v in acc.items() if k[1:] == c) for c in columns}
     seeds = sorted({len(g) for g in groups.values()})
-    lines = [f"Final clean test accuracy (%) and noisy_fit (% of the flipped training labels the final model "
-             f"predicts, i.e. memorised) after T steps: mean ± sample std over {'-'.join(map(str, seeds))} seeds; "
-             "best accuracy per column in bold.", "",
-             "| Method | " + " | ".join(f"{noise_label(*c[0][1:])} T={c[1]} {what}" for c in columns
-                                       for what in ("test acc", "noisy_fit")) + " |",
-             "|---|" + "---:|" * (2 * len(columns))]
+    lines = [
+        f"Final clean test accuracy (%) and noisy_fit (% of the flipped training labels the final model "
+        f"predicts, i.e. memorised) after T steps: mean ± sample std over {'-'.join(map(str, seeds))} seeds; "
+        "best accuracy per column in bold.",
+        "",
+        "| Method | "
+        + " | ".join(f"{noise_label(*c[0][1:])} T={c[1]} {what}" for c in columns for what in ("test acc", "noisy_fit"))
+        + " |",
+        "|---|" + "---:|" * (2 * len(columns)),
+    ]
     for m in methods:
         texts = []
         for c in columns:
@@ -230,14 +283,17 @@ def budget_table(runs: Sequence[runfolder.RunRecord]) -> str:
                 texts += ["–", "–"]
                 continue
             text = mean_std_text(acc[k])
-            texts += [f"**{text}**" if round(statistics.fmean(acc[k]), 1) == best[c] else text,
-                      mean_std_text(fit[k]) if fit[k] else "–"]
+            texts += [
+                f"**{text}**" if round(statistics.fmean(acc[k]), 1) == best[c] else text,
+                mean_std_text(fit[k]) if fit[k] else "–",
+            ]
         lines.append(f"| {method_label(m)} | " + " | ".join(texts) + " |")
     return "\n".join(lines) + "\n"
 
 
 def run_labels(runs: Sequence[runfolder.RunRecord]) -> list[str]:
     """Legend labels: the method, plus whatever else varies among the runs (eps, setting, seed)."""
+
     def varies(fn) -> bool:
         return len({json.dumps(fn(r)) for r in runs}) > 1
 
@@ -249,7 +305,9 @@ def run_labels(runs: Sequence[runfolder.RunRecord]) -> list[str]:
             parts.append(f"ε={c.get('eps'):g}")
         if varies(lambda r: setting_of(r.config)):
             dataset, noise, rate = setting_of(c)
-            parts.append((f"{dataset} " if varies(lambda r: r.config.get("dataset")) else "") + noise_label(noise, rate))
+            parts.append(
+                (f"{dataset} " if varies(lambda r: r.config.get("dataset")) else "") + noise_label(noise, rate)
+            )
         if varies(lambda r: r.config.get("seed")):
             parts.append(f"seed {c.get('seed')}")
         labels.append(" ".join(parts))
@@ -278,7 +336,9 @@ def plot_runs(runs: Sequence[runfolder.RunRecord], out: Path, title: str | None 
                 ax.plot(*zip(*points), color=color, linestyle=style, linewidth=1.6, label=label)
                 drawn = True
         if not drawn:  # e.g. the noisy-subset panels of runs without noise
-            ax.text(0.5, 0.5, f"no '{key}' in these runs", ha="center", va="center", transform=ax.transAxes, color="gray")
+            ax.text(
+                0.5, 0.5, f"no '{key}' in these runs", ha="center", va="center", transform=ax.transAxes, color="gray"
+            )
         ax.set_title(panel_title, fontsize=11)
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)

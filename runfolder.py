@@ -34,9 +34,10 @@ import socket
 import stat
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, NoReturn, Sequence
+from typing import Any, NamedTuple, NoReturn
 
 import numpy as np
 import torch
@@ -55,9 +56,26 @@ MARK = {"suite": "proselflc", "format": 1}  # the content of a folder's mark
 MARK_NAMES = {"run": "proselflc-run.json", "stage": "proselflc-stage.json"}  # a run folder's; a push's staging folder's
 PUSH_RECORD = "hub_push.json"  # {"repo_id"}: written by train.py once its push at the end succeeded
 # Everything train.py (and eval.py --audit/--plot into the run folder) may write: --overwrite removes these only.
-RUN_FILES = (PUSH_RECORD, "config.json", "noise.json", "metrics.jsonl", "model.safetensors", "dynamics.safetensors", "checkpoints",
-             "label_issues.csv", "dynamics.png", "proselflc", LOCK_NAME)  # proselflc/: Accelerate's tracker logs
-CHECKPOINT_FILES = ("model.safetensors", "optimizer.safetensors", "state.safetensors", "trainer_state.json", "config.json")
+RUN_FILES = (
+    PUSH_RECORD,
+    "config.json",
+    "noise.json",
+    "metrics.jsonl",
+    "model.safetensors",
+    "dynamics.safetensors",
+    "checkpoints",
+    "label_issues.csv",
+    "dynamics.png",
+    "proselflc",
+    LOCK_NAME,
+)  # proselflc/: Accelerate's tracker logs
+CHECKPOINT_FILES = (
+    "model.safetensors",
+    "optimizer.safetensors",
+    "state.safetensors",
+    "trainer_state.json",
+    "config.json",
+)
 RNG_FILE = re.compile(r"rng_(\d+)\.safetensors")
 STEP_DIR = re.compile(r"step_(\d+)")
 _held_locks: list[Path] = []  # locks this process took; release_locks() removes them, also at exit
@@ -146,8 +164,10 @@ def read_json(path: Path, schema: dict[str, Callable[[Any], bool]] | type = dict
     if isinstance(schema, dict):
         return check_fields(str(path), value, schema)
     if not isinstance(value, schema):
-        raise ValueError(f"{path} holds a JSON {type(value).__name__}, not the "
-                         f"{'object' if schema is dict else schema.__name__} this suite writes")
+        raise ValueError(
+            f"{path} holds a JSON {type(value).__name__}, not the "
+            f"{'object' if schema is dict else schema.__name__} this suite writes"
+        )
     return value
 
 
@@ -170,8 +190,10 @@ def check_fields(where: str, value: Any, schema: dict[str, Callable[[Any], bool]
         raise ValueError(f"{where} {what}, unlike what this suite writes: refused, nothing was changed")
     for key, ok in schema.items():
         if not ok(value[key]):
-            raise ValueError(f"{where}: field {key!r} = {short(value[key])} is not what this suite writes: refused, "
-                             "nothing was changed")
+            raise ValueError(
+                f"{where}: field {key!r} = {short(value[key])} is not what this suite writes: refused, "
+                "nothing was changed"
+            )
     return value
 
 
@@ -219,21 +241,35 @@ def schema_of(ok: Callable[[Any], bool], names: str) -> dict[str, Callable[[Any]
 # that the two name the same fields).
 RUN_CONFIG = {
     **schema_of(text, "dataset output_dir device input_path"),
-    **schema_of(optional(text), "data_dir image_column label_column key_column noise_file noise_key noise_pairs "
-                                "milestones resume report_to push_to_hub git_commit weights"),
-    **schema_of(integer(0), "noise_seed resize image_size batch_size gradient_accumulation_steps seed eval_every "
-                            "eval_batch_size save_every keep_checkpoints log_every"),
+    **schema_of(
+        optional(text),
+        "data_dir image_column label_column key_column noise_file noise_key noise_pairs "
+        "milestones resume report_to push_to_hub git_commit weights",
+    ),
+    **schema_of(
+        integer(0),
+        "noise_seed resize image_size batch_size gradient_accumulation_steps seed eval_every "
+        "eval_batch_size save_every keep_checkpoints log_every",
+    ),
     **schema_of(integer(1), "max_steps total_steps num_classes in_channels world_size"),
     **schema_of(optional(integer(0)), "synthetic_size synthetic_classes num_workers train_eval_size"),
     **schema_of(number(0), "max_bad_fraction lr momentum weight_decay"),
-    **schema_of(optional(number()), "audit_epochs eps exp_base transit gce_q alpha beta temperature elr_beta "
-                                    "elr_lambda poly_power"),
+    **schema_of(
+        optional(number()),
+        "audit_epochs eps exp_base transit gce_q alpha beta temperature elr_beta elr_lambda poly_power",
+    ),
     **schema_of(boolean, "streaming deterministic overwrite cpu compile sync_bn channels_last"),
-    "detach_target": optional(boolean), "noise_rate": number(0, 1),
-    "recipe": text, "noise": one_of(*noise.NOISE_KINDS),
-    "in_memory": one_of("auto", "yes", "no"), "augment": one_of("paper", "rrc"), "model": one_of(*models.MODELS),
-    "method": one_of(*losses.METHODS), "trust": optional(one_of(*losses.TRUSTS)),
-    "lr_schedule": one_of("step", "poly", "cosine"), "mixed_precision": one_of("no", "fp16", "bf16"),
+    "detach_target": optional(boolean),
+    "noise_rate": number(0, 1),
+    "recipe": text,
+    "noise": one_of(*noise.NOISE_KINDS),
+    "in_memory": one_of("auto", "yes", "no"),
+    "augment": one_of("paper", "rrc"),
+    "model": one_of(*models.MODELS),
+    "method": one_of(*losses.METHODS),
+    "trust": optional(one_of(*losses.TRUSTS)),
+    "lr_schedule": one_of("step", "poly", "cosine"),
+    "mixed_precision": one_of("no", "fp16", "bf16"),
     "compile_mode": one_of(None, "default", "reduce-overhead", "max-autotune"),
     "versions": lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values()),
 }
@@ -245,11 +281,21 @@ def read_config(path: Path) -> dict[str, Any]:
 
 
 # trainer_state.json of a checkpoint: the counters of train.Run.state and the GradScaler's state (or null).
-SCALER = {**schema_of(number(0), "scale growth_factor backoff_factor"), **schema_of(integer(0), "growth_interval _growth_tracker")}
-TRAINER_STATE = {"step": integer(1), "best_acc": number(-1, 1), "best_step": integer(0), "loss_sum": number(),
-                 "eps_sum": number(), "n_sum": integer(0),
-                 "scaler": lambda v: v is None or (isinstance(v, dict) and v.keys() == SCALER.keys()
-                                                   and all(ok(v[k]) for k, ok in SCALER.items()))}
+SCALER = {
+    **schema_of(number(0), "scale growth_factor backoff_factor"),
+    **schema_of(integer(0), "growth_interval _growth_tracker"),
+}
+TRAINER_STATE = {
+    "step": integer(1),
+    "best_acc": number(-1, 1),
+    "best_step": integer(0),
+    "loss_sum": number(),
+    "eps_sum": number(),
+    "n_sum": integer(0),
+    "scaler": lambda v: (
+        v is None or (isinstance(v, dict) and v.keys() == SCALER.keys() and all(ok(v[k]) for k, ok in SCALER.items()))
+    ),
+}
 
 
 def read_trainer_state(ckpt: Path) -> dict[str, Any]:
@@ -258,13 +304,16 @@ def read_trainer_state(ckpt: Path) -> dict[str, Any]:
     state = read_json(path, TRAINER_STATE)
     match = STEP_DIR.fullmatch(ckpt.name)
     if match is None or state["step"] != int(match.group(1)) or state["best_step"] > state["step"]:
-        raise ValueError(f"{path}: field 'step' = {short(state['step'])} is not the step of {ckpt.name}: refused, "
-                         "nothing was changed")
+        raise ValueError(
+            f"{path}: field 'step' = {short(state['step'])} is not the step of {ckpt.name}: refused, "
+            "nothing was changed"
+        )
     return state
 
 
-def check_tensors(path: str | Path, tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor],
-                  unbounded: Sequence[str] = ()) -> dict[str, torch.Tensor]:
+def check_tensors(
+    path: str | Path, tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], unbounded: Sequence[str] = ()
+) -> dict[str, torch.Tensor]:
     """tensors, if they hold exactly expected's keys with its shapes and dtypes, and finite values (+inf allowed
     for the keys in unbounded); else a ValueError naming the file and the tensor."""
     extra, missing = sorted(tensors.keys() - expected.keys()), sorted(expected.keys() - tensors.keys())
@@ -274,8 +323,10 @@ def check_tensors(path: str | Path, tensors: dict[str, torch.Tensor], expected: 
     for key, want in expected.items():
         got = tensors[key]
         if got.dtype != want.dtype or got.shape != want.shape:
-            raise ValueError(f"{path}: tensor {key!r} is {str(got.dtype)[6:]} {list(got.shape)}, this run's is "
-                             f"{str(want.dtype)[6:]} {list(want.shape)}: refused, nothing was changed")
+            raise ValueError(
+                f"{path}: tensor {key!r} is {str(got.dtype)[6:]} {list(got.shape)}, this run's is "
+                f"{str(want.dtype)[6:]} {list(want.shape)}: refused, nothing was changed"
+            )
         if got.is_floating_point() and not (got.isfinite() | ((got == math.inf) if key in unbounded else False)).all():
             raise ValueError(f"{path}: tensor {key!r} holds NaN or infinite values: refused, nothing was changed")
     return tensors
@@ -285,9 +336,17 @@ def check_tensors(path: str | Path, tensors: dict[str, torch.Tensor], expected: 
 
 
 # One line of metrics.jsonl (train.evaluate_and_log): the fields every line has, and those of runs with known noise.
-METRICS = {"step": integer(1), "lr": number(0), "train_loss": number(), "epsilon": number(), "test_acc": number(0, 1),
-           "test_loss": number(), "test_examples": integer(0), "process_steps": list_of(integer(0)),
-           "bad_images": integer(0)}
+METRICS = {
+    "step": integer(1),
+    "lr": number(0),
+    "train_loss": number(),
+    "epsilon": number(),
+    "test_acc": number(0, 1),
+    "test_loss": number(),
+    "test_examples": integer(0),
+    "process_steps": list_of(integer(0)),
+    "bad_images": integer(0),
+}
 NOISE_METRICS = ("clean_fit", "noisy_fit", "noisy_correct", "entropy_clean", "entropy_noisy")  # NaN on an empty subset
 
 
@@ -308,8 +367,10 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
         known = [k for k in NOISE_METRICS if isinstance(record, dict) and k in record]
         check_fields(where, record, METRICS | dict.fromkeys(known, lambda v: type(v) is float))
         if records and record["step"] <= records[-1]["step"]:
-            raise ValueError(f"{where}: field 'step' = {record['step']} does not follow step {records[-1]['step']}: "
-                             "refused, nothing was changed")
+            raise ValueError(
+                f"{where}: field 'step' = {record['step']} does not follow step {records[-1]['step']}: "
+                "refused, nothing was changed"
+            )
         records.append(record)
     return records
 
@@ -370,12 +431,17 @@ def lock(out: Path) -> Path:
                     continue  # released by its holder meanwhile: try again
                 torn = not holder and age > 10  # killed between create and write
                 if torn or (holder.get("host") == me["host"] and not pid_alive(int(holder.get("pid", -1)))):
-                    print(f"note: {out} was locked by pid {holder.get('pid')} on {holder.get('host')}, which is gone; "
-                          f"taking the lock over", file=sys.stderr)
+                    print(
+                        f"note: {out} was locked by pid {holder.get('pid')} on {holder.get('host')}, which is gone; "
+                        f"taking the lock over",
+                        file=sys.stderr,
+                    )
                     path.unlink(missing_ok=True)
                     continue
-                raise ValueError(f"{out} is in use by another run (pid {holder.get('pid')} on {holder.get('host')}, "
-                                 f"see {path}): wait for it to end, or choose another --output-dir") from None
+                raise ValueError(
+                    f"{out} is in use by another run (pid {holder.get('pid')} on {holder.get('host')}, "
+                    f"see {path}): wait for it to end, or choose another --output-dir"
+                ) from None
             with os.fdopen(fd, "w") as f:
                 json.dump(me, f)
             _held_locks.append(path)
@@ -424,9 +490,11 @@ def check_not_foreign(out: Path) -> None:
     """Refuse a folder without the suite's mark that holds files of a run's names: they are someone else's."""
     names = suite_names(out) if not is_run_folder(out) else []
     if names:
-        raise ValueError(f"{out} holds {', '.join(names[:4])} but no {MARK_NAMES['run']}: it is not a run folder of "
-                         "this suite, whose files it would replace or delete; choose another --output-dir (nothing "
-                         "was changed)")
+        raise ValueError(
+            f"{out} holds {', '.join(names[:4])} but no {MARK_NAMES['run']}: it is not a run folder of "
+            "this suite, whose files it would replace or delete; choose another --output-dir (nothing "
+            "was changed)"
+        )
 
 
 def is_finished(out: Path) -> bool:
@@ -443,8 +511,11 @@ def contents(out: Path) -> str:
 
 def foreign_files(out: Path) -> list[str]:
     """The names in out that no run writes (a user's own files)."""
-    return sorted(p.name for p in out.iterdir() if p.name not in RUN_FILES and not p.name.endswith(".tmp")) \
-        if out.is_dir() else []
+    return (
+        sorted(p.name for p in out.iterdir() if p.name not in RUN_FILES and not p.name.endswith(".tmp"))
+        if out.is_dir()
+        else []
+    )
 
 
 def clear_run_files(out: Path) -> None:
@@ -476,30 +547,40 @@ def is_complete(ckpt: Path) -> bool:
 
 def latest_checkpoint(out: Path) -> Path | None:
     """The newest complete checkpoint in out/checkpoints, or None."""
-    done = sorted((p for p in (out / "checkpoints").glob("step_*") if is_complete(p)),
-                  key=lambda p: int(STEP_DIR.fullmatch(p.name).group(1)))
+    done = sorted(
+        (p for p in (out / "checkpoints").glob("step_*") if is_complete(p)),
+        key=lambda p: int(STEP_DIR.fullmatch(p.name).group(1)),
+    )
     return done[-1] if done else None
 
 
 def check_checkpoint_files(ckpt: Path) -> None:
     """Refuse a checkpoint holding any file this suite does not write (it could need unpickling) or lacking one."""
-    foreign = sorted(p.name for p in ckpt.iterdir() if p.name not in CHECKPOINT_FILES and not RNG_FILE.fullmatch(p.name))
+    foreign = sorted(
+        p.name for p in ckpt.iterdir() if p.name not in CHECKPOINT_FILES and not RNG_FILE.fullmatch(p.name)
+    )
     for name in sorted(set(p.name for p in ckpt.iterdir()) - set(foreign)):
         regular_file(ckpt / name)  # a FIFO or a link out of the checkpoint is refused before anything opens it
     if foreign:
-        raise ValueError(f"checkpoint {ckpt} holds {', '.join(foreign[:4])}, which this suite never writes (checkpoints "
-                         "are safetensors and JSON only; a pickle can run code when loaded): refused, nothing was "
-                         "loaded. A checkpoint from an older version of the suite cannot be resumed: start over")
+        raise ValueError(
+            f"checkpoint {ckpt} holds {', '.join(foreign[:4])}, which this suite never writes (checkpoints "
+            "are safetensors and JSON only; a pickle can run code when loaded): refused, nothing was "
+            "loaded. A checkpoint from an older version of the suite cannot be resumed: start over"
+        )
     missing = [name for name in CHECKPOINT_FILES if not (ckpt / name).is_file()]
     if missing or not any(RNG_FILE.fullmatch(p.name) for p in ckpt.iterdir()):
-        raise ValueError(f"checkpoint {ckpt} is incomplete (missing {', '.join(missing) or 'rng_0.safetensors'}): "
-                         "resume from another one or start over with --overwrite")
+        raise ValueError(
+            f"checkpoint {ckpt} is incomplete (missing {', '.join(missing) or 'rng_0.safetensors'}): "
+            "resume from another one or start over with --overwrite"
+        )
 
 
 def prune_checkpoints(out: Path, keep: int) -> None:
     """Keep the newest `keep` complete checkpoints: each older one is renamed to tmp_* (no longer complete) first."""
-    done = sorted((p for p in (out / "checkpoints").glob("step_*") if is_complete(p)),
-                  key=lambda p: int(STEP_DIR.fullmatch(p.name).group(1)))
+    done = sorted(
+        (p for p in (out / "checkpoints").glob("step_*") if is_complete(p)),
+        key=lambda p: int(STEP_DIR.fullmatch(p.name).group(1)),
+    )
     for old in done[:-keep]:
         doomed = old.with_name("tmp_pruned_" + old.name)
         os.replace(old, doomed)
@@ -529,16 +610,20 @@ def read_optimizer(path: Path, optimizer: torch.optim.Optimizer) -> dict:
     live = optimizer.state_dict()
     groups = parse_json(meta["param_groups"], f"{path} param_groups")
     if not isinstance(groups, list) or len(groups) != len(live["param_groups"]):
-        raise ValueError(f"{path}: field 'param_groups' = {short(groups)} is not the {len(live['param_groups'])} "
-                         "group(s) of this run's optimizer: refused, nothing was changed")
+        raise ValueError(
+            f"{path}: field 'param_groups' = {short(groups)} is not the {len(live['param_groups'])} "
+            "group(s) of this run's optimizer: refused, nothing was changed"
+        )
     for i, (saved, mine) in enumerate(zip(groups, live["param_groups"])):
         where = f"{path} param_groups[{i}]"
         check_fields(where, saved, dict.fromkeys(mine, lambda v: True))
         for key, value in mine.items():
             same = number(0)(saved[key]) if key == "lr" else type(saved[key]) is type(value) and saved[key] == value
             if not same:
-                raise ValueError(f"{where}: field {key!r} = {short(saved[key])} differs from this run's "
-                                 f"{short(value)} (set by its flags): refused, nothing was changed")
+                raise ValueError(
+                    f"{where}: field {key!r} = {short(saved[key])} differs from this run's "
+                    f"{short(value)} (set by its flags): refused, nothing was changed"
+                )
     params = [p for group in optimizer.param_groups for p in group["params"]]
     scalars = parse_json(meta["scalars"], f"{path} scalars")
     entry = re.compile(r"(\d+)\.(\w+)")
@@ -546,8 +631,9 @@ def read_optimizer(path: Path, optimizer: torch.optim.Optimizer) -> dict:
     def param_of(key: str) -> torch.Tensor:
         match = entry.fullmatch(key)
         if match is None or int(match.group(1)) >= len(params):
-            raise ValueError(f"{path}: state {key!r} belongs to no parameter of this run's model: refused, "
-                             "nothing was changed")
+            raise ValueError(
+                f"{path}: state {key!r} belongs to no parameter of this run's model: refused, nothing was changed"
+            )
         return params[int(match.group(1))]
 
     check_tensors(path, tensors, {k: param_of(k).detach() for k in tensors})
@@ -565,7 +651,10 @@ def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     tensors = {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(key.astype(np.int64))}
     if torch.cuda.is_available():
         tensors |= {f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
-    meta = {"numpy": json.dumps([kind, int(pos), int(has_gauss), float(gauss)]), "python": json.dumps(random.getstate())}
+    meta = {
+        "numpy": json.dumps([kind, int(pos), int(has_gauss), float(gauss)]),
+        "python": json.dumps(random.getstate()),
+    }
     return tensors, meta
 
 
@@ -584,8 +673,12 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> Non
 def check_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
     """Raise ValueError unless rng_state()'s output would load: its tensors and metadata exactly as written, tried
     on fresh generators, the global ones untouched."""
-    cuda = {k: v for k, v in tensors.items() if re.fullmatch(r"cuda\.\d+", k) and v.dtype == torch.uint8 and v.dim() == 1}
-    check_tensors("its tensors", tensors, {"torch": torch.get_rng_state(), "numpy": torch.zeros(624, dtype=torch.int64)} | cuda)
+    cuda = {
+        k: v for k, v in tensors.items() if re.fullmatch(r"cuda\.\d+", k) and v.dtype == torch.uint8 and v.dim() == 1
+    }
+    check_tensors(
+        "its tensors", tensors, {"torch": torch.get_rng_state(), "numpy": torch.zeros(624, dtype=torch.int64)} | cuda
+    )
     check_fields("its metadata", meta, {"numpy": text, "python": text})
     if not ((tensors["numpy"] >= 0) & (tensors["numpy"] < 2**32)).all():
         raise ValueError("its numpy state holds values outside [0, 2^32)")
@@ -654,7 +747,8 @@ def error_line(e: Exception) -> str:
 def peer_failed(e: RuntimeError) -> bool:
     """Whether a collective failed because another process of the run exited (its own error line says why)."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and (
-        isinstance(e, torch.distributed.DistError) or "closed by peer" in str(e) or "remote worker" in str(e))
+        isinstance(e, torch.distributed.DistError) or "closed by peer" in str(e) or "remote worker" in str(e)
+    )
 
 
 def run_cli(main: Callable[[], int | None]) -> int:
@@ -760,7 +854,9 @@ def agree(accelerator: Accelerator, error: str | None) -> None:
 # ----------------------------------------------------------------------------- opening a run folder
 
 
-def open_run_folder(out: Path, resume: str | None, overwrite: bool, accelerator: Accelerator) -> tuple[Path | None, bool]:
+def open_run_folder(
+    out: Path, resume: str | None, overwrite: bool, accelerator: Accelerator
+) -> tuple[Path | None, bool]:
     """Lock the run folder and decide what the run does with it, touching nothing else: (checkpoint to resume or
     None, whether the run files must be cleared once the data and model are built)."""
     refused = [None]
@@ -797,17 +893,23 @@ def check_fresh_folder(out: Path, overwrite: bool, last: Path | None) -> None:
     """A new run may go into an empty folder or, with --overwrite, replace a run; never over anything else."""
     if overwrite:
         if foreign_files(out) and not is_run_folder(out):  # only a marked run is replaced
-            raise ValueError(f"--overwrite: {out} holds files that are not a train.py run's "
-                             f"({', '.join(foreign_files(out)[:4])}): it replaces only a run; choose "
-                             "another --output-dir (nothing was deleted)")
+            raise ValueError(
+                f"--overwrite: {out} holds files that are not a train.py run's "
+                f"({', '.join(foreign_files(out)[:4])}): it replaces only a run; choose "
+                "another --output-dir (nothing was deleted)"
+            )
     elif is_finished(out):
         raise ValueError(f"{out} already holds a finished run: pass --overwrite to replace it, or another --output-dir")
     elif is_run_folder(out):
         if last is not None:
-            raise ValueError(f"{out} holds an unfinished run (last checkpoint {last.name}): pass --resume latest (or "
-                             f"auto) to continue it, or --overwrite to start it over")
-        raise ValueError(f"{out} holds a run stopped before its first checkpoint ({contents(out)}): nothing "
-                         f"to resume; pass --overwrite to start it over, or choose another --output-dir")
+            raise ValueError(
+                f"{out} holds an unfinished run (last checkpoint {last.name}): pass --resume latest (or "
+                f"auto) to continue it, or --overwrite to start it over"
+            )
+        raise ValueError(
+            f"{out} holds a run stopped before its first checkpoint ({contents(out)}): nothing "
+            f"to resume; pass --overwrite to start it over, or choose another --output-dir"
+        )
 
 
 def find_checkpoint(resume: str, out: Path, last: Path | None) -> Path:
@@ -815,8 +917,11 @@ def find_checkpoint(resume: str, out: Path, last: Path | None) -> Path:
     if resume == "latest":
         if last is None:
             held = contents(out)
-            advice = (f"the folder holds {held}: nothing to resume; start it over with --overwrite instead of "
-                      f"--resume latest" if held else "the folder holds no run yet: start without --resume")
+            advice = (
+                f"the folder holds {held}: nothing to resume; start it over with --overwrite instead of --resume latest"
+                if held
+                else "the folder holds no run yet: start without --resume"
+            )
             raise ValueError(f"--resume latest: no complete checkpoint in {out / 'checkpoints'}; {advice}")
         return last
     path = Path(resume)
@@ -835,18 +940,22 @@ def check_checkpoint(ckpt: Path, rank: int) -> None:
         config = read_config(ckpt / "config.json")
         state = read_trainer_state(ckpt)
         if state["step"] >= config["max_steps"]:
-            raise ValueError(f"trainer_state.json: field 'step' = {state['step']} is not below the run's "
-                             f"{config['max_steps']} steps")
+            raise ValueError(
+                f"trainer_state.json: field 'step' = {state['step']} is not below the run's {config['max_steps']} steps"
+            )
         rng = ckpt / f"rng_{rank}.safetensors"
         if os.path.lexists(rng):
             read_rng_state(rng)
     except ValueError as e:
-        raise ValueError(f"checkpoint {ckpt} is damaged: {e}; resume from another one or start over with "
-                         f"--overwrite (nothing was loaded)") from None
+        raise ValueError(
+            f"checkpoint {ckpt} is damaged: {e}; resume from another one or start over with "
+            f"--overwrite (nothing was loaded)"
+        ) from None
 
 
-def start_run_folder(out: Path, config: dict, record: dict, clear: bool, step: int | None,
-                     accelerator: Accelerator) -> None:
+def start_run_folder(
+    out: Path, config: dict, record: dict, clear: bool, step: int | None, accelerator: Accelerator
+) -> None:
     """After every check: mark the folder as a run's, clear the old run's files (--overwrite, or an auto restart),
     then write config.json and noise.json; a resume (from `step`) keeps the metrics lines up to its step."""
     accelerator.wait_for_everyone()  # every process has read the folder before the main one changes it
@@ -866,8 +975,11 @@ def start_run_folder(out: Path, config: dict, record: dict, clear: bool, step: i
 def storage_error(e: OSError | str, out: Path, what: str) -> str:
     """One line for a failed write (disk full, read-only): what failed and which checkpoint can still be resumed."""
     last = latest_checkpoint(out)
-    usable = (f"{last} is complete and still usable: free space or fix the folder, then run again with --resume latest"
-              if last is not None else "no checkpoint was completed yet")
+    usable = (
+        f"{last} is complete and still usable: free space or fix the folder, then run again with --resume latest"
+        if last is not None
+        else "no checkpoint was completed yet"
+    )
     why = e if isinstance(e, str) else (e.strerror or str(e))
     return f"cannot write the {what} in {out} ({why}); {usable}"
 
@@ -920,15 +1032,28 @@ def save_checkpoint(accelerator: Accelerator, trainee: Trainee, out: Path, step:
         return None
 
     main = accelerator.is_main_process
-    agree(accelerator, attempt(lambda: (shutil.rmtree(tmp, ignore_errors=True), tmp.mkdir(parents=True))) if main else None)
+    agree(
+        accelerator,
+        attempt(lambda: (shutil.rmtree(tmp, ignore_errors=True), tmp.mkdir(parents=True))) if main else None,
+    )
     try:
         agree(accelerator, attempt(lambda: save_rng_state(tmp / f"rng_{accelerator.process_index}.safetensors")))
     except AgreedError:
         if main:  # another process failed to write its part: the partial checkpoint only takes space
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    agree(accelerator, attempt(lambda: (write_checkpoint(accelerator, trainee, tmp), replace_checkpoint(tmp, final),
-                                        prune_checkpoints(out, keep))) if main else None)
+    agree(
+        accelerator,
+        attempt(
+            lambda: (
+                write_checkpoint(accelerator, trainee, tmp),
+                replace_checkpoint(tmp, final),
+                prune_checkpoints(out, keep),
+            )
+        )
+        if main
+        else None,
+    )
 
 
 def load_checkpoint(accelerator: Accelerator, trainee: Trainee, ckpt: Path) -> None:
@@ -938,8 +1063,12 @@ def load_checkpoint(accelerator: Accelerator, trainee: Trainee, ckpt: Path) -> N
     model = accelerator.unwrap_model(trainee.model, keep_torch_compile=False)
     weights = check_tensors(ckpt / "model.safetensors", read_tensors(ckpt / "model.safetensors")[0], model.state_dict())
     optimizer = read_optimizer(ckpt / "optimizer.safetensors", trainee.optimizer)
-    own = check_tensors(ckpt / "state.safetensors", read_tensors(ckpt / "state.safetensors")[0], own_tensors(trainee),
-                        unbounded=("dynamics.window_end",))  # the audit's window: inf while it is open
+    own = check_tensors(
+        ckpt / "state.safetensors",
+        read_tensors(ckpt / "state.safetensors")[0],
+        own_tensors(trainee),
+        unbounded=("dynamics.window_end",),
+    )  # the audit's window: inf while it is open
     saved_world = read_config(ckpt / "config.json")["world_size"]
     same_world = saved_world == accelerator.num_processes
     rng = read_rng_state(ckpt / f"rng_{accelerator.process_index}.safetensors") if same_world else None
@@ -947,17 +1076,21 @@ def load_checkpoint(accelerator: Accelerator, trainee: Trainee, ckpt: Path) -> N
         model.load_state_dict(weights)
         trainee.optimizer.load_state_dict(optimizer)
         for prefix, obj in trainee.own.items():
-            obj.load_state_dict({k[len(prefix) + 1:]: v for k, v in own.items() if k.startswith(prefix + ".")})
+            obj.load_state_dict({k[len(prefix) + 1 :]: v for k, v in own.items() if k.startswith(prefix + ".")})
         if accelerator.scaler is not None and state["scaler"]:
             accelerator.scaler.load_state_dict(state["scaler"])
     except (ValueError, KeyError, RuntimeError) as e:
-        raise ValueError(f"checkpoint {ckpt} does not fit this run ({type(e).__name__}: {str(e).splitlines()[0]}); "
-                         f"resume from another one or start over with --overwrite") from None
+        raise ValueError(
+            f"checkpoint {ckpt} does not fit this run ({type(e).__name__}: {str(e).splitlines()[0]}); "
+            f"resume from another one or start over with --overwrite"
+        ) from None
     if rng is not None:
         set_rng_state(*rng)
     else:
-        accelerator.print(f"note: {ckpt} was written by {saved_world} processes, this run has "
-                          f"{accelerator.num_processes}: the data order and RNG differ from an uninterrupted run")
+        accelerator.print(
+            f"note: {ckpt} was written by {saved_world} processes, this run has "
+            f"{accelerator.num_processes}: the data order and RNG differ from an uninterrupted run"
+        )
     trainee.state.update({k: v for k, v in state.items() if k != "scaler"})
     accelerator.print(f"resumed from {ckpt} at step {trainee.state['step']}")
 
@@ -1003,7 +1136,9 @@ def load_run(path: Path) -> RunRecord:
     config = read_run_config(path)
     f = path / "metrics.jsonl"
     if not os.path.lexists(f):
-        raise FileNotFoundError(f"{path} has no metrics.jsonl: the run has not evaluated yet (or this is not a run folder)")
+        raise FileNotFoundError(
+            f"{path} has no metrics.jsonl: the run has not evaluated yet (or this is not a run folder)"
+        )
     metrics = read_metrics(f)
     if not metrics:
         raise ValueError(f"{f} holds no evaluation yet: wait for the run's first evaluation")
@@ -1026,20 +1161,32 @@ def finished_runs(paths: Sequence[str]) -> list[RunRecord]:
             runs.append(run)
         else:
             total = run.config.get("total_steps", run.config.get("max_steps"))
-            print(f"warning: skipping unfinished run {p} (step {run.metrics[-1].get('step')} of {total})", file=sys.stderr)
+            print(
+                f"warning: skipping unfinished run {p} (step {run.metrics[-1].get('step')} of {total})", file=sys.stderr
+            )
     if not runs:
         raise ValueError("none of the given runs has finished: the table reports final accuracies only")
     return runs
 
 
 # noise.json (noise.noise_record): the label noise a run trained on.
-NOISE_RECORD = {"kind": one_of(*noise.NOISE_KINDS), "requested_rate": optional(number(0, 1)),
-                "expected_rate": optional(number(0, 1)), "realised_rate": number(0, 1),
-                "realised_rate_per_class": list_of(optional(number(0, 1))),
-                "pairs": lambda v: v is None or (isinstance(v, dict) and all(integer(0)(x) for x in v.values())),
-                "seed": optional(integer(0)), "num_classes": integer(1), "num_examples": integer(0),
-                "num_noisy": integer(0), "key": text, "noise_file": optional(text), "noise_key": optional(text),
-                "noisy_keys": list_of(text), "noisy_indices": optional(list_of(integer(0)))}
+NOISE_RECORD = {
+    "kind": one_of(*noise.NOISE_KINDS),
+    "requested_rate": optional(number(0, 1)),
+    "expected_rate": optional(number(0, 1)),
+    "realised_rate": number(0, 1),
+    "realised_rate_per_class": list_of(optional(number(0, 1))),
+    "pairs": lambda v: v is None or (isinstance(v, dict) and all(integer(0)(x) for x in v.values())),
+    "seed": optional(integer(0)),
+    "num_classes": integer(1),
+    "num_examples": integer(0),
+    "num_noisy": integer(0),
+    "key": text,
+    "noise_file": optional(text),
+    "noise_key": optional(text),
+    "noisy_keys": list_of(text),
+    "noisy_indices": optional(list_of(integer(0))),
+}
 
 
 def read_noise(run_dir: Path) -> dict[str, Any]:
@@ -1052,14 +1199,22 @@ def load_final_model(run_dir: Path, cfg: dict[str, Any], info: data.DatasetInfo)
     """Build the run's model from config.json, check it fits the dataset, load model.safetensors (fp32, eval mode)."""
     weights = run_dir / "model.safetensors"
     if not weights.is_file():
-        raise FileNotFoundError(f"{run_dir} has no model.safetensors: the run has not finished (evaluate a finished run)")
+        raise FileNotFoundError(
+            f"{run_dir} has no model.safetensors: the run has not finished (evaluate a finished run)"
+        )
     if int(cfg["num_classes"]) != info.num_classes:
-        raise ValueError(f"the model has {cfg['num_classes']} classes but dataset {info.name!r} has "
-                         f"{info.num_classes}: pass the --dataset the run was trained on")
+        raise ValueError(
+            f"the model has {cfg['num_classes']} classes but dataset {info.name!r} has "
+            f"{info.num_classes}: pass the --dataset the run was trained on"
+        )
     if int(cfg.get("in_channels", info.channels)) != info.channels:
-        raise ValueError(f"the model takes {cfg['in_channels']} input channels but dataset {info.name!r} has "
-                         f"{info.channels}: pass the --dataset the run was trained on")
-    model = models.build_model(cfg["model"], int(cfg["num_classes"]), int(cfg.get("in_channels", info.channels))).float()
+        raise ValueError(
+            f"the model takes {cfg['in_channels']} input channels but dataset {info.name!r} has "
+            f"{info.channels}: pass the --dataset the run was trained on"
+        )
+    model = models.build_model(
+        cfg["model"], int(cfg["num_classes"]), int(cfg.get("in_channels", info.channels))
+    ).float()
     model.load_state_dict(check_tensors(weights, read_tensors(weights)[0], model.state_dict()))
     return model.eval()
 

@@ -44,9 +44,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import cluster
 import config
@@ -72,27 +73,53 @@ class Job(NamedTuple):
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command line; everything after a lone '--' is passed to every train.py run."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
-    p = runfolder.Parser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=sorted(config.SWEEP_PRESETS), default="digits", help="the grid to run (default digits)")
+    p = runfolder.Parser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--preset", choices=sorted(config.SWEEP_PRESETS), default="digits", help="the grid to run (default digits)"
+    )
     p.add_argument("--methods", nargs="+", help="override the preset's methods (losses.METHODS names)")
-    p.add_argument("--settings", nargs="+", metavar="NOISE:RATE", help="override the noise settings, e.g. symmetric:0.4 none:0")
-    p.add_argument("--seeds", nargs="+", type=int, help="override the training seeds (the noise seed stays --noise-seed 0)")
-    p.add_argument("--eps", nargs="+", type=float, help="eps values of ls/cp/bootsoft/boothard (paper preset: 0.125 0.25 0.5)")
+    p.add_argument(
+        "--settings", nargs="+", metavar="NOISE:RATE", help="override the noise settings, e.g. symmetric:0.4 none:0"
+    )
+    p.add_argument(
+        "--seeds", nargs="+", type=int, help="override the training seeds (the noise seed stays --noise-seed 0)"
+    )
+    p.add_argument(
+        "--eps", nargs="+", type=float, help="eps values of ls/cp/bootsoft/boothard (paper preset: 0.125 0.25 0.5)"
+    )
     p.add_argument("--budgets", nargs="+", type=int, metavar="STEPS", help="--max-steps of each run (digits: 300 1500)")
     p.add_argument("--output-root", help="where the runs go (default runs/sweep-<preset>)")
-    p.add_argument("--launcher", choices=("accelerate", "python", "slurm"),
-                   help="accelerate launch (default for paper) or plain python; slurm: submit a job array (cluster.py)")
-    p.add_argument("--accelerate-config", help="accelerate launch --config_file (e.g. accelerate_config.yaml: one GPU, bf16)")
-    p.add_argument("--cpu", action=argparse.BooleanOptionalAction, help="pass --cpu to train.py (default: on for digits)")
-    p.add_argument("--jobs", type=int, help="runs at once (digits default 2: one CPU thread each); with --gpus, one GPU each")
+    p.add_argument(
+        "--launcher",
+        choices=("accelerate", "python", "slurm"),
+        help="accelerate launch (default for paper) or plain python; slurm: submit a job array (cluster.py)",
+    )
+    p.add_argument(
+        "--accelerate-config", help="accelerate launch --config_file (e.g. accelerate_config.yaml: one GPU, bf16)"
+    )
+    p.add_argument(
+        "--cpu", action=argparse.BooleanOptionalAction, help="pass --cpu to train.py (default: on for digits)"
+    )
+    p.add_argument(
+        "--jobs", type=int, help="runs at once (digits default 2: one CPU thread each); with --gpus, one GPU each"
+    )
     p.add_argument("--gpus", help="comma-separated GPU ids to spread --jobs over (CUDA_VISIBLE_DEVICES per run)")
-    p.add_argument("--runs-per-gpu", type=int, default=1,
-                   help="with --gpus: runs sharing each GPU at once (a ResNet-44 CIFAR run fills a fraction of a large "
-                        "GPU; BENCHMARKS.md measures the aggregate speed by K); --jobs defaults to GPUs x K")
-    p.add_argument("--dry-run", action="store_true", help="print the commands (--launcher slurm: the batch script) and exit")
+    p.add_argument(
+        "--runs-per-gpu",
+        type=int,
+        default=1,
+        help="with --gpus: runs sharing each GPU at once (a ResNet-44 CIFAR run fills a fraction of a large "
+        "GPU; BENCHMARKS.md measures the aggregate speed by K); --jobs defaults to GPUs x K",
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the commands (--launcher slurm: the batch script) and exit"
+    )
     cluster.add_arguments(p)
     args = p.parse_args(argv)
     typed = {k for k, v in vars(args).items() if v is not None and v is not False and v != p.get_default(k)}
@@ -119,11 +146,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         raise ValueError(f"--budgets {' '.join(map(str, args.budgets))}: each is a number of steps >= 1")
     if args.jobs < 1 or not args.seeds or not args.methods:
         raise ValueError("--jobs must be >= 1 and --seeds/--methods must not be empty")
-    check_used(args, typed)
+    check_grid_values(args, typed)
     return args
 
 
-def check_used(args: argparse.Namespace, typed: set[str]) -> None:
+def check_grid_values(args: argparse.Namespace, typed: set[str]) -> None:
     """Every value typed is used once: no grid value twice, no value that no job reads."""
     for key in ("methods", "settings", "seeds", "eps", "budgets"):
         values = getattr(args, key)
@@ -135,8 +162,10 @@ def check_used(args: argparse.Namespace, typed: set[str]) -> None:
     if "jobs" in typed and args.gpus and not args.slurm:
         raise ValueError("--jobs with --gpus: the runs at once are the GPUs x --runs-per-gpu; drop --jobs")
     if "accelerate_config" in typed and args.launcher != "accelerate":
-        raise ValueError(f"--accelerate-config is read by --launcher accelerate only (these runs start with "
-                         f"{args.launcher}): drop it")
+        raise ValueError(
+            f"--accelerate-config is read by --launcher accelerate only (these runs start with "
+            f"{args.launcher}): drop it"
+        )
 
 
 def check_train_args(jobs: Sequence[Job], args: argparse.Namespace) -> None:
@@ -147,8 +176,10 @@ def check_train_args(jobs: Sequence[Job], args: argparse.Namespace) -> None:
     given = [a.split("=", 1)[0] for a in args.extra if a.startswith("--")]
     clash = [a for a in given if a in grid or a == "--overwrite"]
     if clash:
-        raise ValueError(f"{clash[0]} after --: the grid sets it for every run (use the sweep's own flags, e.g. "
-                         "--seeds, --budgets, --output-root); drop it")
+        raise ValueError(
+            f"{clash[0]} after --: the grid sets it for every run (use the sweep's own flags, e.g. "
+            "--seeds, --budgets, --output-root); drop it"
+        )
 
 
 def parse_settings(texts: Sequence[str]) -> list[tuple[str, float]]:
@@ -161,8 +192,10 @@ def parse_settings(texts: Sequence[str]) -> list[tuple[str, float]]:
         except ValueError:
             raise ValueError(f"--settings {text!r}: write NOISE:RATE, e.g. symmetric:0.4") from None
         if (noise == "none") == bool(settings[-1][1]):
-            raise ValueError(f"--settings {text!r}: " + ("'none' takes no rate" if noise == "none" else
-                                                           f"{noise} needs a rate, e.g. {noise}:0.4"))
+            raise ValueError(
+                f"--settings {text!r}: "
+                + ("'none' takes no rate" if noise == "none" else f"{noise} needs a rate, e.g. {noise}:0.4")
+            )
     return settings
 
 
@@ -172,12 +205,30 @@ def plan(args: argparse.Namespace) -> list[Job]:
     jobs = []
     for noise, rate in args.settings:
         for method in args.methods:
-            for eps, budget, seed in itertools.product(args.eps if method in losses.FIXED_EPS else [None], args.budgets, args.seeds):
-                name = (f"{preset['dataset']}-{noise}-{rate:g}-{method}" + (f"-eps{eps:g}" if eps is not None else "")
-                        + (f"-T{budget}" if budget else "") + f"-seed{seed}")
+            for eps, budget, seed in itertools.product(
+                args.eps if method in losses.FIXED_EPS else [None], args.budgets, args.seeds
+            ):
+                name = (
+                    f"{preset['dataset']}-{noise}-{rate:g}-{method}"
+                    + (f"-eps{eps:g}" if eps is not None else "")
+                    + (f"-T{budget}" if budget else "")
+                    + f"-seed{seed}"
+                )
                 out = args.output_root / name
-                train = ["--dataset", preset["dataset"], "--method", method, "--noise", noise,
-                         "--noise-rate", f"{rate:g}", "--seed", str(seed), "--output-dir", str(out)]
+                train = [
+                    "--dataset",
+                    preset["dataset"],
+                    "--method",
+                    method,
+                    "--noise",
+                    noise,
+                    "--noise-rate",
+                    f"{rate:g}",
+                    "--seed",
+                    str(seed),
+                    "--output-dir",
+                    str(out),
+                ]
                 if preset["model"]:
                     train += ["--model", preset["model"]]
                 if eps is not None:
@@ -213,7 +264,11 @@ def check_jobs(jobs: Sequence[Job]) -> None:
 
 def command(job: Job, args: argparse.Namespace) -> list[str]:
     """The process to start for a job: accelerate launch or plain python, with --resume auto."""
-    train = [*job.args, "--resume", "auto"]  # a new run, a killed one continued, or one killed before its first checkpoint
+    train = [
+        *job.args,
+        "--resume",
+        "auto",
+    ]  # a new run, a killed one continued, or one killed before its first checkpoint
     if args.launcher == "python":
         return [sys.executable, str(config.SUITE_DIR / "train.py"), *train]
     launch = [sys.executable, "-m", "accelerate.commands.launch"]
@@ -273,7 +328,9 @@ def run_job(job: Job, args: argparse.Namespace, slots: queue.Queue, number: str)
                 if _stopped_by:  # the sweep was stopped while this job waited for its slot
                     return job, 128 + _stopped_by[0], 0.0
                 # its own process group: a signal reaches the launcher and the train.py processes it starts
-                child = subprocess.Popen(cmd, cwd=config.SUITE_DIR, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+                child = subprocess.Popen(
+                    cmd, cwd=config.SUITE_DIR, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True
+                )
                 _children.add(child)
             try:
                 code = child.wait()
@@ -284,7 +341,10 @@ def run_job(job: Job, args: argparse.Namespace, slots: queue.Queue, number: str)
                     _children.discard(child)
         seconds = time.perf_counter() - start
         last = log.read_text().strip().splitlines()[-1:] or [""]
-        print(f"{number} {'done' if code == 0 else 'stopped' if _stopped_by else 'FAILED'} {job.name} in {seconds:.0f} s: {last[0][-160:]}", flush=True)
+        print(
+            f"{number} {'done' if code == 0 else 'stopped' if _stopped_by else 'FAILED'} {job.name} in {seconds:.0f} s: {last[0][-160:]}",
+            flush=True,
+        )
         return job, code, seconds
     finally:
         slots.put(slot)
@@ -323,8 +383,11 @@ def summarise(jobs: Sequence[Job], args: argparse.Namespace) -> None:
     runs = plot_runs_of([j for j in jobs if j.budget == longest], setting, args.seeds[0])
     if runs:
         report.plot_runs(runs, args.output_root / "dynamics.png")
-    print(f"wrote {args.output_root / 'table.md'}" + (", table.csv" if len(args.budgets) == 1 else "")
-          + (", dynamics.png" if runs else ""))
+    print(
+        f"wrote {args.output_root / 'table.md'}"
+        + (", table.csv" if len(args.budgets) == 1 else "")
+        + (", dynamics.png" if runs else "")
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -338,8 +401,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     todo = [j for j in jobs if status(j.output_dir) != "finished"]
     if args.slurm:
         return cluster.submit([(j.name, command(j, args)) for j in todo], args)
-    print(f"sweep {args.preset}: {len(jobs)} runs, {len(jobs) - len(todo)} already finished, {len(todo)} to run "
-          f"({args.jobs} at a time) under {args.output_root}", flush=True)
+    print(
+        f"sweep {args.preset}: {len(jobs)} runs, {len(jobs) - len(todo)} already finished, {len(todo)} to run "
+        f"({args.jobs} at a time) under {args.output_root}",
+        flush=True,
+    )
     if args.dry_run:
         for job in todo:
             print(shlex.join(command(job, args)))
@@ -352,17 +418,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers = {s: signal.signal(s, stop_children) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # leaving the block waits for every running job
-            results = list(pool.map(lambda kj: run_job(kj[1], args, slots, f"[{kj[0] + 1}/{len(todo)}]"), enumerate(todo)))
+            results = list(
+                pool.map(lambda kj: run_job(kj[1], args, slots, f"[{kj[0] + 1}/{len(todo)}]"), enumerate(todo))
+            )
     finally:
         for s, handler in handlers.items():
             signal.signal(s, handler)
     if _stopped_by:
         name = signal.Signals(_stopped_by[0]).name
-        print(f"sweep stopped by {name}: its running train.py processes were stopped and have exited; "
-              f"the same command continues the sweep", file=sys.stderr)
+        print(
+            f"sweep stopped by {name}: its running train.py processes were stopped and have exited; "
+            f"the same command continues the sweep",
+            file=sys.stderr,
+        )
         return 128 + _stopped_by[0]
     failed = [job.name for job, code, _ in results if code != 0]
-    print(f"ran {len(todo)} runs in {time.perf_counter() - start:.0f} s" + (f"; failed: {', '.join(failed)}" if failed else ""))
+    print(
+        f"ran {len(todo)} runs in {time.perf_counter() - start:.0f} s"
+        + (f"; failed: {', '.join(failed)}" if failed else "")
+    )
     summarise(jobs, args)
     return 1 if failed else 0
 

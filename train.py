@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import atexit
 import json
-import math
 import os
 import signal
 import sys
@@ -48,8 +47,11 @@ def ran_precision(accelerator: Accelerator) -> str:
     """The mixed precision that actually runs: Accelerate runs fp16 on a CPU in fp32, so say so and record 'no'."""
     if accelerator.mixed_precision == "fp16" and not accelerator.native_amp:
         if accelerator.is_main_process:
-            print(f"note: --mixed-precision fp16 needs a GPU; on {accelerator.device.type} this run is fp32 and "
-                  f"config.json records 'no' (use bf16 for mixed precision on a CPU)", file=sys.stderr)
+            print(
+                f"note: --mixed-precision fp16 needs a GPU; on {accelerator.device.type} this run is fp32 and "
+                f"config.json records 'no' (use bf16 for mixed precision on a CPU)",
+                file=sys.stderr,
+            )
         return "no"
     return accelerator.mixed_precision
 
@@ -74,19 +76,13 @@ def evaluate(run: Run, early: bool) -> dict:
         return metrics
     pred, ent, noisy = logits.argmax(1), losses.normalized_entropy(logits.float().softmax(1)), b.is_noisy
     mean = lambda x, mask: x[mask].float().mean().item() if mask.any() else float("nan")  # noqa: E731
-    return metrics | {"clean_fit": mean(pred == b.label, ~noisy), "noisy_fit": mean(pred == b.label, noisy),
-                      "noisy_correct": mean(pred == b.clean_label, noisy), "entropy_clean": mean(ent, ~noisy),
-                      "entropy_noisy": mean(ent, noisy)}
-
-
-def lr_at(step: int, base_lr: float, total_steps: int, schedule: str = "step", milestones: list[int] = (),
-          power: float | None = None) -> float:
-    """lr at optimizer step t of T: step: lr 0.1^(milestones passed); poly: lr (1 - t/T)^power; cosine: lr (1 + cos(pi t/T)) / 2."""
-    if schedule == "poly":
-        return base_lr * (1.0 - step / total_steps) ** power
-    if schedule == "cosine":
-        return base_lr * 0.5 * (1.0 + math.cos(math.pi * step / total_steps))
-    return base_lr * 0.1 ** sum(step >= m for m in milestones)
+    return metrics | {
+        "clean_fit": mean(pred == b.label, ~noisy),
+        "noisy_fit": mean(pred == b.label, noisy),
+        "noisy_correct": mean(pred == b.clean_label, noisy),
+        "entropy_clean": mean(ent, ~noisy),
+        "entropy_noisy": mean(ent, noisy),
+    }
 
 
 # ----------------------------------------------------------------------------- the run's pieces
@@ -131,18 +127,27 @@ def build_data(run: Run) -> None:
     args.input_path, args.resize, args.image_size = info.input_path, info.resize, info.image_size  # into config.json
     workers, rank, world = args.num_workers, accelerator.process_index, accelerator.num_processes
     eval_batch = max(1, args.eval_batch_size // world)  # per process, as the training batch
-    run.test_batches = data.EvalBatches(test_ds, info, accelerator.device, eval_batch, rank=rank, world=world,
-                                       workers=workers)
+    run.test_batches = data.EvalBatches(
+        test_ds, info, accelerator.device, eval_batch, rank=rank, world=world, workers=workers
+    )
     eval_ds, rows = data.train_eval_subset(run.train_ds, args.train_eval_size)  # for the Figure 3 metrics
     if rows is not None:  # also without synthetic noise: the audit is for labels whose noise is unknown
         if info.clean_subset:
-            accelerator.print(f"clean_fit/noisy_fit are measured on the {len(rows)} training examples with a known "
-                              "clean label (clean_label_kv.txt)")
-        run.train_eval_batches = data.EvalBatches(eval_ds, info, accelerator.device, eval_batch, rows, rank, world,
-                                                 workers)
-        run.dynamics = audit.TrainingDynamics(data.label_tensors(eval_ds)["label"], info.num_classes, accelerator.device,
-                                        args.audit_epochs, from_batches=not args.streaming,  # a stream's rows differ
-                                        total_images=args.max_steps * args.batch_size)
+            accelerator.print(
+                f"clean_fit/noisy_fit are measured on the {len(rows)} training examples with a known "
+                "clean label (clean_label_kv.txt)"
+            )
+        run.train_eval_batches = data.EvalBatches(
+            eval_ds, info, accelerator.device, eval_batch, rows, rank, world, workers
+        )
+        run.dynamics = audit.TrainingDynamics(
+            data.label_tensors(eval_ds)["label"],
+            info.num_classes,
+            accelerator.device,
+            args.audit_epochs,
+            from_batches=not args.streaming,  # a stream's rows differ
+            total_images=args.max_steps * args.batch_size,
+        )
         run.eval_keys = list(eval_ds["example_key"]) if args.streaming else None  # a stream's subset by key
 
 
@@ -179,11 +184,16 @@ def stop_if_diverged(run: Run, bad_step: torch.Tensor, step: int) -> None:
     if bad < 0:
         return
     last = runfolder.latest_checkpoint(run.out)
-    advice = ("use --mixed-precision bf16 (fp16 overflows), or lower --lr" if args.mixed_precision == "fp16"
-              else f"lower --lr (this run used {args.lr:g})")
+    advice = (
+        "use --mixed-precision bf16 (fp16 overflows), or lower --lr"
+        if args.mixed_precision == "fp16"
+        else f"lower --lr (this run used {args.lr:g})"
+    )
     resume = f"the last checkpoint, {last}, is finite" if last else "no checkpoint was saved before it"
-    error = FloatingPointError(f"loss is not finite at step {bad} (training diverged): {advice}; {resume}; "
-                               f"nothing after it was saved or logged")
+    error = FloatingPointError(
+        f"loss is not finite at step {bad} (training diverged): {advice}; {resume}; "
+        f"nothing after it was saved or logged"
+    )
     error.agreed = True  # every process raises it
     raise error
 
@@ -206,8 +216,9 @@ def evaluate_and_log(run: Run, step: int, lr: float, sums: torch.Tensor, batches
         with open(run.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(metrics) + "\n")
     accelerator.log(metrics, step=step)
-    accelerator.print(f"step {step}/{args.max_steps} " + " ".join(
-        f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+    accelerator.print(
+        f"step {step}/{args.max_steps} " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+    )
     return metrics
 
 
@@ -242,9 +253,19 @@ def train_loop(run: Run) -> dict:
     and a checkpoint at the step reached when SIGTERM, SIGUSR1 or SIGINT arrives. Returns the last metrics."""
     args, accelerator, state = run.args, run.accelerator, run.state
     device, milestones = accelerator.device, config.milestone_steps(args)
-    batches = data.TrainBatches(run.train_ds, run.info, args.batch_size, args.seed, accelerator.process_index,
-                                accelerator.num_processes, state["step"], device, num_workers=args.num_workers,
-                                max_bad_fraction=args.max_bad_fraction, key_column=args.key_column)
+    batches = data.TrainBatches(
+        run.train_ds,
+        run.info,
+        args.batch_size,
+        args.seed,
+        accelerator.process_index,
+        accelerator.num_processes,
+        state["step"],
+        device,
+        num_workers=args.num_workers,
+        max_bad_fraction=args.max_bad_fraction,
+        key_column=args.key_column,
+    )
     batch_iter = iter(batches)
     sums = torch.tensor([state["loss_sum"], state["eps_sum"]], device=device)  # train loss and eps since the last log
     bad_step, metrics = torch.tensor(-1, device=device), {}
@@ -252,7 +273,7 @@ def train_loop(run: Run) -> dict:
     tick, tick_step = time.perf_counter(), state["step"]
     run.model.train()
     for t in range(state["step"], args.max_steps):
-        lr = lr_at(t, args.lr, args.max_steps, args.lr_schedule, milestones, args.poly_power)
+        lr = config.lr_at(t, args.lr, args.max_steps, args.lr_schedule, milestones, args.poly_power)
         for group in run.optimizer.param_groups:
             group["lr"] = lr
         bad_step = train_step(run, next(batch_iter), t, sums, bad_step)
@@ -260,16 +281,23 @@ def train_loop(run: Run) -> dict:
         step = t + 1
         log_step = step % args.log_every == 0 or step == args.max_steps
         stop = runfolder.stop_requested(accelerator, log_step) and step < args.max_steps
-        if stop or step == args.max_steps or any(step % every == 0 for every in (args.log_every, args.eval_every,
-                                                                                 args.save_every)):
+        if (
+            stop
+            or step == args.max_steps
+            or any(step % every == 0 for every in (args.log_every, args.eval_every, args.save_every))
+        ):
             stop_if_diverged(run, bad_step, step)  # before anything is logged or saved
         if log_step:
             if run.dynamics is not None:
                 run.dynamics.refresh()  # the audit window's end, decided on the device
             now = time.perf_counter()
             n, (loss_sum, eps_sum) = max(state["n_sum"], 1), sums.tolist()
-            bar.set_postfix(loss=f"{loss_sum / n:.3f}", eps=f"{eps_sum / n:.3f}", lr=f"{lr:.3g}",
-                            img_s=f"{(step - tick_step) * args.batch_size / (now - tick):.0f}")
+            bar.set_postfix(
+                loss=f"{loss_sum / n:.3f}",
+                eps=f"{eps_sum / n:.3f}",
+                lr=f"{lr:.3g}",
+                img_s=f"{(step - tick_step) * args.batch_size / (now - tick):.0f}",
+            )
             bar.update(step - bar.n)
             tick, tick_step = now, step
         if step % args.eval_every == 0 or step == args.max_steps:
@@ -279,8 +307,10 @@ def train_loop(run: Run) -> dict:
             runfolder.save_checkpoint(accelerator, trainee(run), run.out, step, args.keep_checkpoints)
         if stop:
             name = signal.Signals(runfolder.STOP["signal"] or signal.SIGTERM).name
-            raise runfolder.Stopped(f"stopped by {name} at step {step}: checkpoint {run.out / 'checkpoints' / f'step_{step:06d}'} "
-                          "written; run the same command with --resume latest (or --resume auto) to continue")
+            raise runfolder.Stopped(
+                f"stopped by {name} at step {step}: checkpoint {run.out / 'checkpoints' / f'step_{step:06d}'} "
+                "written; run the same command with --resume latest (or --resume auto) to continue"
+            )
     bar.close()
     return metrics
 
@@ -304,8 +334,10 @@ def save_final(run: Run, metrics: dict) -> None:
     if run.args.push_to_hub and accelerator.is_main_process:
         push(out, run.args.push_to_hub)
     accelerator.end_training()
-    accelerator.print(f"final test_acc={metrics['test_acc']:.4f} best_test_acc={run.state['best_acc']:.4f} "
-                      f"(step {run.state['best_step']}) output_dir={out}")
+    accelerator.print(
+        f"final test_acc={metrics['test_acc']:.4f} best_test_acc={run.state['best_acc']:.4f} "
+        f"(step {run.state['best_step']}) output_dir={out}"
+    )
 
 
 def push(out: Path, repo_id: str) -> None:
@@ -330,9 +362,14 @@ def finished_again(args: argparse.Namespace, out: Path, accelerator: Accelerator
 def make_accelerator(args: argparse.Namespace) -> Accelerator:
     """Accelerate's view of the devices and processes; the values it decides go back into args."""
     dynamo = TorchDynamoPlugin(backend="inductor", mode=args.compile_mode or "default") if args.compile else None
-    accelerator = Accelerator(cpu=args.cpu, mixed_precision=args.mixed_precision,
-                              gradient_accumulation_steps=args.gradient_accumulation_steps,
-                              log_with=args.report_to, project_dir=args.output_dir, dynamo_plugin=dynamo)
+    accelerator = Accelerator(
+        cpu=args.cpu,
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        log_with=args.report_to,
+        project_dir=args.output_dir,
+        dynamo_plugin=dynamo,
+    )
     args.mixed_precision = ran_precision(accelerator)  # what runs, also when it came from the accelerate config
     args.sync_bn = config.check_processes(args, accelerator.num_processes, accelerator.device.type)
     if args.num_workers is None:
@@ -365,7 +402,9 @@ def main(argv: list[str] | None = None) -> None:
             raise
         return
     if ckpt is not None:  # the same run: every hyperparameter known before the data loads
-        config.check_same_run(ckpt, {k: v for k, v in config.planned_config(args).items() if k not in config.DATA_DECIDED})
+        config.check_same_run(
+            ckpt, {k: v for k, v in config.planned_config(args).items() if k not in config.DATA_DECIDED}
+        )
     run = Run(args, accelerator, out)
     # ---- data, model, loss
     build_data(run)
@@ -373,15 +412,20 @@ def main(argv: list[str] | None = None) -> None:
     run.config = config.recorded_config(args, run.info, accelerator.num_processes, accelerator.device)
     if ckpt is not None:
         config.check_same_run(ckpt, run.config)
-    record = noise.noise_record(run.train_ds, run.info.noise, key_column=args.key_column) \
-        if accelerator.is_main_process else {}
+    record = (
+        noise.noise_record(run.train_ds, run.info.noise, key_column=args.key_column)
+        if accelerator.is_main_process
+        else {}
+    )
     if ckpt is not None:  # every file checked whole against this run before it loads, and before any write
         runfolder.load_checkpoint(accelerator, trainee(run), ckpt)
-    runfolder.start_run_folder(out, run.config, record, clear, run.state["step"] if ckpt else None,
-                               accelerator)  # the first write, after every check
+    runfolder.start_run_folder(
+        out, run.config, record, clear, run.state["step"] if ckpt else None, accelerator
+    )  # the first write, after every check
     if args.report_to:
-        accelerator.init_trackers("proselflc", config={k: v for k, v in run.config.items()
-                                                       if isinstance(v, (int, float, str, bool))})
+        accelerator.init_trackers(
+            "proselflc", config={k: v for k, v in run.config.items() if isinstance(v, (int, float, str, bool))}
+        )
     # ---- loop, save
     runfolder.STOP["training"] = True
     metrics = train_loop(run)
@@ -396,6 +440,8 @@ def cli(argv: list[str] | None = None) -> int:
 atexit.register(runfolder.release_locks)  # also when main() is called without cli()
 
 if __name__ == "__main__":
-    for stop_signal in runfolder.STOP_SIGNALS:  # preemption or Ctrl-C: checkpoint, then exit 143 or 130 (on_stop_signal)
+    for (
+        stop_signal
+    ) in runfolder.STOP_SIGNALS:  # preemption or Ctrl-C: checkpoint, then exit 143 or 130 (on_stop_signal)
         signal.signal(stop_signal, runfolder.on_stop_signal)
     runfolder.leave(cli())

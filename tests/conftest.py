@@ -26,8 +26,9 @@ for _name in [name for name in os.environ if name.startswith(HF_PREFIXES)]:
     del os.environ[_name]
 HF_SESSION = Path(tempfile.mkdtemp(prefix="proselflc-tests-hf-"))
 atexit.register(shutil.rmtree, HF_SESSION, ignore_errors=True)
-os.environ.update(HF_HOME=str(HF_SESSION / "home"), HF_DATASETS_CACHE=str(HF_SESSION / "datasets"),
-                  HF_HUB_DISABLE_TELEMETRY="1")
+os.environ.update(
+    HF_HOME=str(HF_SESSION / "home"), HF_DATASETS_CACHE=str(HF_SESSION / "datasets"), HF_HUB_DISABLE_TELEMETRY="1"
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -54,16 +55,29 @@ def fresh_accelerate_state():
 # ----------------------------------------------------------------------------- running the scripts
 
 
-def run_script(*args: str, cwd: Path = ROOT, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+def run_script(
+    *args: str, cwd: Path = ROOT, env: dict | None = None, timeout: int = 300
+) -> subprocess.CompletedProcess:
     """`python *args` in a subprocess (in the repo root, ENV unless env is given), output captured as text."""
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=ENV if env is None else env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=cwd,
+        env=ENV if env is None else env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def kill_once_written(args: list[str], marker: Path, env: dict | None = None, seconds: float = 120) -> None:
     """Run `python *args` in the repo root and SIGKILL it as soon as `marker` exists (a kill -9 mid-run)."""
-    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=ENV if env is None else env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, *args],
+        cwd=ROOT,
+        env=ENV if env is None else env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + seconds
     while not marker.exists() and time.time() < deadline:
         time.sleep(0.01)
@@ -124,7 +138,9 @@ def train_digits(folder: Path, *flags: str) -> tuple[Path, list[str]]:
     """A 300-step digits run (the digits recipe, evaluations every 100 steps) through the real command line:
     its folder and its stdout lines."""
     out = folder / "run"
-    proc = run_script("train.py", "--cpu", "--max-steps", "300", "--eval-every", "100", *flags, "--output-dir", str(out))
+    proc = run_script(
+        "train.py", "--cpu", "--max-steps", "300", "--eval-every", "100", *flags, "--output-dir", str(out)
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc.stdout.strip().splitlines()
 
@@ -138,8 +154,9 @@ def clean_digits_run(tmp_path_factory) -> tuple[Path, list[str]]:
 @pytest.fixture(scope="session")
 def noisy_digits_run(tmp_path_factory) -> tuple[Path, list[str]]:
     """The quick start: ProSelfLC on digits with 40% symmetric label noise."""
-    return train_digits(tmp_path_factory.mktemp("noisy-digits"), "--method", "proselflc", "--noise", "symmetric",
-                        "--noise-rate", "0.4")
+    return train_digits(
+        tmp_path_factory.mktemp("noisy-digits"), "--method", "proselflc", "--noise", "symmetric", "--noise-rate", "0.4"
+    )
 
 
 @pytest.fixture(scope="session")

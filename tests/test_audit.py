@@ -42,10 +42,12 @@ def small_digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
     images = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
     names = [str(d) for d in range(10)]
     folder = tmp_path_factory.mktemp("data") / "small_digits"
-    datasets.DatasetDict({
-        "train": data.pixel_dataset(images[:400], digits.target[:400], names),
-        "test": data.pixel_dataset(images[1500:1620], digits.target[1500:1620], names),
-    }).save_to_disk(str(folder))
+    datasets.DatasetDict(
+        {
+            "train": data.pixel_dataset(images[:400], digits.target[:400], names),
+            "test": data.pixel_dataset(images[1500:1620], digits.target[1500:1620], names),
+        }
+    ).save_to_disk(str(folder))
     return folder
 
 
@@ -56,9 +58,28 @@ def long_run(small_digits: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     On 400 examples at batch 32 the network needs about 25 epochs to learn the clean labels (the digits
     recipe: under 15; a fixed 15-epoch window gives precision 0.72 here): the window is the run's own choice."""
     out = tmp_path_factory.mktemp("long") / "run"
-    proc = run_script("train.py", "--cpu", "--dataset", str(small_digits), "--method", "cce", "--noise", "symmetric",
-                      "--noise-rate", "0.4", "--batch-size", "32", "--max-steps", "1200", "--eval-every", "25",
-                      "--save-every", "100000", "--output-dir", str(out))
+    proc = run_script(
+        "train.py",
+        "--cpu",
+        "--dataset",
+        str(small_digits),
+        "--method",
+        "cce",
+        "--noise",
+        "symmetric",
+        "--noise-rate",
+        "0.4",
+        "--batch-size",
+        "32",
+        "--max-steps",
+        "1200",
+        "--eval-every",
+        "25",
+        "--save-every",
+        "100000",
+        "--output-dir",
+        str(out),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
@@ -78,7 +99,9 @@ def read_rows(path: Path) -> list[dict[str, str]]:
 
 def test_dynamics_of_a_clean_run_and_its_audit(tmp_path: Path) -> None:
     out = tmp_path / "clean"
-    assert train.cli(["--cpu", *SYNTHETIC_160, "--max-steps", "20", "--eval-every", "10", "--output-dir", str(out)]) == 0
+    assert (
+        train.cli(["--cpu", *SYNTHETIC_160, "--max-steps", "20", "--eval-every", "10", "--output-dir", str(out)]) == 0
+    )
     dyn = load_file(str(out / "dynamics.safetensors"))
     n = len(data.to_tensors(data.prepare_data(data_config(dataset="synthetic", synthetic_size=160))[0])["label"])
     assert dyn["margin_sum"].shape == (n,) and dyn["early_prob_sum"].shape == (n, 10)
@@ -99,8 +122,26 @@ def test_dynamics_of_a_clean_run_and_its_audit(tmp_path: Path) -> None:
 
 def test_a_streamed_run_is_audited_by_example_key(tmp_path: Path) -> None:
     out = tmp_path / "stream"
-    assert train.cli(["--cpu", *SYNTHETIC_160, "--streaming", "--max-steps", "10", "--eval-every", "5", "--noise",
-                      "symmetric", "--noise-rate", "0.4", "--output-dir", str(out)]) == 0
+    assert (
+        train.cli(
+            [
+                "--cpu",
+                *SYNTHETIC_160,
+                "--streaming",
+                "--max-steps",
+                "10",
+                "--eval-every",
+                "5",
+                "--noise",
+                "symmetric",
+                "--noise-rate",
+                "0.4",
+                "--output-dir",
+                str(out),
+            ]
+        )
+        == 0
+    )
     proc = run_script("eval.py", "--audit", str(out), "--cpu")
     assert proc.returncode == 0 and not proc.stderr.strip(), proc.stderr
     rows = read_rows(out / "label_issues.csv")
@@ -109,8 +150,22 @@ def test_a_streamed_run_is_audited_by_example_key(tmp_path: Path) -> None:
 
 def test_two_processes_gather_every_example_once(tmp_path: Path) -> None:
     out = tmp_path / "ddp"
-    proc = run_script(*TORCHRUN, "train.py", "--cpu", *SYNTHETIC_160, "--max-steps", "20", "--eval-every", "10",
-                      "--noise", "symmetric", "--noise-rate", "0.4", "--output-dir", str(out))
+    proc = run_script(
+        *TORCHRUN,
+        "train.py",
+        "--cpu",
+        *SYNTHETIC_160,
+        "--max-steps",
+        "20",
+        "--eval-every",
+        "10",
+        "--noise",
+        "symmetric",
+        "--noise-rate",
+        "0.4",
+        "--output-dir",
+        str(out),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     dyn = load_file(str(out / "dynamics.safetensors"))
     assert torch.equal(dyn["count"], torch.full((160,), 2))  # 160 rows over 2 processes: none twice, none lost
@@ -118,8 +173,21 @@ def test_two_processes_gather_every_example_once(tmp_path: Path) -> None:
 
 
 def test_resume_restores_the_statistics_exactly(tmp_path: Path) -> None:
-    flags = ["--cpu", "--deterministic", *SYNTHETIC_160, "--max-steps", "40", "--eval-every", "10", "--save-every", "20",
-             "--noise", "symmetric", "--noise-rate", "0.4"]
+    flags = [
+        "--cpu",
+        "--deterministic",
+        *SYNTHETIC_160,
+        "--max-steps",
+        "40",
+        "--eval-every",
+        "10",
+        "--save-every",
+        "20",
+        "--noise",
+        "symmetric",
+        "--noise-rate",
+        "0.4",
+    ]
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     assert train.cli([*flags, "--output-dir", str(whole)]) == 0
     shutil.copytree(whole, cut)
@@ -135,8 +203,23 @@ def test_resume_restores_the_statistics_exactly(tmp_path: Path) -> None:
 
 def test_a_short_window_stops_adding_the_training_batches(tmp_path: Path) -> None:
     out = tmp_path / "window"
-    assert train.cli(["--cpu", *SYNTHETIC_160, "--max-steps", "20", "--eval-every", "10", "--audit-epochs", "1.5",
-                      "--output-dir", str(out)]) == 0
+    assert (
+        train.cli(
+            [
+                "--cpu",
+                *SYNTHETIC_160,
+                "--max-steps",
+                "20",
+                "--eval-every",
+                "10",
+                "--audit-epochs",
+                "1.5",
+                "--output-dir",
+                str(out),
+            ]
+        )
+        == 0
+    )
     # steps t = 0..7 start before epoch 1.5 (t * 32 < 240): every example once, 96 of them twice
     counts = torch.bincount(load_file(str(out / "dynamics.safetensors"))["early_count"])
     assert counts.tolist() == [0, 64, 96]
@@ -199,8 +282,12 @@ def test_clean_posterior_undoes_the_noise_the_fit_learnt() -> None:
     assert p[0].argmax() == 1  # 0.55 * 0.4 + 0.45 * 0.6 = 0.49 beats 0.55 * 0.6 = 0.33: the fit prefers the flip
     assert torch.allclose(audit.clean_posterior(p, t), q, atol=1e-6)
     assert torch.equal(audit.clean_posterior(p, torch.eye(3)), p)  # no noise: nothing to undo
-    assert torch.equal(audit.noise_transition(torch.tensor([[50.0, 0], [20, 0]])), torch.tensor([[5 / 7, 2 / 7], [0, 1]]))
-    assert torch.equal(audit.noise_transition(torch.tensor([[50.0, 0], [2, 0]])), torch.eye(2))  # 2 is scatter, not noise
+    assert torch.equal(
+        audit.noise_transition(torch.tensor([[50.0, 0], [20, 0]])), torch.tensor([[5 / 7, 2 / 7], [0, 1]])
+    )
+    assert torch.equal(
+        audit.noise_transition(torch.tensor([[50.0, 0], [2, 0]])), torch.eye(2)
+    )  # 2 is scatter, not noise
 
 
 def test_the_audit_score_finds_pairflip_noise_in_a_noisy_fit() -> None:
@@ -213,11 +300,18 @@ def test_the_audit_score_finds_pairflip_noise_in_a_noisy_fit() -> None:
     # a network's fit: mostly the noisy posterior q T, blurred, with 10% of the given labels memorised
     q = torch.softmax(3 * torch.nn.functional.one_hot(true, c).float() + torch.randn(n, c, generator=gen), dim=1)
     p = 0.9 * q @ pairflip_transition(c, rate) + 0.1 * torch.nn.functional.one_hot(given, c).float()
-    dyn = {"early_prob_sum": 2 * p, "early_count": torch.full((n,), 2), "label": given,
-           "margin_sum": torch.zeros(n), "count": torch.ones(n, dtype=torch.int64)}
+    dyn = {
+        "early_prob_sum": 2 * p,
+        "early_count": torch.full((n,), 2),
+        "label": given,
+        "margin_sum": torch.zeros(n),
+        "count": torch.ones(n, dtype=torch.int64),
+    }
     flagged = audit.dynamics_columns(dyn, torch.ones(n, dtype=torch.bool))["predicted_label"] != given
     argmax_flagged = p.argmax(1) != given
-    assert f1(flagged, flip) > 0.85 and f1(argmax_flagged, flip) < 0.75  # the argmax of the fit misses the flips it half learnt
+    assert (
+        f1(flagged, flip) > 0.85 and f1(argmax_flagged, flip) < 0.75
+    )  # the argmax of the fit misses the flips it half learnt
 
 
 def test_the_transition_keeps_clean_classes_as_identity_under_partial_pair_noise() -> None:
@@ -241,7 +335,9 @@ def test_the_transition_keeps_clean_classes_as_identity_under_partial_pair_noise
         assert estimate[i, j] > 0.2 and (estimate[i] > 0).sum() == 2  # the pair and nothing else
     counts = audit.confident_joint(p, given).T  # what the test pruned: the confident joint's scatter in clean rows
     assert sum(float(counts[k].sum() - counts[k, k]) for k in clean) > 0
-    assert f1(audit.audit_posterior(p, given).argmax(1) != given, flip) > f1(p.argmax(1) != given, flip) + 0.05  # 0.67 vs 0.58
+    assert (
+        f1(audit.audit_posterior(p, given).argmax(1) != given, flip) > f1(p.argmax(1) != given, flip) + 0.05
+    )  # 0.67 vs 0.58
 
 
 def test_top_confusions_count_the_flagged_pairs() -> None:
@@ -257,7 +353,9 @@ def test_top_confusions_count_the_flagged_pairs() -> None:
 
 
 def test_audit_finds_the_flips_the_final_model_has_memorised(long_run: Path, tmp_path: Path) -> None:
-    final = run_script("eval.py", "--audit", str(long_run), "--cpu", "--score", "final", "--out", str(tmp_path / "f.csv"))
+    final = run_script(
+        "eval.py", "--audit", str(long_run), "--cpu", "--score", "final", "--out", str(tmp_path / "f.csv")
+    )
     assert final.returncode == 0, final.stderr
     _, final_recall = precision_recall(final.stdout)
     assert final_recall < 0.5  # the final model fits most flipped labels: it cannot see them any more
@@ -272,8 +370,17 @@ def test_audit_finds_the_flips_the_final_model_has_memorised(long_run: Path, tmp
     quality = [float(r["label_quality"]) for r in rows]
     assert quality == sorted(quality)  # worst first
     assert all((r["is_label_issue"] == "1") == (r["given_label"] != r["predicted_label"]) for r in rows)
-    assert {"key", "given_label", "predicted_label", "is_label_issue", "label_quality", "corrected_label", "eps",
-            "aum", "final_label_quality"} <= set(rows[0])
+    assert {
+        "key",
+        "given_label",
+        "predicted_label",
+        "is_label_issue",
+        "label_quality",
+        "corrected_label",
+        "eps",
+        "aum",
+        "final_label_quality",
+    } <= set(rows[0])
 
 
 def test_relabel_and_drop_files_feed_train_py(long_run: Path, small_digits: Path, tmp_path: Path) -> None:
@@ -296,8 +403,24 @@ def test_relabel_and_drop_files_feed_train_py(long_run: Path, small_digits: Path
     kept, _, _ = data.prepare_data({**cfg, "noise": "file", "noise_file": str(drop)})
     assert sorted(kept["example_key"]) == sorted(k for k in keys if k not in flagged)
     out = tmp_path / "retrain"
-    proc = run_script("train.py", "--cpu", "--dataset", str(small_digits), "--noise", "file", "--noise-file", str(drop),
-                      "--batch-size", "32", "--max-steps", "4", "--eval-every", "4", "--output-dir", str(out))
+    proc = run_script(
+        "train.py",
+        "--cpu",
+        "--dataset",
+        str(small_digits),
+        "--noise",
+        "file",
+        "--noise-file",
+        str(drop),
+        "--batch-size",
+        "32",
+        "--max-steps",
+        "4",
+        "--eval-every",
+        "4",
+        "--output-dir",
+        str(out),
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert load_file(str(out / "dynamics.safetensors"))["label"].shape == (len(keys) - len(flagged),)
 
@@ -326,4 +449,6 @@ def test_audit_without_statistics_falls_back_with_one_notice(long_run: Path, tmp
 def test_audit_of_a_missing_run_is_one_error_line(tmp_path: Path) -> None:
     proc = run_script("eval.py", "--audit", str(tmp_path / "nope"), "--cpu")
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "nope" in lines[0], proc.stderr
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "nope" in lines[0], (
+        proc.stderr
+    )

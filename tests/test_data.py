@@ -66,7 +66,14 @@ def test_digits_default_split_and_info():
 
 def test_synthetic_is_learnable_and_has_superclasses():
     train, test, info = data.prepare_data(data_config(dataset="synthetic", synthetic_size=2000, synthetic_classes=10))
-    assert (len(train), len(test), info.num_classes, info.channels, info.image_size, info.pad) == (2000, 400, 10, 3, 32, 4)
+    assert (len(train), len(test), info.num_classes, info.channels, info.image_size, info.pad) == (
+        2000,
+        400,
+        10,
+        3,
+        32,
+        4,
+    )
     assert info.pairs_preset == "synthetic" and info.flip
     assert np.array_equal(np.asarray(train["coarse_label"]), np.asarray(train["label"]) // 5)
     tr, te = data.to_tensors(train), data.to_tensors(test)
@@ -90,7 +97,9 @@ def test_cifar10_pickle_folder(tmp_path):
             pickle.dump({b"batch_label": b"b", b"labels": y, b"data": x, b"filenames": [b"f"] * 3}, f, protocol=2)
     with open(folder / "test_batch", "wb") as f:
         pickle.dump({b"labels": [0, 1], b"data": rng.integers(0, 256, size=(2, 3072), dtype=np.uint8)}, f, protocol=2)
-    train, test, info = data.prepare_data(data_config(dataset="cifar10", data_dir=str(tmp_path)))  # the torchvision root
+    train, test, info = data.prepare_data(
+        data_config(dataset="cifar10", data_dir=str(tmp_path))
+    )  # the torchvision root
     assert (len(train), len(test), info.num_classes) == (15, 2, 10)
     assert (info.mean, info.std) == data.CIFAR_STATS["cifar10"]
     t = data.to_tensors(train)
@@ -134,7 +143,9 @@ def test_hub_style_parquet_folder_map_style_and_streaming(tmp_path):
     cfg = data_config(dataset="cifar10", data_dir=str(tmp_path / "cifar10"), noise="symmetric", noise_rate=0.5)
     train, test, info = data.prepare_data(cfg)
     t = data.to_tensors(train)
-    assert torch.equal(t["image"], nchw(written["train"][0])) and t["clean_label"].tolist() == written["train"][1].tolist()
+    assert (
+        torch.equal(t["image"], nchw(written["train"][0])) and t["clean_label"].tolist() == written["train"][1].tolist()
+    )
     assert torch.equal(data.to_tensors(test)["image"], nchw(written["test"][0]))
     assert t["is_noisy"].any() and torch.equal(t["is_noisy"], t["label"] != t["clean_label"])
     # streaming gives every example once per epoch (2 processes) with the same noisy label
@@ -158,7 +169,9 @@ def test_save_to_disk_folder_and_generic_columns(tmp_path):
     cfg = data_config(dataset=str(tmp_path / "disk"), image_column="picture", label_column="target")
     train, test, info = data.prepare_data(cfg)
     assert (len(train), len(test), info.num_classes, info.pairs_preset) == (40, 20, 10, None)
-    assert torch.equal(data.to_tensors(train)["image"], nchw(np.stack([np.asarray(im) for im in dd["train"]["picture"]])))
+    assert torch.equal(
+        data.to_tensors(train)["image"], nchw(np.stack([np.asarray(im) for im in dd["train"]["picture"]]))
+    )
 
 
 def test_image_folder(tmp_path):
@@ -182,8 +195,9 @@ def test_cifar_n_file_through_prepare_data(tmp_path):
     worse = (clean + 1 + np.arange(len(clean)) % 2) % 10
     path = str(tmp_path / "CIFAR-10_human.pt")
     torch.save({"clean_label": clean, "worse_label": worse, "aggre_label": clean}, path)
-    cfg = data_config(dataset="cifar10", data_dir=str(tmp_path / "cifar10"), noise="file", noise_file=path,
-                      noise_key="worse_label")
+    cfg = data_config(
+        dataset="cifar10", data_dir=str(tmp_path / "cifar10"), noise="file", noise_file=path, noise_key="worse_label"
+    )
     train, _, _ = data.prepare_data(cfg)
     t = data.to_tensors(train)
     assert t["label"].tolist() == worse.tolist() and t["is_noisy"].all()
@@ -197,7 +211,10 @@ def test_cifar_n_file_through_prepare_data(tmp_path):
 @pytest.mark.parametrize(
     "cfg, message",
     [
-        ({"dataset": "tinyimagenet"}, "unknown dataset 'tinyimagenet': choose one of digits, synthetic, cifar10, cifar100, imagenet, clothing1m"),
+        (
+            {"dataset": "tinyimagenet"},
+            "unknown dataset 'tinyimagenet': choose one of digits, synthetic, cifar10, cifar100, imagenet, clothing1m",
+        ),
         ({"noise": "symmetric", "noise_rate": 1.0}, r"--noise-rate must be in \[0, 1\)"),
         ({"noise": "symmetric", "noise_rate": -0.2}, r"--noise-rate must be in \[0, 1\)"),
         ({"noise": "salt"}, "unknown noise kind 'salt'"),
@@ -228,7 +245,9 @@ def test_hub_offline_or_unreachable_without_a_cached_copy_is_one_line_with_data_
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(datasets.config, "HF_ENDPOINT", UNREACHABLE)
     started = time.monotonic()
-    with pytest.raises(ValueError, match=r"cannot load 'uoft-cs/cifar100'.*unreachable.*no cached copy.*pass --data-dir"):
+    with pytest.raises(
+        ValueError, match=r"cannot load 'uoft-cs/cifar100'.*unreachable.*no cached copy.*pass --data-dir"
+    ):
         data.prepare_data(data_config(dataset="cifar100", streaming=True))
     assert time.monotonic() - started < 90  # the Hub client's retries, not a hang
 
@@ -247,8 +266,13 @@ def test_a_hub_dataset_in_the_cache_loads_offline(tmp_path, monkeypatch):
 
     write_hub_parquet(tmp_path / "files")
     files = {s: str(tmp_path / "files" / f"{s}-00000-of-00001.parquet") for s in ("train", "test")}
-    builder = Parquet(cache_dir=str(tmp_path / "built"), dataset_name="cifar10", config_name="plain_text",
-                      hash="0123abcd", data_files=files)
+    builder = Parquet(
+        cache_dir=str(tmp_path / "built"),
+        dataset_name="cifar10",
+        config_name="plain_text",
+        hash="0123abcd",
+        data_files=files,
+    )
     builder.download_and_prepare()
     (config,) = (tmp_path / "built" / "cifar10").iterdir()
     cached = tmp_path / "hf-datasets" / "uoft-cs___cifar10"  # the private_hf_caches fixture's folder
@@ -310,14 +334,18 @@ def test_streaming_synthetic_epochs_workers_and_noise_match_map_style():
     stream, _, stream_info = data.prepare_data({**cfg, "streaming": True})
     assert stream_info == mapped_info._replace(input_path="stream")  # statistics from the same first examples
     assert mapped_info.noise == noise.resolve_noise("symmetric", 0.4, 1, 10)  # resolved once, carried on DatasetInfo
-    mapped_record, stream_record = (noise.noise_record(d, i.noise) for d, i in ((mapped_ds, mapped_info), (stream, stream_info)))
+    mapped_record, stream_record = (
+        noise.noise_record(d, i.noise) for d, i in ((mapped_ds, mapped_info), (stream, stream_info))
+    )
     assert stream_record["num_noisy"] == mapped_record["num_noisy"] > 0
     assert sorted(stream_record["noisy_keys"]) == sorted(mapped_record["noisy_keys"])
 
     def epoch(epoch, workers, processes=1):
         rows = []
         for rank in range(processes):
-            for b in data.stream_batches(stream, 32, 0, epoch, rank, processes, 200, drop_last=False, num_workers=workers):
+            for b in data.stream_batches(
+                stream, 32, 0, epoch, rank, processes, 200, drop_last=False, num_workers=workers
+            ):
                 assert b["image"].shape[1:] == (3, 32, 32) and b["image"].dtype == torch.uint8
                 rows += list(zip((im.numpy().tobytes() for im in b["image"]), b["label"].tolist()))
         return rows
@@ -339,7 +367,10 @@ def offline_hub(monkeypatch):
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--dataset", "tinyimagenet"], "unknown dataset 'tinyimagenet': choose one of digits, synthetic, cifar10, cifar100, imagenet"),
+        (
+            ["--dataset", "tinyimagenet"],
+            "unknown dataset 'tinyimagenet': choose one of digits, synthetic, cifar10, cifar100, imagenet",
+        ),
         (["--dataset", "cifar10"], "cannot load 'uoft-cs/cifar10' from the Hugging Face Hub (offline mode"),
         (["--dataset", "cifar10", "--data-dir", "/no/such/folder"], "--data-dir /no/such/folder: no such folder"),
         (["--noise", "symmetric", "--noise-rate", "1.0"], "[0, 1)"),
@@ -347,8 +378,10 @@ def offline_hub(monkeypatch):
         (["--image-column", "pixels"], "no image column 'pixels': the dataset has columns"),
         (["--noise", "asymmetric", "--noise-rate", "0.2"], "asymmetric noise needs class structure"),
         (["--noise", "file"], "--noise file needs --noise-file"),
-        (["--noise", "file", "--noise-file", "{short}", "--noise-key", "worse_label"],
-         "has 100 labels but the train split has 1437"),
+        (
+            ["--noise", "file", "--noise-file", "{short}", "--noise-key", "worse_label"],
+            "has 100 labels but the train split has 1437",
+        ),
         (["--noise", "file", "--noise-file", "{short}", "--noise-key", "aggre_label"], "has no key 'aggre_label'"),
     ],
 )

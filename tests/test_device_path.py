@@ -27,6 +27,7 @@ def counting_host_reads(monkeypatch):
         def wrapper(self, *args, **kwargs):
             counts[name] += 1
             return original(self, *args, **kwargs)
+
         return wrapper
 
     def to(self, *args, **kwargs):
@@ -74,8 +75,22 @@ def test_training_steps_between_log_steps_read_nothing_from_the_device(tmp_path,
     monkeypatch.setattr(losses, "_check_range", lambda *a, **k: None)
     monkeypatch.setattr(data.TrainBatches, "__iter__", marked_iter)
     every = str(10 * steps)
-    argv = ["--max-steps", str(steps), "--batch-size", "512", "--log-every", every, "--eval-every", every,
-            "--save-every", every, "--train-eval-size", "64", "--output-dir", str(tmp_path / "run")]
+    argv = [
+        "--max-steps",
+        str(steps),
+        "--batch-size",
+        "512",
+        "--log-every",
+        every,
+        "--eval-every",
+        every,
+        "--save-every",
+        every,
+        "--train-eval-size",
+        "64",
+        "--output-dir",
+        str(tmp_path / "run"),
+    ]
     with counting_host_reads(monkeypatch) as counts:
         try:
             train.main(argv + ([] if cuda else ["--cpu"]))
@@ -116,8 +131,12 @@ def test_eval_batch_size_follows_the_batch_size_and_is_recorded(tmp_path, capsys
     assert config.resolve(["--eval-batch-size", "1000"]).eval_batch_size == 1000
     assert config.resolve(["--dataset", "cifar100"]).train_eval_size == 10_000  # a small share of the run
     out = tmp_path / "run"
-    assert train.cli(["--cpu", "--max-steps", "2", "--eval-every", "2", "--eval-batch-size", "50",
-                      "--output-dir", str(out)]) == 0
+    assert (
+        train.cli(
+            ["--cpu", "--max-steps", "2", "--eval-every", "2", "--eval-batch-size", "50", "--output-dir", str(out)]
+        )
+        == 0
+    )
     assert json.loads((out / "config.json").read_text())["eval_batch_size"] == 50
     assert train.cli(["--cpu", "--eval-batch-size", "0", "--output-dir", str(tmp_path / "bad")]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == "error: --eval-batch-size must be at least 1, got 0"

@@ -22,26 +22,73 @@ import runfolder
 import sweep
 
 
-def fake_run(root: Path, method: str, noise: str, rate: float, seed: int, acc: float, eps: float = 0.25,
-             steps: int = 100, finished: bool = True, curve: float = 1.0) -> Path:
+def fake_run(
+    root: Path,
+    method: str,
+    noise: str,
+    rate: float,
+    seed: int,
+    acc: float,
+    eps: float = 0.25,
+    steps: int = 100,
+    finished: bool = True,
+    curve: float = 1.0,
+) -> Path:
     """A run folder as train.py writes it: config.json and metrics.jsonl with 5 evaluations ending at `acc`."""
     path = root / f"digits-{noise}-{rate:g}-{method}-eps{eps:g}-seed{seed}"
     path.mkdir(parents=True)
-    recorded = {"device": "cpu", "input_path": "memory", "world_size": 1, "versions": {}, "git_commit": None,
-                "mixed_precision": "no", "sync_bn": False}  # what train.py adds once the run starts
-    cfg = {k: v for k, v in data_config().items() if k != "print_config"} | recorded | {"dataset": "digits", "noise": noise, "noise_rate": rate, "method": method, "eps": eps, "seed": seed,
-           "exp_base": 10.0, "model": "digits_cnn", "num_classes": 10, "in_channels": 1, "max_steps": steps,
-           "total_steps": steps, "batch_size": 128, "lr": 0.1}
+    recorded = {
+        "device": "cpu",
+        "input_path": "memory",
+        "world_size": 1,
+        "versions": {},
+        "git_commit": None,
+        "mixed_precision": "no",
+        "sync_bn": False,
+    }  # what train.py adds once the run starts
+    cfg = (
+        {k: v for k, v in data_config().items() if k != "print_config"}
+        | recorded
+        | {
+            "dataset": "digits",
+            "noise": noise,
+            "noise_rate": rate,
+            "method": method,
+            "eps": eps,
+            "seed": seed,
+            "exp_base": 10.0,
+            "model": "digits_cnn",
+            "num_classes": 10,
+            "in_channels": 1,
+            "max_steps": steps,
+            "total_steps": steps,
+            "batch_size": 128,
+            "lr": 0.1,
+        }
+    )
     (path / "config.json").write_text(json.dumps(cfg))
     last = 5 if finished else 3
     lines = []
     for k in range(1, last + 1):
-        m = {"step": steps * k // 5, "lr": 0.1, "train_loss": 2.0 / k * curve, "test_acc": acc * k / 5 if k < 5 else acc,
-             "test_loss": 1.0 / k, "epsilon": 0.1 * k * curve, "test_examples": 360,
-             "process_steps": [steps * k // 5], "bad_images": 0}
+        m = {
+            "step": steps * k // 5,
+            "lr": 0.1,
+            "train_loss": 2.0 / k * curve,
+            "test_acc": acc * k / 5 if k < 5 else acc,
+            "test_loss": 1.0 / k,
+            "epsilon": 0.1 * k * curve,
+            "test_examples": 360,
+            "process_steps": [steps * k // 5],
+            "bad_images": 0,
+        }
         if noise != "none":
-            m |= {"clean_fit": 0.9 * k / 5, "noisy_fit": 0.1 * k * curve, "noisy_correct": 0.5 * curve,
-                  "entropy_clean": 0.5 / k, "entropy_noisy": 0.6 / k * curve}
+            m |= {
+                "clean_fit": 0.9 * k / 5,
+                "noisy_fit": 0.1 * k * curve,
+                "noisy_correct": 0.5 * curve,
+                "entropy_clean": 0.5 / k,
+                "entropy_noisy": 0.6 / k * curve,
+            }
         lines.append(json.dumps(m))
     (path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     if finished:  # train.py writes the final model last: it marks a run finished
@@ -78,7 +125,9 @@ def table_rows(markdown: str) -> dict[str, list[str]]:
 
 
 def test_table_cells_means_stds_and_bold(grid: Path, tmp_path: Path) -> None:
-    proc = run_script("eval.py", "--table", str(grid), "--csv", str(tmp_path / "t.csv"), "--out", str(tmp_path / "t.md"))
+    proc = run_script(
+        "eval.py", "--table", str(grid), "--csv", str(tmp_path / "t.csv"), "--out", str(tmp_path / "t.md")
+    )
     assert proc.returncode == 0, proc.stderr
     assert "unfinished" in proc.stderr  # the killed run is reported, not tabulated
     rows = table_rows(proc.stdout)
@@ -101,8 +150,12 @@ def test_budget_table_shows_accuracy_and_memorisation_per_budget(tmp_path: Path)
         for seed in (0, 1):
             fake_run(tmp_path / f"T{steps}", "cce", "symmetric", 0.4, seed, acc + seed / 100, steps=steps)
     rows = table_rows(report.budget_table(runfolder.finished_runs([str(tmp_path)])))
-    assert rows["Method"] == ["symmetric r=0.4 T=300 test acc", "symmetric r=0.4 T=300 noisy_fit",
-                              "symmetric r=0.4 T=1500 test acc", "symmetric r=0.4 T=1500 noisy_fit"]
+    assert rows["Method"] == [
+        "symmetric r=0.4 T=300 test acc",
+        "symmetric r=0.4 T=300 noisy_fit",
+        "symmetric r=0.4 T=1500 test acc",
+        "symmetric r=0.4 T=1500 noisy_fit",
+    ]
     assert rows["CCE"] == ["**90.5 ± 0.7**", "50.0 ± 0.0", "**70.5 ± 0.7**", "50.0 ± 0.0"]
 
 
@@ -124,7 +177,15 @@ def test_plot_panels_size_and_runs_differ(grid: Path, tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     fig = report.plot_runs(runs_a, tmp_path / "a2.png")
     titles = [ax.get_title() for ax in fig.axes]
-    for key in ("Generalisation", "Memorisation", "Correction", "clean subset", "Entropy: clean", "Entropy: noisy", "epsilon"):
+    for key in (
+        "Generalisation",
+        "Memorisation",
+        "Correction",
+        "clean subset",
+        "Entropy: clean",
+        "Entropy: noisy",
+        "epsilon",
+    ):
         assert any(key.lower() in (t + " " + ax.get_ylabel()).lower() for t, ax in zip(titles, fig.axes)), key
     for ax in fig.axes[:7]:
         assert len(ax.get_lines()) == len(runs_a)  # one line per run in every panel
@@ -153,11 +214,23 @@ def test_ece_by_hand() -> None:
 def test_sweep_grid_and_skip(tmp_path: Path) -> None:
     jobs = sweep.plan(sweep.parse_args(["--preset", "paper", "--output-root", str(tmp_path)]))
     settings = {(j.noise, j.rate) for j in jobs}
-    assert settings == {("asymmetric", 0.2), ("asymmetric", 0.3), ("asymmetric", 0.4),
-                        ("symmetric", 0.2), ("symmetric", 0.4), ("symmetric", 0.6)}
+    assert settings == {
+        ("asymmetric", 0.2),
+        ("asymmetric", 0.3),
+        ("asymmetric", 0.4),
+        ("symmetric", 0.2),
+        ("symmetric", 0.4),
+        ("symmetric", 0.6),
+    }
     pro = {(j.noise, j.rate): j.args[j.args.index("--exp-base") + 1] for j in jobs if j.method == "proselflc"}
-    assert pro == {("asymmetric", 0.2): "14", ("asymmetric", 0.3): "10", ("asymmetric", 0.4): "8",
-                   ("symmetric", 0.2): "14", ("symmetric", 0.4): "12", ("symmetric", 0.6): "8"}
+    assert pro == {
+        ("asymmetric", 0.2): "14",
+        ("asymmetric", 0.3): "10",
+        ("asymmetric", 0.4): "8",
+        ("symmetric", 0.2): "14",
+        ("symmetric", 0.4): "12",
+        ("symmetric", 0.6): "8",
+    }
     assert all("--dataset" in j.args and "cifar100" in j.args and "resnet44" in j.args for j in jobs)
     job = jobs[0]
     assert sweep.status(job.output_dir) == "new"
@@ -218,8 +291,13 @@ def test_audit_finds_the_flipped_labels(quick_start_run: tuple[Path, float], tmp
     # the printed precision is the CSV's fraction of real flips among the flagged rows
     assert sum(r["is_noisy"] == "1" for r in flagged) / len(flagged) == pytest.approx(precision, abs=1e-3)
     # at the end of training (g(T) ~ 1) a confident contradiction moves ProSelfLC's target to the prediction
-    confident = [r for r in rows if float(r["final_label_quality"]) < 0.05 and r["final_predicted_label"] != r["given_label"]
-                 and float(r["eps"]) > 0.9]
+    confident = [
+        r
+        for r in rows
+        if float(r["final_label_quality"]) < 0.05
+        and r["final_predicted_label"] != r["given_label"]
+        and float(r["eps"]) > 0.9
+    ]
     assert confident and all(r["corrected_label"] == r["final_predicted_label"] for r in confident)
 
 

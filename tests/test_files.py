@@ -101,11 +101,18 @@ def test_a_trainer_state_step_that_the_suite_never_writes_is_refused(killed, cap
     assert not (killed / "model.safetensors").exists()
 
 
-@pytest.mark.parametrize("text, words", [
-    ('[]', "holds a JSON list"), ('{"step": 4}', "lacks the field"), ("{", "not readable JSON"),
-    ('{"step": 4, "step": 4, "best_acc": 0, "best_step": 0, "loss_sum": 0, "eps_sum": 0, "n_sum": 0, "scaler": null}',
-     "a key appears twice"),
-])
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("[]", "holds a JSON list"),
+        ('{"step": 4}', "lacks the field"),
+        ("{", "not readable JSON"),
+        (
+            '{"step": 4, "step": 4, "best_acc": 0, "best_step": 0, "loss_sum": 0, "eps_sum": 0, "n_sum": 0, "scaler": null}',
+            "a key appears twice",
+        ),
+    ],
+)
 def test_a_trainer_state_of_another_shape_is_refused(killed, capsys, text, words):
     (killed / STEP / "trainer_state.json").write_text(text)
     refused(resume(killed), capsys, killed, "trainer_state.json", words)
@@ -135,38 +142,51 @@ def groups(path: Path, change) -> str:
     return json.dumps(change(value))
 
 
-@pytest.mark.parametrize("field, change, words", [
-    ("param_groups", lambda g: [g[0] | {"momentum": "0.9"}], "'momentum' = '0.9' differs from this run's 0.9"),
-    ("param_groups", lambda g: [g[0] | {"momentum": 0.5}], "'momentum' = 0.5 differs"),
-    ("param_groups", lambda g: [g[0] | {"weight_decay": 0.1}], "'weight_decay' = 0.1 differs"),
-    ("param_groups", lambda g: [g[0] | {"lr": "big"}], "'lr' = 'big'"),
-    ("param_groups", lambda g: g * 2, "is not the 1 group(s)"),
-    ("param_groups", lambda g: None, "is not the 1 group(s)"),
-    ("param_groups", lambda g: g[0], "is not the 1 group(s)"),
-    ("param_groups", lambda g: [g[0] | {"extra": 1}], "has the field 'extra'"),
-    ("scalars", None, "scalars is not readable JSON"),
-])
+@pytest.mark.parametrize(
+    "field, change, words",
+    [
+        ("param_groups", lambda g: [g[0] | {"momentum": "0.9"}], "'momentum' = '0.9' differs from this run's 0.9"),
+        ("param_groups", lambda g: [g[0] | {"momentum": 0.5}], "'momentum' = 0.5 differs"),
+        ("param_groups", lambda g: [g[0] | {"weight_decay": 0.1}], "'weight_decay' = 0.1 differs"),
+        ("param_groups", lambda g: [g[0] | {"lr": "big"}], "'lr' = 'big'"),
+        ("param_groups", lambda g: g * 2, "is not the 1 group(s)"),
+        ("param_groups", lambda g: None, "is not the 1 group(s)"),
+        ("param_groups", lambda g: g[0], "is not the 1 group(s)"),
+        ("param_groups", lambda g: [g[0] | {"extra": 1}], "has the field 'extra'"),
+        ("scalars", None, "scalars is not readable JSON"),
+    ],
+)
 def test_optimizer_metadata_the_suite_never_writes_is_refused(killed, capsys, field, change, words):
     path = killed / STEP / "optimizer.safetensors"
     rewrite(path, **{field: groups(path, change) if change else "{"})
     refused(resume(killed), capsys, killed, "optimizer.safetensors", words)
 
 
-@pytest.mark.parametrize("name, change, words", [
-    ("model.safetensors", lambda t: {k: v.to(torch.int8) for k, v in t.items()}, "is int8"),
-    ("model.safetensors", lambda t: {k: v.bool() for k, v in t.items()}, "is bool"),
-    ("model.safetensors", lambda t: t | {"extra": torch.zeros(1)}, "holds the tensor 'extra'"),
-    ("model.safetensors", lambda t: dict(list(t.items())[1:]), "lacks the tensor"),
-    ("model.safetensors", lambda t: {k: v.float().fill_(float("nan")) if v.is_floating_point() else v for k, v in t.items()},
-     "NaN or infinite"),
-    ("model.safetensors", lambda t: {k: v.flatten() for k, v in t.items()}, "this run's is"),
-    ("optimizer.safetensors", lambda t: {k: v.half() for k, v in t.items()}, "is float16"),
-    ("optimizer.safetensors", lambda t: t | {"99.momentum_buffer": torch.zeros(1)}, "belongs to no parameter"),
-    ("optimizer.safetensors", lambda t: {k: v * float("inf") for k, v in t.items()}, "NaN or infinite"),
-    ("state.safetensors", lambda t: {k: v.double() if v.is_floating_point() else v for k, v in t.items()}, "is float64"),
-    ("rng_0.safetensors", lambda t: t | {"numpy": -t["numpy"] - 1}, "outside [0, 2^32)"),
-    ("rng_0.safetensors", lambda t: t | {"torch": t["torch"].int()}, "tensor 'torch' is int32"),
-])
+@pytest.mark.parametrize(
+    "name, change, words",
+    [
+        ("model.safetensors", lambda t: {k: v.to(torch.int8) for k, v in t.items()}, "is int8"),
+        ("model.safetensors", lambda t: {k: v.bool() for k, v in t.items()}, "is bool"),
+        ("model.safetensors", lambda t: t | {"extra": torch.zeros(1)}, "holds the tensor 'extra'"),
+        ("model.safetensors", lambda t: dict(list(t.items())[1:]), "lacks the tensor"),
+        (
+            "model.safetensors",
+            lambda t: {k: v.float().fill_(float("nan")) if v.is_floating_point() else v for k, v in t.items()},
+            "NaN or infinite",
+        ),
+        ("model.safetensors", lambda t: {k: v.flatten() for k, v in t.items()}, "this run's is"),
+        ("optimizer.safetensors", lambda t: {k: v.half() for k, v in t.items()}, "is float16"),
+        ("optimizer.safetensors", lambda t: t | {"99.momentum_buffer": torch.zeros(1)}, "belongs to no parameter"),
+        ("optimizer.safetensors", lambda t: {k: v * float("inf") for k, v in t.items()}, "NaN or infinite"),
+        (
+            "state.safetensors",
+            lambda t: {k: v.double() if v.is_floating_point() else v for k, v in t.items()},
+            "is float64",
+        ),
+        ("rng_0.safetensors", lambda t: t | {"numpy": -t["numpy"] - 1}, "outside [0, 2^32)"),
+        ("rng_0.safetensors", lambda t: t | {"torch": t["torch"].int()}, "tensor 'torch' is int32"),
+    ],
+)
 def test_tensors_the_run_never_writes_are_refused(killed, capsys, name, change, words):
     rewrite(killed / STEP / name, change)
     refused(resume(killed), capsys, killed, name, words)
@@ -201,8 +221,9 @@ def test_a_checkpoint_file_that_is_not_a_regular_file_inside_it_is_refused_witho
         rng.symlink_to(outside)
     else:
         rng.mkdir()
-    proc = subprocess.run([sys.executable, "train.py", *resume(killed)], cwd=ROOT, env=ENV, capture_output=True,
-                          text=True, timeout=120)  # a FIFO opened for reading would block forever
+    proc = subprocess.run(
+        [sys.executable, "train.py", *resume(killed)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120
+    )  # a FIFO opened for reading would block forever
     lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("note:")]
     assert proc.returncode == 2 and len(lines) == 1 and "rng_0.safetensors" in lines[0], proc.stderr
     assert ("link leading out" if target == "link_out" else "not a regular file") in lines[0]
@@ -260,8 +281,21 @@ def _meta(path: Path) -> dict:
         return dict(f.metadata())
 
 
-@pytest.mark.parametrize("change", ["classes", "negative_labels", "2d_counts", "zero_counts", "nan", "inf",
-                                    "float_labels", "extra", "integer_keys", "meta"])
+@pytest.mark.parametrize(
+    "change",
+    [
+        "classes",
+        "negative_labels",
+        "2d_counts",
+        "zero_counts",
+        "nan",
+        "inf",
+        "float_labels",
+        "extra",
+        "integer_keys",
+        "meta",
+    ],
+)
 def test_crafted_audit_statistics_are_refused(finished, tmp_path, change):
     path = Path(shutil.copy(finished / "dynamics.safetensors", tmp_path / "dynamics.safetensors"))
     audit.read_dynamics_file(path, 10)  # as written: accepted
@@ -279,12 +313,25 @@ def test_eval_audit_refuses_crafted_statistics_in_one_line(finished, tmp_path, c
     assert snapshot(run) == before
 
 
-@pytest.mark.parametrize("file, edit, words", [
-    ("config.json", lambda t: json.dumps({k: v for k, v in json.loads(t).items() if k != "dataset"}), "lacks the field 'dataset'"),
-    ("metrics.jsonl", lambda t: "".join(json.dumps({k: v for k, v in json.loads(line).items() if k != "test_acc"}) + "\n"
-                                        for line in t.splitlines()), "lacks the field 'test_acc'"),
-    ("noise.json", lambda t: json.dumps(json.loads(t) | {"num_classes": "10"}), "'num_classes'"),
-])
+@pytest.mark.parametrize(
+    "file, edit, words",
+    [
+        (
+            "config.json",
+            lambda t: json.dumps({k: v for k, v in json.loads(t).items() if k != "dataset"}),
+            "lacks the field 'dataset'",
+        ),
+        (
+            "metrics.jsonl",
+            lambda t: "".join(
+                json.dumps({k: v for k, v in json.loads(line).items() if k != "test_acc"}) + "\n"
+                for line in t.splitlines()
+            ),
+            "lacks the field 'test_acc'",
+        ),
+        ("noise.json", lambda t: json.dumps(json.loads(t) | {"num_classes": "10"}), "'num_classes'"),
+    ],
+)
 def test_push_refuses_a_run_file_the_suite_never_wrote(finished, tmp_path, capsys, file, edit, words):
     run = Path(shutil.copytree(finished, tmp_path / "run"))
     (run / file).write_text(edit((run / file).read_text()))
@@ -343,15 +390,34 @@ def test_resume_auto_retries_a_push_that_failed(tmp_path, capsys, monkeypatch):
 
 # ---- 4. Ctrl-C stops as SIGTERM does; a second signal adds no line
 def start(flags: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "train.py", *flags], cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "train.py", *flags],
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 @pytest.mark.parametrize("signals, code", [((signal.SIGINT,), 130), ((signal.SIGTERM, signal.SIGTERM), 143)])
 def test_ctrl_c_and_a_second_signal(tmp_path, signals, code):
     out = tmp_path / "run"
-    proc = start([*TINY, "--max-steps", "100", "--save-every", "1000", "--eval-every", "5", "--log-every", "5",
-                  "--output-dir", str(out)])
+    proc = start(
+        [
+            *TINY,
+            "--max-steps",
+            "100",
+            "--save-every",
+            "1000",
+            "--eval-every",
+            "5",
+            "--log-every",
+            "5",
+            "--output-dir",
+            str(out),
+        ]
+    )
     deadline = time.time() + 300  # a guard against a run that never starts
     while not (out / "metrics.jsonl").exists():
         assert proc.poll() is None and time.time() < deadline
@@ -366,14 +432,17 @@ def test_ctrl_c_and_a_second_signal(tmp_path, signals, code):
 
 
 # ---- 5. resolve refuses what train.py would refuse later, and values nothing reads
-@pytest.mark.parametrize("flags, env, words", [
-    (["--noise", "symmetric"], {}, "--noise symmetric needs --noise-rate above 0"),
-    (["--noise", "pairflip", "--noise-rate", "0"], {}, "--noise pairflip needs --noise-rate above 0"),
-    (["--compile", "--compile-mode", "reduce-overhead"], {}, "reduce-overhead records CUDA graphs"),
-    (["--num-workers", "2"], {}, "--num-workers is not used by --dataset synthetic"),
-    ([], {"WORLD_SIZE": "3"}, "--batch-size 32 must be divisible by processes x accumulation steps = 3"),
-    (["--sync-bn"], {}, "--sync-bn needs more than one GPU process"),
-])
+@pytest.mark.parametrize(
+    "flags, env, words",
+    [
+        (["--noise", "symmetric"], {}, "--noise symmetric needs --noise-rate above 0"),
+        (["--noise", "pairflip", "--noise-rate", "0"], {}, "--noise pairflip needs --noise-rate above 0"),
+        (["--compile", "--compile-mode", "reduce-overhead"], {}, "reduce-overhead records CUDA graphs"),
+        (["--num-workers", "2"], {}, "--num-workers is not used by --dataset synthetic"),
+        ([], {"WORLD_SIZE": "3"}, "--batch-size 32 must be divisible by processes x accumulation steps = 3"),
+        (["--sync-bn"], {}, "--sync-bn needs more than one GPU process"),
+    ],
+)
 def test_resolve_refuses_before_anything_runs(tmp_path, capsys, monkeypatch, flags, env, words):
     for key, value in env.items():
         monkeypatch.setenv(key, value)

@@ -7,8 +7,22 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # Lowest first: a script may import only the scripts before it.
-ORDER = ("losses", "models", "noise", "data", "runfolder", "config", "audit", "report", "hub", "eval", "train",
-         "cluster", "sweep", "bench")
+ORDER = (
+    "losses",
+    "models",
+    "noise",
+    "data",
+    "runfolder",
+    "config",
+    "audit",
+    "report",
+    "hub",
+    "eval",
+    "train",
+    "cluster",
+    "sweep",
+    "bench",
+)
 SHARED_NAMES = {"main", "parse_args"}  # each script's own entry point and command line
 
 

@@ -52,8 +52,9 @@ def _entropy(p: torch.Tensor) -> torch.Tensor:
     return -torch.special.xlogy(p, p).sum(1)
 
 
-def _reference_target(method: str, z, q, step=None, eps=0.25, exp_base=10.0, transit=0.5,
-                      detach_target=False, temperature=None):
+def _reference_target(
+    method: str, z, q, step=None, eps=0.25, exp_base=10.0, transit=0.5, detach_target=False, temperature=None
+):
     """q~ straight from the paper (Table 1, Eq. 10) with plain autograd ops; q dense [N, C]."""
     c = z.shape[1]
     p = torch.softmax(z, 1)
@@ -124,7 +125,9 @@ def test_methods_and_module_api():
         assert loss.shape == () and loss.requires_grad and torch.isfinite(loss)
         if method != "elr":  # ELR's running targets move with every call
             assert torch.equal(fn(z, y, step=10), loss)  # deterministic
-        per_example = build_loss(method, C, total_steps=T, reduction="none", **_extra(method))(z, y, step=10, index=rows)
+        per_example = build_loss(method, C, total_steps=T, reduction="none", **_extra(method))(
+            z, y, step=10, index=rows
+        )
         summed = build_loss(method, C, total_steps=T, reduction="sum", **_extra(method))(z, y, step=10, index=rows)
         assert per_example.shape == (6,)
         assert torch.allclose(per_example.mean(), loss, atol=1e-14)
@@ -138,8 +141,14 @@ def test_none_means_default_and_a_hyperparameter_the_method_does_not_use_is_refu
         a = build_loss(method, C, total_steps=T, **every)(z, y, step=50)
         b = build_loss(method, C, total_steps=T)(z, y, step=50)
         assert torch.equal(a, b)
-    for method, key, value in (("cce", "eps", 0.5), ("cce", "temperature", 0.5), ("cce", "exp_base", 12.0),
-                               ("proselflc", "q", 0.3), ("cce", "elr_beta", 0.5), ("ls", "detach_target", True)):
+    for method, key, value in (
+        ("cce", "eps", 0.5),
+        ("cce", "temperature", 0.5),
+        ("cce", "exp_base", 12.0),
+        ("proselflc", "q", 0.3),
+        ("cce", "elr_beta", 0.5),
+        ("ls", "detach_target", True),
+    ):
         with pytest.raises(ValueError, match=f"{key} is not used by {method} \\(it is used by "):
             build_loss(method, C, total_steps=T, **{key: value})
     with pytest.raises(ValueError, match="zero loss"):
@@ -218,6 +227,7 @@ def test_gradcheck_every_method(method):
     for hp in variants:
         for labels in (y, _soft(4, seed=4)):
             for reduction in ("mean", "none"):
+
                 def f(x, labels=labels, reduction=reduction, hp=hp):
                     return _fused(method, x, labels, trust, step=70, reduction=reduction, **hp)
 
@@ -254,8 +264,11 @@ def test_gradient_semantics_and_variants():
 
 def test_boothard_ties_take_the_first_argmax():
     """Tied maxima: the hard target is the first of them, like Tensor.argmax."""
-    z = torch.tensor([[2.0, 5.0, 5.0, 1.0], [3.0, 3.0, 3.0, 3.0], [0.0, 1.0, 2.0, 7.0], [7.0, 1.0, 2.0, 7.0]],
-                     dtype=torch.float64, requires_grad=True)
+    z = torch.tensor(
+        [[2.0, 5.0, 5.0, 1.0], [3.0, 3.0, 3.0, 3.0], [0.0, 1.0, 2.0, 7.0], [7.0, 1.0, 2.0, 7.0]],
+        dtype=torch.float64,
+        requires_grad=True,
+    )
     y = torch.tensor([0, 3, 1, 2])
     assert torch.equal(z.detach().argmax(1), torch.tensor([1, 0, 3, 0]))
     for dtype in (torch.float64, torch.float32):
@@ -325,10 +338,10 @@ def _step_with_global_trust(target: float, exp_base: float = 10.0) -> float:
 
 def test_table2_products():
     expected = {(0.1, 0.1): 0.01, (0.1, 0.9): 0.09, (0.9, 0.1): 0.09, (0.9, 0.9): 0.81}
-    for (g, l), eps in expected.items():
-        step, p = _step_with_global_trust(g), _probs_with_local_trust(l)
+    for (g, lt), eps in expected.items():
+        step, p = _step_with_global_trust(g), _probs_with_local_trust(lt)
         assert global_trust(step, T) == pytest.approx(g, abs=1e-12)
-        assert local_trust(p).item() == pytest.approx(l, abs=1e-12)
+        assert local_trust(p).item() == pytest.approx(lt, abs=1e-12)
         assert proselflc_epsilon(p, step, T).item() == pytest.approx(eps, abs=1e-12)
         fn = build_loss("proselflc", 10, total_steps=T)
         fn(p.log(), torch.tensor([0]), step=step)
@@ -384,8 +397,15 @@ def test_proselflc_epsilon_and_last_epsilon():
 # ------------------------------------------------------------------------------ numerics
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16, torch.float32))
 def test_finite_for_extreme_logits_in_every_dtype(dtype):
-    z = torch.tensor([[1e4, -1e4, 0.0, 5.0, -3.0], [-1e4, 1e4, 1e4, -1e4, 0.0],
-                      [0.0, 0.0, 0.0, 0.0, 0.0], [-1e4, -1e4, -1e4, -1e4, 1e4]], dtype=dtype)
+    z = torch.tensor(
+        [
+            [1e4, -1e4, 0.0, 5.0, -3.0],
+            [-1e4, 1e4, 1e4, -1e4, 0.0],
+            [0.0, 0.0, 0.0, 0.0, 0.0],
+            [-1e4, -1e4, -1e4, -1e4, 1e4],
+        ],
+        dtype=dtype,
+    )
     y = torch.tensor([1, 0, 2, 4])
     for method in PAPER_METHODS:
         for hp in VARIANTS if method in SELF_TARGET else ({},):
@@ -408,7 +428,9 @@ def test_finite_under_autocast(dtype):
         model.zero_grad()
         with torch.autocast("cpu", dtype=dtype):
             logits = model(x)
-            loss = build_loss(method, C, total_steps=T, **_extra(method, 32))(logits, y, step=60, index=torch.arange(32))
+            loss = build_loss(method, C, total_steps=T, **_extra(method, 32))(
+                logits, y, step=60, index=torch.arange(32)
+            )
         assert logits.dtype == dtype and loss.dtype == torch.float32
         loss.backward()
         assert torch.isfinite(loss) and torch.isfinite(model.weight.grad).all(), method
@@ -429,8 +451,9 @@ def test_copied_alone_runs_every_method(tmp_path: Path):
             print(method, round(loss.item(), 4))
     """)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # nothing but the copy is importable
-    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
-                         env=env, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     assert [line.split()[0] for line in out.stdout.splitlines()] == list(METHODS)
 
@@ -465,16 +488,28 @@ def test_unknown_method_lists_valid_names():
         build_loss("proself", 10)
 
 
-@pytest.mark.parametrize("hp, match", [
-    ({"eps": -0.1}, r"eps=-0\.1"), ({"eps": 1.5}, r"eps=1\.5"), ({"eps": float("nan")}, "eps=nan"),
-    ({"exp_base": 0}, "exp_base=0"), ({"exp_base": -2.0}, r"exp_base=-2\.0"),
-    ({"q": 0.0}, r"q=0\.0"), ({"q": 1.5}, r"q=1\.5"),
-    ({"alpha": -1.0}, r"alpha=-1\.0"), ({"beta": -0.5}, r"beta=-0\.5"),
-    ({"temperature": 0.0}, r"temperature=0\.0"), ({"detach_target": "yes"}, "detach_target='yes'"),
-    ({"reduction": "avg"}, "reduction='avg'"), ({"eps": True}, "eps=True"),
-    ({"epsilon": 0.1}, "unknown loss hyperparameter.*epsilon"),
-    ({"trust": "max"}, "trust='max'"), ({"elr_beta": 1.5}, r"elr_beta=1\.5"), ({"elr_lambda": -1}, "elr_lambda=-1"),
-])
+@pytest.mark.parametrize(
+    "hp, match",
+    [
+        ({"eps": -0.1}, r"eps=-0\.1"),
+        ({"eps": 1.5}, r"eps=1\.5"),
+        ({"eps": float("nan")}, "eps=nan"),
+        ({"exp_base": 0}, "exp_base=0"),
+        ({"exp_base": -2.0}, r"exp_base=-2\.0"),
+        ({"q": 0.0}, r"q=0\.0"),
+        ({"q": 1.5}, r"q=1\.5"),
+        ({"alpha": -1.0}, r"alpha=-1\.0"),
+        ({"beta": -0.5}, r"beta=-0\.5"),
+        ({"temperature": 0.0}, r"temperature=0\.0"),
+        ({"detach_target": "yes"}, "detach_target='yes'"),
+        ({"reduction": "avg"}, "reduction='avg'"),
+        ({"eps": True}, "eps=True"),
+        ({"epsilon": 0.1}, "unknown loss hyperparameter.*epsilon"),
+        ({"trust": "max"}, "trust='max'"),
+        ({"elr_beta": 1.5}, r"elr_beta=1\.5"),
+        ({"elr_lambda": -1}, "elr_lambda=-1"),
+    ],
+)
 def test_bad_hparams_raise_naming_the_value(hp, match):
     method = next((m for m in METHODS if set(hp) <= set(losses.USES[m])), "proselflc")  # one that uses it
     with pytest.raises(ValueError, match=match):
@@ -554,7 +589,9 @@ def test_compiles_fullgraph_equal_to_eager(method):
         assert torch.allclose(*grads, atol=1e-6), (method, step)
     assert torch.allclose(torch.as_tensor(compiled.last_epsilon), torch.as_tensor(eager.last_epsilon), atol=1e-6)
     if method == "elr":
-        assert torch.allclose(compiled.elr_targets, eager.elr_targets, atol=1e-6) and compiled.elr_targets.abs().sum() > 0
+        assert (
+            torch.allclose(compiled.elr_targets, eager.elr_targets, atol=1e-6) and compiled.elr_targets.abs().sum() > 0
+        )
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2  # step 11 makes the int step dynamic, no more
 
 
@@ -589,9 +626,11 @@ def test_elr_loss_and_running_targets_over_three_steps_by_hand():
     fn = build_loss("elr", 3, num_examples=4, elr_beta=beta, elr_lambda=lam).double()
     assert fn.elr_targets.shape == (4, 3) and not fn.elr_targets.any()
     targets = [[0.0] * 3 for _ in range(4)]
-    batches = [([[1.0, 0.0, -1.0], [0.0, 3.0, 0.5]], [0, 1], [0, 2]),
-               ([[0.2, 0.1, 12.0], [2.0, 2.0, 0.0]], [2, 0], [2, 0]),  # p of row 2 hits the clamp
-               ([[0.5, -0.5, 1.5], [-1.0, 0.0, 1.0]], [0, 1], [0, 3])]
+    batches = [
+        ([[1.0, 0.0, -1.0], [0.0, 3.0, 0.5]], [0, 1], [0, 2]),
+        ([[0.2, 0.1, 12.0], [2.0, 2.0, 0.0]], [2, 0], [2, 0]),  # p of row 2 hits the clamp
+        ([[0.5, -0.5, 1.5], [-1.0, 0.0, 1.0]], [0, 1], [0, 3]),
+    ]
     for logits, labels, index in batches:
         per_example = []
         for row, label, i in zip(logits, labels, index):
@@ -605,8 +644,14 @@ def test_elr_loss_and_running_targets_over_three_steps_by_hand():
         assert torch.allclose(fn.elr_targets, torch.tensor(targets, dtype=torch.float64), atol=1e-12)
     assert fn.elr_targets.sum(1).tolist() == pytest.approx([1 - beta**3, 0.0, 1 - beta**2, 1 - beta])  # updates per row
     # defaults by number of classes; ELR needs its rows
-    assert (build_loss("elr", 10, num_examples=1).elr_beta, build_loss("elr", 10, num_examples=1).elr_lambda) == (0.7, 3.0)
-    assert (build_loss("elr", 100, num_examples=1).elr_beta, build_loss("elr", 100, num_examples=1).elr_lambda) == (0.9, 7.0)
+    assert (build_loss("elr", 10, num_examples=1).elr_beta, build_loss("elr", 10, num_examples=1).elr_lambda) == (
+        0.7,
+        3.0,
+    )
+    assert (build_loss("elr", 100, num_examples=1).elr_beta, build_loss("elr", 100, num_examples=1).elr_lambda) == (
+        0.9,
+        7.0,
+    )
     assert (build_loss("sce", 10).alpha, build_loss("sce", 10).beta, build_loss("sce", 12).alpha) == (0.1, 1.0, 6.0)
     with pytest.raises(ValueError, match="elr needs num_examples"):
         build_loss("elr", 3)

@@ -7,8 +7,9 @@ from safetensors.torch import save_file
 import models
 
 
-@pytest.mark.parametrize("name, params", [("resnet20", 0.27), ("resnet32", 0.46), ("resnet44", 0.66),
-                                          ("resnet56", 0.85), ("resnet110", 1.7)])
+@pytest.mark.parametrize(
+    "name, params", [("resnet20", 0.27), ("resnet32", 0.46), ("resnet44", 0.66), ("resnet56", 0.85), ("resnet110", 1.7)]
+)
 def test_cifar_resnets_have_the_papers_parameter_counts(name, params):
     model = models.build_model(name, 10)
     convs = sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
@@ -16,8 +17,9 @@ def test_cifar_resnets_have_the_papers_parameter_counts(name, params):
     assert sum(p.numel() for p in model.parameters()) / 1e6 == pytest.approx(params, rel=0.05)
 
 
-@pytest.mark.parametrize("name, channels, size", [("resnet44", 3, 32), ("digits_cnn", 1, 8), ("resnet18", 3, 64),
-                                                  ("resnet18", 1, 64)])
+@pytest.mark.parametrize(
+    "name, channels, size", [("resnet44", 3, 32), ("digits_cnn", 1, 8), ("resnet18", 3, 64), ("resnet18", 1, 64)]
+)
 def test_models_map_images_to_logits(name, channels, size):
     model = models.build_model(name, 7, channels).eval()
     assert model(torch.randn(2, channels, size, size)).shape == (2, 7)

@@ -16,11 +16,106 @@ import noise
 # CIFAR-100 fine id -> coarse id as published with the dataset (an independent transcription of
 # the meta file's order, widely used as "sparse2coarse"): noise.py derives its table from names.
 SPARSE2COARSE = [
-    4, 1, 14, 8, 0, 6, 7, 7, 18, 3, 3, 14, 9, 18, 7, 11, 3, 9, 7, 11,
-    6, 11, 5, 10, 7, 6, 13, 15, 3, 15, 0, 11, 1, 10, 12, 14, 16, 9, 11, 5,
-    5, 19, 8, 8, 15, 13, 14, 17, 18, 10, 16, 4, 17, 4, 2, 0, 17, 4, 18, 17,
-    10, 3, 2, 12, 12, 16, 12, 1, 9, 19, 2, 10, 0, 1, 16, 12, 9, 13, 15, 13,
-    16, 19, 2, 4, 6, 19, 5, 5, 8, 19, 18, 1, 2, 15, 6, 0, 17, 8, 14, 13,
+    4,
+    1,
+    14,
+    8,
+    0,
+    6,
+    7,
+    7,
+    18,
+    3,
+    3,
+    14,
+    9,
+    18,
+    7,
+    11,
+    3,
+    9,
+    7,
+    11,
+    6,
+    11,
+    5,
+    10,
+    7,
+    6,
+    13,
+    15,
+    3,
+    15,
+    0,
+    11,
+    1,
+    10,
+    12,
+    14,
+    16,
+    9,
+    11,
+    5,
+    5,
+    19,
+    8,
+    8,
+    15,
+    13,
+    14,
+    17,
+    18,
+    10,
+    16,
+    4,
+    17,
+    4,
+    2,
+    0,
+    17,
+    4,
+    18,
+    17,
+    10,
+    3,
+    2,
+    12,
+    12,
+    16,
+    12,
+    1,
+    9,
+    19,
+    2,
+    10,
+    0,
+    1,
+    16,
+    12,
+    9,
+    13,
+    15,
+    13,
+    16,
+    19,
+    2,
+    4,
+    6,
+    19,
+    5,
+    5,
+    8,
+    19,
+    18,
+    1,
+    2,
+    15,
+    6,
+    0,
+    17,
+    8,
+    14,
+    13,
 ]
 
 
@@ -117,8 +212,9 @@ def test_cifar10_asymmetric_uses_the_standard_pairs():
 
 
 def test_pairflip_and_none():
-    c = columns(noise.add_label_noise(label_dataset(20_000, 7), noise.resolve_noise("pairflip", 0.3, 0, 7),
-                                      key_column="id"))
+    c = columns(
+        noise.add_label_noise(label_dataset(20_000, 7), noise.resolve_noise("pairflip", 0.3, 0, 7), key_column="id")
+    )
     assert np.array_equal(c["label"][c["is_noisy"]], (c["clean_label"][c["is_noisy"]] + 1) % 7)
     assert abs(c["is_noisy"].mean() - 0.3) < 0.015
     c = columns(noise.add_label_noise(label_dataset(100, 7), noise.resolve_noise("none", 0.0, 0, 7), key_column="id"))
@@ -169,7 +265,9 @@ def test_different_noise_seed_changes_streamed_labels():
 
 def write_cifar_n(path, clean, noisy):
     """A CIFAR-10N-style .pt file: dict of numpy arrays saved with torch.save."""
-    torch.save({"clean_label": np.asarray(clean), "worse_label": np.asarray(noisy), "aggre_label": np.asarray(clean)}, path)
+    torch.save(
+        {"clean_label": np.asarray(clean), "worse_label": np.asarray(noisy), "aggre_label": np.asarray(clean)}, path
+    )
 
 
 def test_cifar_n_file_noise_is_applied_in_map_style_and_streaming(tmp_path):

@@ -17,8 +17,23 @@ import eval as evaluate
 import noise
 import train
 
-PHOTO_RUN = ["--cpu", "--resize", "36", "--image-size", "32", "--model", "digits_cnn", "--weights", "none", "--batch-size", "8",
-         "--num-workers", "1", "--max-bad-fraction", "0.1"]
+PHOTO_RUN = [
+    "--cpu",
+    "--resize",
+    "36",
+    "--image-size",
+    "32",
+    "--model",
+    "digits_cnn",
+    "--weights",
+    "none",
+    "--batch-size",
+    "8",
+    "--num-workers",
+    "1",
+    "--max-bad-fraction",
+    "0.1",
+]
 MODES = ("RGB", "L", "CMYK", "RGBA", "P")
 COLOURS = ((200, 40, 40), (40, 40, 200))  # class 0 reddish, class 1 bluish: learnable in a few steps
 
@@ -105,20 +120,48 @@ def run_photos(folder: Path, out: Path, *flags: str) -> list[dict]:
 
 
 def test_image_folder_trains_map_style_and_counts_the_bad_file(folder, tmp_path, capsys):
-    metrics = run_photos(folder, tmp_path / "map", "--max-steps", "30", "--eval-every", "15", "--lr", "0.05",
-                         "--noise", "symmetric", "--noise-rate", "0.2")
+    metrics = run_photos(
+        folder,
+        tmp_path / "map",
+        "--max-steps",
+        "30",
+        "--eval-every",
+        "15",
+        "--lr",
+        "0.05",
+        "--noise",
+        "symmetric",
+        "--noise-rate",
+        "0.2",
+    )
     err = capsys.readouterr().err
     assert "warning: skipped unreadable image" in err and "005.jpg" in err
     assert [m["bad_images"] for m in metrics] == [1, 1]
     assert metrics[-1]["test_acc"] >= 0.8  # red against blue; chance is 0.5
     assert 0.0 <= metrics[-1]["clean_fit"] <= 1.0 and metrics[-1]["test_examples"] == 10
     config = json.loads((tmp_path / "map" / "config.json").read_text())
-    assert (config["input_path"], config["resize"], config["image_size"], config["augment"]) == ("decode", 36, 32, "paper")
+    assert (config["input_path"], config["resize"], config["image_size"], config["augment"]) == (
+        "decode",
+        36,
+        32,
+        "paper",
+    )
 
 
 def test_image_folder_trains_streaming(folder, tmp_path):
-    metrics = run_photos(folder, tmp_path / "stream", "--streaming", "--max-steps", "30", "--eval-every", "30",
-                         "--lr", "0.05", "--augment", "rrc")
+    metrics = run_photos(
+        folder,
+        tmp_path / "stream",
+        "--streaming",
+        "--max-steps",
+        "30",
+        "--eval-every",
+        "30",
+        "--lr",
+        "0.05",
+        "--augment",
+        "rrc",
+    )
     assert metrics[-1]["bad_images"] == 1 and metrics[-1]["test_examples"] == 10
     assert metrics[-1]["test_acc"] >= 0.8  # it learns (1.0 here); chance is 0.5
     assert json.loads((tmp_path / "stream" / "config.json").read_text())["input_path"] == "stream"
@@ -126,8 +169,19 @@ def test_image_folder_trains_streaming(folder, tmp_path):
 
 def test_image_folder_trains_on_two_cpu_processes(folder, tmp_path):
     out = tmp_path / "ddp"
-    proc = run_script(*TORCHRUN, "train.py", *PHOTO_RUN, "--dataset", str(folder), "--max-steps", "6",
-                      "--eval-every", "6", "--output-dir", str(out))
+    proc = run_script(
+        *TORCHRUN,
+        "train.py",
+        *PHOTO_RUN,
+        "--dataset",
+        str(folder),
+        "--max-steps",
+        "6",
+        "--eval-every",
+        "6",
+        "--output-dir",
+        str(out),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = read_metrics(out)
     assert metrics[-1]["process_steps"] == [6, 6] and metrics[-1]["test_examples"] == 10
@@ -135,8 +189,23 @@ def test_image_folder_trains_on_two_cpu_processes(folder, tmp_path):
 
 
 def test_killed_and_resumed_decode_run_equals_an_uninterrupted_one(folder, tmp_path):
-    flags = ["train.py", *PHOTO_RUN, "--dataset", str(folder), "--deterministic", "--max-steps", "60",
-             "--eval-every", "10", "--save-every", "10", "--noise", "symmetric", "--noise-rate", "0.2"]
+    flags = [
+        "train.py",
+        *PHOTO_RUN,
+        "--dataset",
+        str(folder),
+        "--deterministic",
+        "--max-steps",
+        "60",
+        "--eval-every",
+        "10",
+        "--save-every",
+        "10",
+        "--noise",
+        "symmetric",
+        "--noise-rate",
+        "0.2",
+    ]
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     assert run_script(*flags, "--output-dir", str(whole)).returncode == 0
     kill_once_written([*flags, "--output-dir", str(cut)], cut / "checkpoints" / "step_000020" / "trainer_state.json")
@@ -149,8 +218,19 @@ def test_killed_and_resumed_decode_run_equals_an_uninterrupted_one(folder, tmp_p
 
 
 def test_too_many_unreadable_images_stop_the_run_naming_them(folder, tmp_path, capsys):
-    rc = train.cli([*PHOTO_RUN, "--dataset", str(folder), "--max-bad-fraction", "0", "--max-steps", "6",
-                    "--output-dir", str(tmp_path / "bad")])
+    rc = train.cli(
+        [
+            *PHOTO_RUN,
+            "--dataset",
+            str(folder),
+            "--max-bad-fraction",
+            "0",
+            "--max-steps",
+            "6",
+            "--output-dir",
+            str(tmp_path / "bad"),
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err[-1].startswith("error: 1 unreadable training images of 40") and "005.jpg" in err[-1]
 
@@ -164,7 +244,10 @@ def write_clothing1m(root: Path, clean_overlap: dict[int, int]) -> None:
     rng = np.random.default_rng(1)
     (root / "category_names_eng.txt").parent.mkdir(parents=True, exist_ok=True)
     (root / "category_names_eng.txt").write_text("".join(f"Class {c}\n" for c in range(14)))
-    train_keys, test_keys = [f"images/{i % 3}/a{i}/t{i}.jpg" for i in range(28)], [f"images/9/b/v{i}.jpg" for i in range(14)]
+    train_keys, test_keys = (
+        [f"images/{i % 3}/a{i}/t{i}.jpg" for i in range(28)],
+        [f"images/9/b/v{i}.jpg" for i in range(14)],
+    )
     for i, key in enumerate(train_keys + test_keys):
         path = root / key
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -189,8 +272,24 @@ def test_clothing1m_release_trains_and_evaluates_on_the_clean_overlap(tmp_path, 
     assert data.train_eval_rows(train_ds, None).sort().values.tolist() == sorted(OVERLAP)
     labels = data.label_tensors(train_ds)
     assert labels["is_noisy"].nonzero().squeeze(1).tolist() == [2, 3, 5]
-    assert train.cli([*PHOTO_RUN, "--dataset", "clothing1m", "--data-dir", str(root), "--max-steps", "4",
-                      "--eval-every", "4", "--output-dir", str(out)]) == 0
+    assert (
+        train.cli(
+            [
+                *PHOTO_RUN,
+                "--dataset",
+                "clothing1m",
+                "--data-dir",
+                str(root),
+                "--max-steps",
+                "4",
+                "--eval-every",
+                "4",
+                "--output-dir",
+                str(out),
+            ]
+        )
+        == 0
+    )
     stdout = capsys.readouterr().out
     assert "measured on the 6 training examples with a known clean label" in stdout
     last = read_metrics(out)[-1]
@@ -201,8 +300,10 @@ def test_clothing1m_release_trains_and_evaluates_on_the_clean_overlap(tmp_path, 
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["n"] == 14 and result["test_acc"] == pytest.approx(last["test_acc"], abs=1e-6)
     evaluate.main([str(out), "--audit", "--cpu"])
-    assert "against the real flips of the 6 training examples with a known clean label (3 noisy, rate 0.500)" in \
-        capsys.readouterr().out  # Clothing1M's real noise, measured where the clean label is known
+    assert (
+        "against the real flips of the 6 training examples with a known clean label (3 noisy, rate 0.500)"
+        in capsys.readouterr().out
+    )  # Clothing1M's real noise, measured where the clean label is known
     rows = (out / "label_issues.csv").read_text().splitlines()
     assert rows[0].startswith("rank,index,key,given_label") and all(",images/" in r for r in rows[1:])
     # every training example its batches held, not only the clean overlap (4 steps of 8 from 3 batches per epoch)
@@ -210,13 +311,21 @@ def test_clothing1m_release_trains_and_evaluates_on_the_clean_overlap(tmp_path, 
     assert len(rows) - 1 == seen > 20
 
 
-@pytest.mark.parametrize("breakage, message", [
-    (lambda r: (r / "clean_test_key_list.txt").unlink(), "missing clean_test_key_list.txt"),
-    (lambda r: (r / "noisy_train_key_list.txt").open("a").write("images/x/y/z.jpg\n"),
-     "1 keys of noisy_train_key_list.txt have no label in noisy_label_kv.txt (first: images/x/y/z.jpg)"),
-    (lambda r: (r / "noisy_label_kv.txt").open("a").write("images/0/a0/t0.jpg 14\n"), "label 14 of images/0/a0/t0.jpg is outside 0..13"),
-    (lambda r: (r / "images/9/b/v3.jpg").unlink(), "1 images of clean_test_key_list.txt are missing (first: "),
-])
+@pytest.mark.parametrize(
+    "breakage, message",
+    [
+        (lambda r: (r / "clean_test_key_list.txt").unlink(), "missing clean_test_key_list.txt"),
+        (
+            lambda r: (r / "noisy_train_key_list.txt").open("a").write("images/x/y/z.jpg\n"),
+            "1 keys of noisy_train_key_list.txt have no label in noisy_label_kv.txt (first: images/x/y/z.jpg)",
+        ),
+        (
+            lambda r: (r / "noisy_label_kv.txt").open("a").write("images/0/a0/t0.jpg 14\n"),
+            "label 14 of images/0/a0/t0.jpg is outside 0..13",
+        ),
+        (lambda r: (r / "images/9/b/v3.jpg").unlink(), "1 images of clean_test_key_list.txt are missing (first: "),
+    ],
+)
 def test_clothing1m_bad_release_gives_one_line(tmp_path, breakage, message):
     write_clothing1m(tmp_path, OVERLAP)
     breakage(tmp_path)
@@ -230,8 +339,9 @@ def test_add_label_noise_on_a_hub_layout_img_column():
     images = list(rng.integers(0, 256, size=(60, 8, 8, 3), dtype=np.uint8))
     features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(num_classes=10)})
     hub = datasets.Dataset.from_dict({"img": images, "label": np.arange(60) % 10}, features=features)
-    noisy = noise.add_label_noise(hub, noise.resolve_noise("symmetric", 0.5, 0, 10),
-                                  image_column=data.find_image_column(hub.features))
+    noisy = noise.add_label_noise(
+        hub, noise.resolve_noise("symmetric", 0.5, 0, 10), image_column=data.find_image_column(hub.features)
+    )
     renamed = noise.add_label_noise(hub.rename_column("img", "image"), noise.resolve_noise("symmetric", 0.5, 0, 10))
     assert noisy["label"] == renamed["label"] and noisy["example_key"] == renamed["example_key"]
     assert 0 < sum(noisy["is_noisy"]) < 60
@@ -260,6 +370,7 @@ def test_rrc_crop_box_draws_torchvisions_boxes_for_the_same_generator():
             torch.manual_seed(seed)
             (left, top, right, bottom), _ = data.crop_box(TorchDraws(), width, height, 256, 224, "rrc")
             torch.manual_seed(seed)
-            i, j, h, w = RandomResizedCrop.get_params(torch.zeros(3, height, width), list(data.RRC_SCALE),
-                                                      list(data.RRC_RATIO))
+            i, j, h, w = RandomResizedCrop.get_params(
+                torch.zeros(3, height, width), list(data.RRC_SCALE), list(data.RRC_RATIO)
+            )
             assert (top, left, bottom - top, right - left) == (i, j, h, w), (width, height, seed)

@@ -56,8 +56,10 @@ def read_only_dir(tmp_path):
     folder.chmod(0o555)
     mounted = False
     if os.access(folder, os.W_OK):  # root
-        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro", "tmpfs", str(folder)],
-                                 capture_output=True).returncode == 0
+        mounted = (
+            subprocess.run(["mount", "-t", "tmpfs", "-o", "ro", "tmpfs", str(folder)], capture_output=True).returncode
+            == 0
+        )
         if not mounted:
             folder.chmod(0o755)
             pytest.skip("cannot make a read-only folder as root here")
@@ -79,9 +81,25 @@ def test_resume_with_overwrite_is_refused_before_touching_anything(killed_copy, 
 # ---- 2. two runs into one folder: the lock
 def test_a_second_run_into_a_busy_folder_is_refused_and_a_dead_runs_lock_is_taken_over(tmp_path, capsys):
     out = tmp_path / "run"
-    first = subprocess.Popen([sys.executable, "train.py", *TINY, "--max-steps", "100000", "--eval-every", "100000",
-                              "--save-every", "100000", "--output-dir", str(out)],
-                             cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = subprocess.Popen(
+        [
+            sys.executable,
+            "train.py",
+            *TINY,
+            "--max-steps",
+            "100000",
+            "--eval-every",
+            "100000",
+            "--save-every",
+            "100000",
+            "--output-dir",
+            str(out),
+        ],
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_for(out / "noise.json", first)  # written after config.json
         before = snapshot(out)
@@ -105,10 +123,37 @@ def test_a_second_run_into_a_busy_folder_is_refused_and_a_dead_runs_lock_is_take
 # ---- 3. sweep.py forwards SIGTERM and waits for its runs
 def test_a_terminated_sweep_leaves_no_train_py_running(tmp_path):
     root = tmp_path / "sweep"
-    proc = subprocess.Popen([sys.executable, "sweep.py", "--methods", "cce", "--settings", "symmetric:0.2",
-                             "--seeds", "0", "1", "--budgets", "100000", "--jobs", "2", "--output-root", str(root),
-                             "--", "--batch-size", "32", "--eval-every", "100000", "--save-every", "100000"],
-                            cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "sweep.py",
+            "--methods",
+            "cce",
+            "--settings",
+            "symmetric:0.2",
+            "--seeds",
+            "0",
+            "1",
+            "--budgets",
+            "100000",
+            "--jobs",
+            "2",
+            "--output-root",
+            str(root),
+            "--",
+            "--batch-size",
+            "32",
+            "--eval-every",
+            "100000",
+            "--save-every",
+            "100000",
+        ],
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     locks = [root / f"digits-symmetric-0.2-cce-T100000-seed{s}" / runfolder.LOCK_NAME for s in (0, 1)]
     children = []
     spawned = psutil.Process(proc.pid)
@@ -136,7 +181,9 @@ def test_a_terminated_sweep_leaves_no_train_py_running(tmp_path):
 def test_a_noise_file_of_fractional_labels_is_refused(tmp_path, capsys):
     floats = tmp_path / "labels.npy"
     np.save(floats, np.full(200, 0.7))
-    assert train.cli([*TINY, "--output-dir", str(tmp_path / "run"), "--noise", "file", "--noise-file", str(floats)]) == 2
+    assert (
+        train.cli([*TINY, "--output-dir", str(tmp_path / "run"), "--noise", "file", "--noise-file", str(floats)]) == 2
+    )
     line = one_error_line(capsys)
     assert str(floats) in line and "non-integer labels" in line and "0.7" in line
     assert floats.exists()
@@ -167,14 +214,19 @@ def test_after_a_divergence_nothing_is_saved_or_logged_and_the_last_checkpoint_i
     def poisoned(*args, **kwargs):  # the loss turns NaN from step t = 5 on; the check runs only every 10 steps
         fn = real(*args, **kwargs)
         forward = fn.forward
-        fn.forward = lambda logits, labels, step=0, **kw: forward(logits, labels, step=step, **kw) * (
-            math.nan if step >= 5 else 1.0)
+        fn.forward = lambda logits, labels, step=0, **kw: (
+            forward(logits, labels, step=step, **kw) * (math.nan if step >= 5 else 1.0)
+        )
         return fn
 
     monkeypatch.setattr(losses, "build_loss", poisoned)
     out = tmp_path / "run"
-    assert train.cli([*TINY, "--max-steps", "20", "--log-every", "10", "--keep-checkpoints", "5",
-                      "--output-dir", str(out)]) == 2
+    assert (
+        train.cli(
+            [*TINY, "--max-steps", "20", "--log-every", "10", "--keep-checkpoints", "5", "--output-dir", str(out)]
+        )
+        == 2
+    )
     line = one_error_line(capsys)
     assert "not finite at step 5" in line and str(out / "checkpoints" / "step_000004") in line
     assert "lower --lr" in line and "fp16" not in line  # an fp32 run
@@ -217,8 +269,12 @@ def test_resuming_another_runs_checkpoint_with_another_lr_is_refused(killed_run,
 def test_unwritable_output_folders_give_one_line(read_only_dir, tmp_path, capsys):
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
-    for out, words in ((read_only_dir, "cannot write to --output-dir"), (read_only_dir / "run", "cannot write to"),
-                       (a_file, "is a file"), (a_file / "run", "lies under the file")):
+    for out, words in (
+        (read_only_dir, "cannot write to --output-dir"),
+        (read_only_dir / "run", "cannot write to"),
+        (a_file, "is a file"),
+        (a_file / "run", "lies under the file"),
+    ):
         assert train.cli([*TINY, "--output-dir", str(out)]) == 2
         assert words in one_error_line(capsys)
     assert a_file.read_text() == "x"
@@ -247,9 +303,14 @@ def test_a_full_disk_names_the_checkpoint_still_usable(tmp_path, capsys, monkeyp
 def test_a_file_size_limit_gives_one_line_and_leaves_no_partial_checkpoint(tmp_path):
     """A real write failure (ulimit -f: 'File too large', raised inside safetensors) at the first checkpoint."""
     out = tmp_path / "run"
-    proc = subprocess.run(["bash", "-c", f"ulimit -f 40; exec {sys.executable} train.py {' '.join(TINY)} "
-                                         f"--output-dir {out}"], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        ["bash", "-c", f"ulimit -f 40; exec {sys.executable} train.py {' '.join(TINY)} --output-dir {out}"],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("note:")]
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert lines[0].startswith("error: cannot write the checkpoint step_000002") and "File too large" in lines[0]
@@ -267,10 +328,12 @@ def test_bad_data_and_label_files_give_one_line(tmp_path, capsys):
     script = tmp_path / "scripted"
     script.mkdir()
     (script / "scripted.py").write_text(f"open({str(tmp_path / 'pwned')!r}, 'w')\n")
-    cases = [(["--noise", "file", "--noise-file", str(tmp_path / "evil.pt")], "asks to run code"),
-             (["--noise", "file", "--noise-file", str(tmp_path / "garbage.pt")], "not a torch file"),
-             (["--dataset", "cifar10", "--data-dir", str(tmp_path)], "not a CIFAR python batch"),
-             (["--dataset", "scripted", "--data-dir", str(script)], "loading script")]
+    cases = [
+        (["--noise", "file", "--noise-file", str(tmp_path / "evil.pt")], "asks to run code"),
+        (["--noise", "file", "--noise-file", str(tmp_path / "garbage.pt")], "not a torch file"),
+        (["--dataset", "cifar10", "--data-dir", str(tmp_path)], "not a CIFAR python batch"),
+        (["--dataset", "scripted", "--data-dir", str(script)], "loading script"),
+    ]
     for flags, words in cases:
         tiny = TINY[:1] + TINY[5:] if "--dataset" in flags else TINY  # --synthetic-size is for --dataset synthetic
         assert train.cli([*tiny, "--output-dir", str(tmp_path / "run"), *flags]) == 2
@@ -290,18 +353,22 @@ def test_eval_refuses_a_config_that_is_not_an_object_and_an_unwritable_plot(kill
 def test_under_torchrun_one_process_prints_the_error(tmp_path):
     proc = run_script(*TORCHRUN, "train.py", *TINY, "--keep-checkpoints", "0", "--output-dir", str(tmp_path / "r"))
     assert proc.returncode != 0
-    assert [line for line in proc.stderr.splitlines() if line.startswith("error: ")] == \
-        ["error: --keep-checkpoints must be at least 1, got 0"]
+    assert [line for line in proc.stderr.splitlines() if line.startswith("error: ")] == [
+        "error: --keep-checkpoints must be at least 1, got 0"
+    ]
 
 
 # ---- silently accepted input that now gets one line
-@pytest.mark.parametrize("flags, words", [
-    (["--noise", "none", "--noise-rate", "0.4"], "--noise none with --noise-rate 0.4"),
-    (["--train-eval-size", "-1"], "--train-eval-size must be 0 (off) or more"),
-    (["--audit-epochs", "0"], "--audit-epochs must be above 0"),
-    (["--audit-epochs", "nan"], "--audit-epochs must be above 0"),
-    (["--report-to", "wandb"], "the wandb package is not installed"),
-])
+@pytest.mark.parametrize(
+    "flags, words",
+    [
+        (["--noise", "none", "--noise-rate", "0.4"], "--noise none with --noise-rate 0.4"),
+        (["--train-eval-size", "-1"], "--train-eval-size must be 0 (off) or more"),
+        (["--audit-epochs", "0"], "--audit-epochs must be above 0"),
+        (["--audit-epochs", "nan"], "--audit-epochs must be above 0"),
+        (["--report-to", "wandb"], "the wandb package is not installed"),
+    ],
+)
 def test_silently_accepted_flags_are_refused(tmp_path, capsys, flags, words):
     if flags[-1] == "wandb" and importlib.util.find_spec("wandb"):
         pytest.skip("wandb is installed here")
@@ -311,8 +378,9 @@ def test_silently_accepted_flags_are_refused(tmp_path, capsys, flags, words):
         config.check_trackers("tensorboard")  # an installed tracker passes
 
 
-@pytest.mark.parametrize("flags, words", [(["--jobs", "0"], "--jobs must be >= 1"),
-                                          (["--settings", "symmetric"], "symmetric needs a rate")])
+@pytest.mark.parametrize(
+    "flags, words", [(["--jobs", "0"], "--jobs must be >= 1"), (["--settings", "symmetric"], "symmetric needs a rate")]
+)
 def test_sweep_refuses_a_zero_jobs_and_a_rateless_setting(tmp_path, flags, words):
     with pytest.raises(ValueError, match=words):
         sweep.parse_args(["--output-root", str(tmp_path), *flags])

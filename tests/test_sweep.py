@@ -7,21 +7,27 @@ import runfolder
 import sweep
 
 
-@pytest.mark.parametrize("argv, words", [
-    (["--seeds", "0", "0"], "--seeds lists 0 twice"),
-    (["--methods", "cce", "gce", "cce"], "--methods lists 'cce' twice"),
-    (["--settings", "symmetric:0.4", "symmetric:0.4"], "--settings lists ('symmetric', 0.4) twice"),
-    (["--budgets", "300", "300"], "--budgets lists 300 twice"),
-    (["--methods", "cce", "--eps", "0.1"], "--eps is read only by ls, cp, bootsoft, boothard"),
-    (["--gpus", "0", "--jobs", "2"], "--jobs with --gpus"),
-    (["--accelerate-config", "accelerate_config.yaml"], "--accelerate-config is read by --launcher accelerate only"),
-    (["--", "--seed", "3"], "--seed after --: the grid sets it"),
-    (["--", "--output-dir", "elsewhere"], "--output-dir after --: the grid sets it"),
-    (["--", "--max-steps=5"], "--max-steps after --: the grid sets it"),
-    (["--", "--resume", "latest"], "--resume after --: the grid sets it"),
-    (["--", "--overwrite"], "--overwrite after --: the grid sets it"),
-    (["--", "--method", "gce"], "--method after --: the grid sets it"),
-])
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--seeds", "0", "0"], "--seeds lists 0 twice"),
+        (["--methods", "cce", "gce", "cce"], "--methods lists 'cce' twice"),
+        (["--settings", "symmetric:0.4", "symmetric:0.4"], "--settings lists ('symmetric', 0.4) twice"),
+        (["--budgets", "300", "300"], "--budgets lists 300 twice"),
+        (["--methods", "cce", "--eps", "0.1"], "--eps is read only by ls, cp, bootsoft, boothard"),
+        (["--gpus", "0", "--jobs", "2"], "--jobs with --gpus"),
+        (
+            ["--accelerate-config", "accelerate_config.yaml"],
+            "--accelerate-config is read by --launcher accelerate only",
+        ),
+        (["--", "--seed", "3"], "--seed after --: the grid sets it"),
+        (["--", "--output-dir", "elsewhere"], "--output-dir after --: the grid sets it"),
+        (["--", "--max-steps=5"], "--max-steps after --: the grid sets it"),
+        (["--", "--resume", "latest"], "--resume after --: the grid sets it"),
+        (["--", "--overwrite"], "--overwrite after --: the grid sets it"),
+        (["--", "--method", "gce"], "--method after --: the grid sets it"),
+    ],
+)
 def test_a_value_the_grid_would_not_use_once_is_one_line(tmp_path, capsys, argv, words):
     root = tmp_path / "sweep"
     argv = ["--dry-run", "--output-root", str(root), *argv]

@@ -25,8 +25,21 @@ def test_clean_digits_learns_and_writes_every_file(clean_digits_run):
     for key in ("step", "lr", "train_loss", "test_acc", "test_loss", "epsilon"):
         assert key in metrics[-1]
     config = json.loads((out / "config.json").read_text())
-    for key in ("method", "max_steps", "batch_size", "lr", "milestones", "seed", "noise_seed", "exp_base",
-                "num_classes", "in_channels", "total_steps", "versions", "git_commit"):
+    for key in (
+        "method",
+        "max_steps",
+        "batch_size",
+        "lr",
+        "milestones",
+        "seed",
+        "noise_seed",
+        "exp_base",
+        "num_classes",
+        "in_channels",
+        "total_steps",
+        "versions",
+        "git_commit",
+    ):
         assert key in config
     assert config["milestones"] == "150,220" and config["versions"]["torch"] == torch.__version__
     assert json.loads((out / "noise.json").read_text())
@@ -51,9 +64,26 @@ def test_saved_model_reproduces_the_reported_accuracy(clean_digits_run):
 @pytest.mark.parametrize("method", losses.METHODS)
 def test_every_method_trains_on_noisy_synthetic_data(tmp_path, method):
     out = tmp_path / method
-    rc = train.cli(["--cpu", *SYNTHETIC, "--max-steps", "6", "--eval-every", "3", "--method", method,
-                    "--noise", "symmetric", "--noise-rate", "0.4", "--gradient-accumulation-steps", "2",
-                    "--output-dir", str(out)])
+    rc = train.cli(
+        [
+            "--cpu",
+            *SYNTHETIC,
+            "--max-steps",
+            "6",
+            "--eval-every",
+            "3",
+            "--method",
+            method,
+            "--noise",
+            "symmetric",
+            "--noise-rate",
+            "0.4",
+            "--gradient-accumulation-steps",
+            "2",
+            "--output-dir",
+            str(out),
+        ]
+    )
     assert rc == 0
     last = read_metrics(out)[-1]
     assert last["step"] == 6 and last["process_steps"] == [6]
@@ -70,8 +100,23 @@ def test_streaming_run_learns_the_same_task(tmp_path):
     """A streamed training split with label noise learns: accuracy on the (map-style) clean test split far above
     chance after 40 steps (about 0.75 here), every test example counted once."""
     out = tmp_path / "stream"
-    rc = train.cli(["--cpu", *SYNTHETIC, "--streaming", "--max-steps", "40", "--eval-every", "20",
-                    "--noise", "symmetric", "--noise-rate", "0.2", "--output-dir", str(out)])
+    rc = train.cli(
+        [
+            "--cpu",
+            *SYNTHETIC,
+            "--streaming",
+            "--max-steps",
+            "40",
+            "--eval-every",
+            "20",
+            "--noise",
+            "symmetric",
+            "--noise-rate",
+            "0.2",
+            "--output-dir",
+            str(out),
+        ]
+    )
     assert rc == 0
     metrics = read_metrics(out)
     assert [m["step"] for m in metrics] == [20, 40]
@@ -81,19 +126,50 @@ def test_streaming_run_learns_the_same_task(tmp_path):
 
 def test_two_cpu_processes_share_t_and_count_every_test_example_once(tmp_path):
     out = tmp_path / "ddp"
-    proc = run_script(*TORCHRUN, "train.py", "--cpu", "--max-steps", "40", "--eval-every", "20", "--save-every", "20",
-                      "--noise", "symmetric", "--noise-rate", "0.2", "--output-dir", str(out))
+    proc = run_script(
+        *TORCHRUN,
+        "train.py",
+        "--cpu",
+        "--max-steps",
+        "40",
+        "--eval-every",
+        "20",
+        "--save-every",
+        "20",
+        "--noise",
+        "symmetric",
+        "--noise-rate",
+        "0.2",
+        "--output-dir",
+        str(out),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = read_metrics(out)
     assert [m["process_steps"] for m in metrics] == [[20, 20], [40, 40]]
     assert all(m["test_examples"] == 360 for m in metrics)
     assert json.loads((out / "config.json").read_text())["world_size"] == 2
-    assert sorted(p.name for p in (out / "checkpoints" / "step_000020").glob("rng_*")) == ["rng_0.safetensors", "rng_1.safetensors"]
+    assert sorted(p.name for p in (out / "checkpoints" / "step_000020").glob("rng_*")) == [
+        "rng_0.safetensors",
+        "rng_1.safetensors",
+    ]
 
 
 def test_killed_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
-    flags = ["train.py", "--cpu", "--deterministic", "--max-steps", "600", "--eval-every", "100",
-             "--save-every", "100", "--noise", "symmetric", "--noise-rate", "0.4"]
+    flags = [
+        "train.py",
+        "--cpu",
+        "--deterministic",
+        "--max-steps",
+        "600",
+        "--eval-every",
+        "100",
+        "--save-every",
+        "100",
+        "--noise",
+        "symmetric",
+        "--noise-rate",
+        "0.4",
+    ]
     whole = tmp_path / "whole"
     assert run_script(*flags, "--output-dir", str(whole)).returncode == 0
 
@@ -117,37 +193,83 @@ def test_latest_without_a_complete_checkpoint_is_an_error(tmp_path, capsys):
 
 def test_a_corrupt_checkpoint_is_refused(tmp_path, capsys):
     out = tmp_path / "run"
-    assert train.cli(["--cpu", *SYNTHETIC, "--max-steps", "4", "--save-every", "2", "--eval-every", "4",
-                      "--output-dir", str(out)]) == 0
+    assert (
+        train.cli(
+            [
+                "--cpu",
+                *SYNTHETIC,
+                "--max-steps",
+                "4",
+                "--save-every",
+                "2",
+                "--eval-every",
+                "4",
+                "--output-dir",
+                str(out),
+            ]
+        )
+        == 0
+    )
     ckpt = out / "checkpoints" / "step_000002"
     for f in ckpt.glob("*.safetensors"):
         f.write_bytes(b"not a safetensors file")
     (out / "model.safetensors").unlink()
     capsys.readouterr()
-    rc = train.cli(["--cpu", *SYNTHETIC, "--max-steps", "4", "--save-every", "2", "--eval-every", "4",
-                    "--output-dir", str(out), "--resume", str(ckpt)])
+    rc = train.cli(
+        [
+            "--cpu",
+            *SYNTHETIC,
+            "--max-steps",
+            "4",
+            "--save-every",
+            "2",
+            "--eval-every",
+            "4",
+            "--output-dir",
+            str(out),
+            "--resume",
+            str(ckpt),
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "corrupt" in err[0]
 
 
 def test_non_finite_loss_stops_the_run_naming_the_step(tmp_path, capsys):
-    rc = train.cli(["--cpu", *SYNTHETIC, "--method", "cce", "--lr", "1e30", "--max-steps", "40",
-                    "--log-every", "5", "--output-dir", str(tmp_path / "nan")])
+    rc = train.cli(
+        [
+            "--cpu",
+            *SYNTHETIC,
+            "--method",
+            "cce",
+            "--lr",
+            "1e30",
+            "--max-steps",
+            "40",
+            "--log-every",
+            "5",
+            "--output-dir",
+            str(tmp_path / "nan"),
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err[-1].startswith("error: loss is not finite at step ")
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--method", "focal"], "unknown method 'focal'"),
-    (["--model", "vgg"], "unknown model 'vgg'"),
-    (["--dataset", "no_such_dataset_dir/x.parquet"], "no_such_dataset_dir"),
-    (["--noise", "symmetric", "--noise-rate", "1.5"], "--noise-rate"),
-    (["--noise", "asymmetric", "--noise-rate", "0.2"], "pairs"),
-    (["--milestones", "100,5000"], "--milestones"),
-    (["--batch-size", "0"], "--batch-size must be at least 1"),
-    (["--max-steps", "0"], "--max-steps must be at least 1"),
-    (["--resume", "/nonexistent/ckpt"], "no such checkpoint"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--method", "focal"], "unknown method 'focal'"),
+        (["--model", "vgg"], "unknown model 'vgg'"),
+        (["--dataset", "no_such_dataset_dir/x.parquet"], "no_such_dataset_dir"),
+        (["--noise", "symmetric", "--noise-rate", "1.5"], "--noise-rate"),
+        (["--noise", "asymmetric", "--noise-rate", "0.2"], "pairs"),
+        (["--milestones", "100,5000"], "--milestones"),
+        (["--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--max-steps", "0"], "--max-steps must be at least 1"),
+        (["--resume", "/nonexistent/ckpt"], "no such checkpoint"),
+    ],
+)
 def test_bad_input_gives_one_line_and_exit_2(tmp_path, capsys, flags, message):
     rc = train.cli(["--cpu", "--output-dir", str(tmp_path / "bad"), *flags])
     err = capsys.readouterr().err.strip().splitlines()
@@ -166,12 +288,25 @@ def test_a_finished_run_is_not_overwritten_without_overwrite(clean_digits_run, c
 def test_the_command_line_prints_one_line_for_bad_input():
     proc = run_script("train.py", "--method", "focal", timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [f"error: unknown method 'focal': choose one of {', '.join(losses.METHODS)}"]
+    assert proc.stderr.strip().splitlines() == [
+        f"error: unknown method 'focal': choose one of {', '.join(losses.METHODS)}"
+    ]
 
 
 def test_resume_with_other_hyperparameters_is_refused(tmp_path, capsys):
     out = tmp_path / "run"
-    flags = ["--cpu", *SYNTHETIC, "--max-steps", "4", "--save-every", "2", "--eval-every", "2", "--output-dir", str(out)]
+    flags = [
+        "--cpu",
+        *SYNTHETIC,
+        "--max-steps",
+        "4",
+        "--save-every",
+        "2",
+        "--eval-every",
+        "2",
+        "--output-dir",
+        str(out),
+    ]
     assert train.cli(flags) == 0
     (out / "model.safetensors").unlink()
     capsys.readouterr()
@@ -188,8 +323,25 @@ def elr_targets_of(checkpoint: Path) -> torch.Tensor:
 def test_elr_on_two_cpu_processes_keeps_one_set_of_running_targets(tmp_path):
     """Each process updates its own rows; after every step all copies hold every process's rows."""
     out = tmp_path / "elr-ddp"
-    proc = run_script(*TORCHRUN, "train.py", "--cpu", "--method", "elr", "--max-steps", "3", "--eval-every", "3",
-                      "--save-every", "2", "--noise", "symmetric", "--noise-rate", "0.2", "--output-dir", str(out))
+    proc = run_script(
+        *TORCHRUN,
+        "train.py",
+        "--cpu",
+        "--method",
+        "elr",
+        "--max-steps",
+        "3",
+        "--eval-every",
+        "3",
+        "--save-every",
+        "2",
+        "--noise",
+        "symmetric",
+        "--noise-rate",
+        "0.2",
+        "--output-dir",
+        str(out),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     config = json.loads((out / "config.json").read_text())
     assert (config["elr_beta"], config["elr_lambda"]) == (0.7, 3.0)  # 10 classes
@@ -204,8 +356,23 @@ def test_elr_on_two_cpu_processes_keeps_one_set_of_running_targets(tmp_path):
 
 def test_elr_resumed_from_a_checkpoint_equals_an_uninterrupted_run(tmp_path):
     """The running targets are restored with the checkpoint: the resumed run ends byte-identical."""
-    flags = ["--cpu", "--deterministic", *SYNTHETIC, "--method", "elr", "--max-steps", "8", "--eval-every", "4",
-             "--save-every", "4", "--noise", "symmetric", "--noise-rate", "0.4"]
+    flags = [
+        "--cpu",
+        "--deterministic",
+        *SYNTHETIC,
+        "--method",
+        "elr",
+        "--max-steps",
+        "8",
+        "--eval-every",
+        "4",
+        "--save-every",
+        "4",
+        "--noise",
+        "symmetric",
+        "--noise-rate",
+        "0.4",
+    ]
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     assert train.cli([*flags, "--output-dir", str(whole)]) == 0
     assert elr_targets_of(whole / "checkpoints" / "step_000004").sum() > 0

@@ -19,12 +19,21 @@ import train
 
 
 # ---- 1. a checkpoint never unpickles
-@pytest.mark.parametrize("name, how", [
-    ("custom_checkpoint_0.pkl", "torch"), ("custom_checkpoint_0.pkl", "raw"), ("random_states_0.pkl", "torch"),
-    ("optimizer.bin", "torch"), ("pytorch_model.bin", "raw"),
-    ("optimizer.safetensors", "raw"), ("state.safetensors", "torch"), ("model.safetensors", "torch"),
-    ("rng_0.safetensors", "raw"), ("trainer_state.json", "raw"),
-])
+@pytest.mark.parametrize(
+    "name, how",
+    [
+        ("custom_checkpoint_0.pkl", "torch"),
+        ("custom_checkpoint_0.pkl", "raw"),
+        ("random_states_0.pkl", "torch"),
+        ("optimizer.bin", "torch"),
+        ("pytorch_model.bin", "raw"),
+        ("optimizer.safetensors", "raw"),
+        ("state.safetensors", "torch"),
+        ("model.safetensors", "torch"),
+        ("rng_0.safetensors", "raw"),
+        ("trainer_state.json", "raw"),
+    ],
+)
 def test_a_crafted_pickle_in_a_checkpoint_never_runs(killed_copy, tmp_path, capsys, name, how):
     run = killed_copy
     marker = tmp_path / "pwned"
@@ -49,8 +58,11 @@ def test_a_crafted_pickle_in_a_checkpoint_never_runs(killed_copy, tmp_path, caps
 def test_an_rng_state_that_does_not_load_is_refused_before_anything_runs(killed_copy, tmp_path, capsys):
     run = killed_copy
     rng = run / "checkpoints" / "step_000004" / "rng_0.safetensors"
-    save_file({"torch": torch.zeros(3, dtype=torch.uint8), "numpy": torch.zeros(2, dtype=torch.int64)}, str(rng),
-              metadata={"numpy": "[]", "python": "[]"})
+    save_file(
+        {"torch": torch.zeros(3, dtype=torch.uint8), "numpy": torch.zeros(2, dtype=torch.int64)},
+        str(rng),
+        metadata={"numpy": "[]", "python": "[]"},
+    )
     assert train.cli([*TINY, "--output-dir", str(run), "--resume", "latest"]) == 2
     line = one_error_line(capsys)
     assert "rng_0.safetensors" in line and "tensor 'torch' is uint8 [3]" in line, line
@@ -106,28 +118,36 @@ def test_overwrite_replaces_only_the_run_files(killed_copy, tmp_path):
 
 
 # ---- 3. every typed value is used or refused, before anything is touched
-@pytest.mark.parametrize("flags, words", [
-    (["--method", "cce", "--eps", "0.9"], "--eps is not used by --method cce (only by ls, cp, bootsoft, boothard)"),
-    (["--method", "cce", "--temperature", "0.5"], "--temperature is not used by --method cce"),
-    (["--method", "cce", "--exp-base", "12"], "--exp-base is not used by --method cce"),
-    (["--method", "proselflc", "--gce-q", "0.3"], "--gce-q is not used by --method proselflc (only by gce)"),
-    (["--method", "cce", "--elr-beta", "0.5"], "--elr-beta is not used by --method cce (only by elr)"),
-    (["--method", "ls", "--detach-target"], "--detach-target is not used by --method ls"),
-    (["--noise", "symmetric", "--noise-rate", "0.2", "--noise-pairs", "3:5,5:3"],
-     "--noise-pairs is not used by --noise symmetric (only by --noise asymmetric)"),
-    (["--noise", "symmetric", "--noise-rate", "0.2", "--noise-file", "f.npy"], "--noise-file is not used by --noise symmetric"),
-    (["--noise", "asymmetric", "--noise-rate", "0.2", "--noise-pairs", "3:3"], "maps class 3 to itself"),
-    (["--noise-seed", "3"], "--noise-seed is not used by --noise none"),
-    (["--noise", "symmetric", "--noise-rate", "0.2", "--noise-seed", "-1"], "--noise-seed must be 0 or more"),
-    (["--num-workers", "-1"], "--num-workers must be 0 or more"),
-    (["--max-bad-fraction", "2"], "--max-bad-fraction must be in [0, 1]"),
-    (["--max-bad-fraction", "nan"], "--max-bad-fraction must be in [0, 1]"),
-    (["--method", "sce", "--alpha", "0", "--beta", "0"], "zero loss"),
-    (["--lr", "abc"], "argument --lr: invalid float value: 'abc'"),
-    (["--resume", "auto", "--overwrite"], "contradict"),
-    (["--compile-mode", "reduce-overhead"], "--compile-mode is not used without --compile"),
-    (["--sync-bn"], "--sync-bn needs more than one GPU process"),
-])
+@pytest.mark.parametrize(
+    "flags, words",
+    [
+        (["--method", "cce", "--eps", "0.9"], "--eps is not used by --method cce (only by ls, cp, bootsoft, boothard)"),
+        (["--method", "cce", "--temperature", "0.5"], "--temperature is not used by --method cce"),
+        (["--method", "cce", "--exp-base", "12"], "--exp-base is not used by --method cce"),
+        (["--method", "proselflc", "--gce-q", "0.3"], "--gce-q is not used by --method proselflc (only by gce)"),
+        (["--method", "cce", "--elr-beta", "0.5"], "--elr-beta is not used by --method cce (only by elr)"),
+        (["--method", "ls", "--detach-target"], "--detach-target is not used by --method ls"),
+        (
+            ["--noise", "symmetric", "--noise-rate", "0.2", "--noise-pairs", "3:5,5:3"],
+            "--noise-pairs is not used by --noise symmetric (only by --noise asymmetric)",
+        ),
+        (
+            ["--noise", "symmetric", "--noise-rate", "0.2", "--noise-file", "f.npy"],
+            "--noise-file is not used by --noise symmetric",
+        ),
+        (["--noise", "asymmetric", "--noise-rate", "0.2", "--noise-pairs", "3:3"], "maps class 3 to itself"),
+        (["--noise-seed", "3"], "--noise-seed is not used by --noise none"),
+        (["--noise", "symmetric", "--noise-rate", "0.2", "--noise-seed", "-1"], "--noise-seed must be 0 or more"),
+        (["--num-workers", "-1"], "--num-workers must be 0 or more"),
+        (["--max-bad-fraction", "2"], "--max-bad-fraction must be in [0, 1]"),
+        (["--max-bad-fraction", "nan"], "--max-bad-fraction must be in [0, 1]"),
+        (["--method", "sce", "--alpha", "0", "--beta", "0"], "zero loss"),
+        (["--lr", "abc"], "argument --lr: invalid float value: 'abc'"),
+        (["--resume", "auto", "--overwrite"], "contradict"),
+        (["--compile-mode", "reduce-overhead"], "--compile-mode is not used without --compile"),
+        (["--sync-bn"], "--sync-bn needs more than one GPU process"),
+    ],
+)
 def test_a_value_the_run_would_not_use_is_refused(tmp_path, capsys, flags, words):
     out = tmp_path / "run"
     assert train.cli([*TINY, "--output-dir", str(out), *flags]) == 2
@@ -135,12 +155,15 @@ def test_a_value_the_run_would_not_use_is_refused(tmp_path, capsys, flags, words
     assert not out.exists() or not any(out.iterdir())
 
 
-@pytest.mark.parametrize("flags, words", [
-    (["--data-dir", "/nonexistent"], "--data-dir is not used by --dataset digits"),
-    (["--synthetic-size", "50"], "--synthetic-size is not used by --dataset digits"),
-    (["--dataset", "cifar10", "--data-dir", "/nonexistent"], "--data-dir /nonexistent: no such folder"),
-    (["--method", "ls", "--eps", "5"], "eps=5.0 must be"),
-])
+@pytest.mark.parametrize(
+    "flags, words",
+    [
+        (["--data-dir", "/nonexistent"], "--data-dir is not used by --dataset digits"),
+        (["--synthetic-size", "50"], "--synthetic-size is not used by --dataset digits"),
+        (["--dataset", "cifar10", "--data-dir", "/nonexistent"], "--data-dir /nonexistent: no such folder"),
+        (["--method", "ls", "--eps", "5"], "eps=5.0 must be"),
+    ],
+)
 def test_print_config_checks_what_a_run_checks(capsys, flags, words):
     assert train.cli(["--print-config", *flags]) == 2
     assert words in one_error_line(capsys)
@@ -169,8 +192,14 @@ def test_a_label_file_giving_one_key_two_labels_is_refused():
 
 # ---- 4. preemption: a stop signal checkpoints the step reached; --resume auto; a restart is exact
 def start(flags: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "train.py", *flags], cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "train.py", *flags],
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGUSR1])
@@ -268,12 +297,14 @@ def eval_cli(argv: list[str]) -> tuple[int, list[str]]:
 def test_eval_refuses_flags_of_another_use_and_unwritable_outputs(killed_copy, tmp_path):
     run = killed_copy
     (tmp_path / "a_folder").mkdir()
-    cases = [([str(run), "--relabel", "r.csv"], "--relabel is not used by evaluation (only by --audit)"),
-             ([str(run), "--csv", "c.csv"], "--csv is not used by evaluation (only by --table)"),
-             (["--plot", str(run), "--out", str(tmp_path / "a_folder")], "is a folder: name a file in it"),
-             (["--audit", str(run), "--drop", str(tmp_path / "a_folder")], "--drop"),
-             (["--table", str(run), "--csv", str(tmp_path / "nowhere" / "t.csv")], "no folder"),
-             (["--plot", str(run), "--json"], "--json is not used by --plot")]
+    cases = [
+        ([str(run), "--relabel", "r.csv"], "--relabel is not used by evaluation (only by --audit)"),
+        ([str(run), "--csv", "c.csv"], "--csv is not used by evaluation (only by --table)"),
+        (["--plot", str(run), "--out", str(tmp_path / "a_folder")], "is a folder: name a file in it"),
+        (["--audit", str(run), "--drop", str(tmp_path / "a_folder")], "--drop"),
+        (["--table", str(run), "--csv", str(tmp_path / "nowhere" / "t.csv")], "no folder"),
+        (["--plot", str(run), "--json"], "--json is not used by --plot"),
+    ]
     before = snapshot(run)
     for argv, words in cases:
         code, lines = eval_cli(argv)
@@ -289,14 +320,20 @@ def test_eval_refuses_a_metrics_line_that_is_not_an_object(killed_copy, tmp_path
         runfolder.load_run(run)
 
 
-@pytest.mark.parametrize("flags, words", [
-    (["--settings", "symmetric:1.5"], "--noise-rate must be in [0, 1), got 1.5"), (["--seeds", "-1"], "--seed must be 0"),
-    (["--budgets", "0"], "--budgets 0: each is a number of steps >= 1"), (["--eps", "-1"], "eps=-1.0 must be"),
-    (["--gpus", "abc"], "--gpus 'abc'"), (["--output-root", "FILE"], "is a file"),
-    (["--", "--lr", "abc"], "argument --lr: invalid float value: 'abc'"),
-    (["--methods", "cce", "--", "--eps", "0.3"], "--eps is not used by --method cce"),
-    (["--runs-per-gpu", "2"], "with --gpus"),
-])
+@pytest.mark.parametrize(
+    "flags, words",
+    [
+        (["--settings", "symmetric:1.5"], "--noise-rate must be in [0, 1), got 1.5"),
+        (["--seeds", "-1"], "--seed must be 0"),
+        (["--budgets", "0"], "--budgets 0: each is a number of steps >= 1"),
+        (["--eps", "-1"], "eps=-1.0 must be"),
+        (["--gpus", "abc"], "--gpus 'abc'"),
+        (["--output-root", "FILE"], "is a file"),
+        (["--", "--lr", "abc"], "argument --lr: invalid float value: 'abc'"),
+        (["--methods", "cce", "--", "--eps", "0.3"], "--eps is not used by --method cce"),
+        (["--runs-per-gpu", "2"], "with --gpus"),
+    ],
+)
 def test_sweep_dry_run_checks_every_run_as_train_py_would(tmp_path, flags, words):
     (tmp_path / "FILE").write_text("x")
     flags = [f.replace("FILE", str(tmp_path / "FILE")) for f in flags]
