@@ -159,6 +159,10 @@ finish() {{  # wait for the runs still running; the task's exit code is the wors
     while [ ${{#pids[@]}} -gt 0 ]; do
         wait "${{pids[0]}}"
         local code=$?
+        while kill -0 "${{pids[0]}}" 2>/dev/null; do  # a signal to this shell cut the wait short: wait again
+            wait "${{pids[0]}}"
+            code=$?
+        done
         event "${{names[0]}}" exit $code
         [ $code -gt $worst ] && worst=$code
         names=("${{names[@]:1}}") pids=("${{pids[@]:1}}")
@@ -166,6 +170,8 @@ finish() {{  # wait for the runs still running; the task's exit code is the wors
 }}
 
 preempted() {{  # USR1: every run checkpoints and exits, then this task goes back into the queue
+    [ -n "${{stopping:-}}" ] && return  # a second USR1 (scancel --batch also signals the runs) changes nothing
+    stopping=1
     for i in "${{!pids[@]}}"; do
         kill -USR1 "${{pids[$i]}}" 2>/dev/null && event "${{names[$i]}}" preempted
     done

@@ -175,3 +175,15 @@ def killed_run(tmp_path_factory) -> Path:
 def killed_copy(killed_run, tmp_path) -> Path:
     """A copy of killed_run in the test's own folder (tmp_path / "run"), free to change."""
     return Path(shutil.copytree(killed_run, tmp_path / "run"))
+
+
+def start_train(flags: list[str]) -> subprocess.Popen:
+    """`python train.py *flags` in the repo root, running in the background (stderr piped, as text)."""
+    return subprocess.Popen(
+        [sys.executable, "train.py", *flags],
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )

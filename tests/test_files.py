@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ENV, TINY, one_error_line, snapshot
+from conftest import ENV, ROOT, TINY, one_error_line, snapshot, start_train
 from safetensors.torch import load_file, save_file
 
 import audit
@@ -22,8 +22,6 @@ import hub
 import runfolder
 import train
 
-ROOT = Path(train.__file__).resolve().parent
-TINY = [*TINY, "--max-steps", "6"]  # checkpoints at steps 2 and 4
 STEP = Path("checkpoints") / "step_000004"
 
 
@@ -43,7 +41,7 @@ def killed(finished, tmp_path) -> Path:
     return run
 
 
-def refused(argv: list[str], capsys, folder: Path, *words: str) -> str:
+def refused_by_train(argv: list[str], capsys, folder: Path, *words: str) -> str:
     """train.py refuses argv with one line holding words, and folder is byte-identical afterwards."""
     before = snapshot(folder)
     assert train.cli(argv) == 2
@@ -74,7 +72,7 @@ def test_a_users_folder_with_run_file_names_is_never_touched(tmp_path, capsys, m
     (user / "checkpoints" / "epoch10.ckpt").write_bytes(b"mine")
     if mark is not None:
         (user / runfolder.MARK_NAMES["run"]).write_text(mark)
-    refused([*TINY, "--output-dir", str(user), *mode], capsys, user, "not a run folder of this suite")
+    refused_by_train([*TINY, "--output-dir", str(user), *mode], capsys, user, "not a run folder of this suite")
     assert not (user / runfolder.LOCK_NAME).exists()
 
 
@@ -97,7 +95,7 @@ def test_resume_empty_is_refused(tmp_path, capsys):
 def test_a_trainer_state_step_that_the_suite_never_writes_is_refused(killed, capsys, step):
     path = killed / STEP / "trainer_state.json"
     path.write_text(path.read_text().replace('"step": 4', f'"step": {step}'))
-    refused(resume(killed), capsys, killed, "trainer_state.json", "'step'")
+    refused_by_train(resume(killed), capsys, killed, "trainer_state.json", "'step'")
     assert not (killed / "model.safetensors").exists()
 
 
@@ -115,13 +113,13 @@ def test_a_trainer_state_step_that_the_suite_never_writes_is_refused(killed, cap
 )
 def test_a_trainer_state_of_another_shape_is_refused(killed, capsys, text, words):
     (killed / STEP / "trainer_state.json").write_text(text)
-    refused(resume(killed), capsys, killed, "trainer_state.json", words)
+    refused_by_train(resume(killed), capsys, killed, "trainer_state.json", words)
 
 
 def test_a_trainer_state_with_an_extra_field_is_refused(killed, capsys):
     path = killed / STEP / "trainer_state.json"
     path.write_text(json.dumps(json.loads(path.read_text()) | {"lr": 5.0}))
-    refused(resume(killed), capsys, killed, "trainer_state.json", "has the field 'lr'")
+    refused_by_train(resume(killed), capsys, killed, "trainer_state.json", "has the field 'lr'")
 
 
 def rewrite(path: Path, tensors=None, **metadata) -> None:
@@ -159,7 +157,7 @@ def groups(path: Path, change) -> str:
 def test_optimizer_metadata_the_suite_never_writes_is_refused(killed, capsys, field, change, words):
     path = killed / STEP / "optimizer.safetensors"
     rewrite(path, **{field: groups(path, change) if change else "{"})
-    refused(resume(killed), capsys, killed, "optimizer.safetensors", words)
+    refused_by_train(resume(killed), capsys, killed, "optimizer.safetensors", words)
 
 
 @pytest.mark.parametrize(
@@ -189,7 +187,7 @@ def test_optimizer_metadata_the_suite_never_writes_is_refused(killed, capsys, fi
 )
 def test_tensors_the_run_never_writes_are_refused(killed, capsys, name, change, words):
     rewrite(killed / STEP / name, change)
-    refused(resume(killed), capsys, killed, name, words)
+    refused_by_train(resume(killed), capsys, killed, name, words)
 
 
 def test_a_checkpoint_config_without_a_dataset_is_refused(killed, capsys):
@@ -197,13 +195,13 @@ def test_a_checkpoint_config_without_a_dataset_is_refused(killed, capsys):
     cfg = json.loads(path.read_text())
     del cfg["dataset"]
     path.write_text(json.dumps(cfg))
-    refused(resume(killed), capsys, killed, "config.json", "lacks the field 'dataset'")
+    refused_by_train(resume(killed), capsys, killed, "config.json", "lacks the field 'dataset'")
 
 
 def test_a_metrics_line_that_is_not_an_object_is_refused_before_the_resume_cuts_it(killed, capsys):
     with open(killed / "metrics.jsonl", "a") as f:
         f.write("[1, 2]\n")
-    refused(resume(killed), capsys, killed, "metrics.jsonl line 4", "holds a JSON list")
+    refused_by_train(resume(killed), capsys, killed, "metrics.jsonl line 4", "holds a JSON list")
 
 
 @pytest.mark.parametrize("target", ["fifo", "link_to_fifo", "link_out", "folder"])
@@ -231,7 +229,7 @@ def test_a_checkpoint_file_that_is_not_a_regular_file_inside_it_is_refused_witho
 
 
 # ---- eval.py: the same readers
-def eval_cli(argv: list[str], capsys) -> tuple[int, str | None]:
+def eval_refusal(argv: list[str], capsys) -> tuple[int, str | None]:
     code = runfolder.run_cli(lambda: ev.main(argv))
     return code, (one_error_line(capsys) if code else None)
 
@@ -241,7 +239,7 @@ def test_eval_refuses_a_metrics_line_that_is_not_an_object(finished, tmp_path, c
     run = Path(shutil.copytree(finished, tmp_path / "run"))
     with open(run / "metrics.jsonl", "a") as f:
         f.write("7\n")
-    code, line = eval_cli([use, str(run), "--out", str(tmp_path / "out")], capsys)
+    code, line = eval_refusal([use, str(run), "--out", str(tmp_path / "out")], capsys)
     assert code == 2 and "metrics.jsonl line 4" in line and "holds a JSON int" in line
     assert not (tmp_path / "out").exists()
 
@@ -308,7 +306,7 @@ def test_eval_audit_refuses_crafted_statistics_in_one_line(finished, tmp_path, c
     run = Path(shutil.copytree(finished, tmp_path / "run"))
     dynamics_case(run / "dynamics.safetensors", "negative_labels")
     before = snapshot(run)
-    code, line = eval_cli(["--audit", str(run), "--cpu"], capsys)
+    code, line = eval_refusal(["--audit", str(run), "--cpu"], capsys)
     assert code == 2 and "dynamics.safetensors: field 'label'" in line
     assert snapshot(run) == before
 
@@ -335,7 +333,7 @@ def test_eval_audit_refuses_crafted_statistics_in_one_line(finished, tmp_path, c
 def test_push_refuses_a_run_file_the_suite_never_wrote(finished, tmp_path, capsys, file, edit, words):
     run = Path(shutil.copytree(finished, tmp_path / "run"))
     (run / file).write_text(edit((run / file).read_text()))
-    code, line = eval_cli(["--push-to-hub", str(run), "--repo-id", "me/run", "--dry-run"], capsys)
+    code, line = eval_refusal(["--push-to-hub", str(run), "--repo-id", "me/run", "--dry-run"], capsys)
     assert code == 2 and file in line and words in line, line
     assert not (tmp_path / "run-hub").exists()
 
@@ -347,17 +345,17 @@ def test_a_staging_folder_is_the_suites_own(finished, tmp_path, capsys):
     default = tmp_path / "run-hub"
     default.mkdir()
     (default / "README.md").write_text("my notes")
-    code, line = eval_cli(push, capsys)
+    code, line = eval_refusal(push, capsys)
     assert code == 2 and "was not staged by this suite" in line and (default / "README.md").read_text() == "my notes"
     other = Path(shutil.copytree(finished, tmp_path / "other"))  # another run's files, not staged here
-    code, line = eval_cli([*push, "--stage-dir", str(other)], capsys)
+    code, line = eval_refusal([*push, "--stage-dir", str(other)], capsys)
     assert code == 2 and "was not staged by this suite" in line and runfolder.is_run_folder(other)
     stage = tmp_path / "stage"
     for _ in range(2):  # new, then staged again over its own staging
-        assert eval_cli([*push, "--stage-dir", str(stage)], capsys) == (0, None)
+        assert eval_refusal([*push, "--stage-dir", str(stage)], capsys) == (0, None)
         assert runfolder.has_mark(stage, "stage") and hub.STAGE_MARK not in capsys.readouterr().out
     (stage / "mine.txt").write_text("mine")
-    code, line = eval_cli([*push, "--stage-dir", str(stage)], capsys)
+    code, line = eval_refusal([*push, "--stage-dir", str(stage)], capsys)
     assert code == 2 and "did not stage (mine.txt)" in line and (stage / "mine.txt").exists()
     assert (stage / "model.safetensors").exists()  # refused before anything was removed
 
@@ -365,8 +363,10 @@ def test_a_staging_folder_is_the_suites_own(finished, tmp_path, capsys):
 # ---- 3. --resume auto on a finished run
 def test_resume_auto_on_a_finished_run_compares_the_settings(finished, tmp_path, capsys):
     run = Path(shutil.copytree(finished, tmp_path / "run"))
-    refused([*TINY, "--output-dir", str(run), "--resume", "auto", "--lr", "0.5"], capsys, run, "--lr 0.1 -> 0.5")
-    refused([*TINY, "--output-dir", str(run), "--resume", "auto", "--method", "cce"], capsys, run, "--method")
+    refused_by_train(
+        [*TINY, "--output-dir", str(run), "--resume", "auto", "--lr", "0.5"], capsys, run, "--lr 0.1 -> 0.5"
+    )
+    refused_by_train([*TINY, "--output-dir", str(run), "--resume", "auto", "--method", "cce"], capsys, run, "--method")
 
 
 def test_resume_auto_retries_a_push_that_failed(tmp_path, capsys, monkeypatch):
@@ -389,21 +389,10 @@ def test_resume_auto_retries_a_push_that_failed(tmp_path, capsys, monkeypatch):
 
 
 # ---- 4. Ctrl-C stops as SIGTERM does; a second signal adds no line
-def start(flags: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "train.py", *flags],
-        cwd=ROOT,
-        env=ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
 @pytest.mark.parametrize("signals, code", [((signal.SIGINT,), 130), ((signal.SIGTERM, signal.SIGTERM), 143)])
 def test_ctrl_c_and_a_second_signal(tmp_path, signals, code):
     out = tmp_path / "run"
-    proc = start(
+    proc = start_train(
         [
             *TINY,
             "--max-steps",

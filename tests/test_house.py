@@ -3,9 +3,9 @@ is defined in one script only, and losses.py imports only torch and the standard
 
 import ast
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT
+
 # Lowest first: a script may import only the scripts before it.
 ORDER = (
     "losses",

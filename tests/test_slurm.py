@@ -45,7 +45,7 @@ for path in sys.argv[1:]:
 """
 
 
-def refused(capsys, argv: list[str]) -> str:
+def refused_by_sweep(capsys, argv: list[str]) -> str:
     """sweep.py's one error line (exit 2) for argv."""
     assert runfolder.run_cli(lambda: sweep.main(argv)) == 2
     return one_error_line(capsys)
@@ -97,7 +97,11 @@ def test_a_preempted_array_task_requeues_and_ends_as_if_never_stopped(tmp_path, 
     assert "stopped by SIGUSR1 at step" in log and log.count("restart 1 on") == 1
     events = cluster.read_events(root / "logs" / f"{PREEMPTED}.events")
     whats = [e["what"] for e in events]  # sweep.py writes "submitted" just after sbatch: the task may start first
-    assert sorted(whats[:2]) == ["start", "submitted"] and whats[2:] == ["preempted", "exit 143", "start", "exit 0"]
+    assert sorted(whats[:2]) == ["start", "submitted"] and whats[2:4] == ["preempted", "exit 143"]
+    # Under load, the requeued task was seen to get USR1 once more as it started (Slurm requeues the task while its
+    # script is still exiting): it is requeued again, from the same checkpoint. The run still ends as one that
+    # never stopped.
+    assert whats[-2:] == ["start", "exit 0"] and set(whats[4:-2]) <= {"start", "preempted", "exit 138", "exit 143"}
     assert (out / "model.safetensors").read_bytes() == (reference / "model.safetensors").read_bytes()
     status = subprocess.run(
         [sys.executable, "sweep.py", "--status", str(root)],
@@ -181,11 +185,11 @@ def test_dry_run_prints_a_batch_script_with_the_runs_packed_per_task(tmp_path, c
     ],
 )
 def test_new_flags_are_used_or_refused_in_one_line(tmp_path, capsys, flags, words):
-    assert words in refused(capsys, ["--output-root", str(tmp_path)] * ("--status" not in flags) + flags)
+    assert words in refused_by_sweep(capsys, ["--output-root", str(tmp_path)] * ("--status" not in flags) + flags)
 
 
 def test_status_of_a_failed_run_and_of_no_sweep(tmp_path, capsys):
-    assert "no such folder" in refused(capsys, ["--status", str(tmp_path / "nothing")])
+    assert "no such folder" in refused_by_sweep(capsys, ["--status", str(tmp_path / "nothing")])
     logs = tmp_path / "logs"
     logs.mkdir()
     (logs / "run-a.log").write_text(
@@ -206,7 +210,9 @@ def test_status_of_a_failed_run_and_of_no_sweep(tmp_path, capsys):
 
 def test_submitting_without_slurm_is_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch on it
-    assert "sbatch not found" in refused(capsys, ["--launcher", "slurm", *GRID, "--output-root", str(tmp_path / "s")])
+    assert "sbatch not found" in refused_by_sweep(
+        capsys, ["--launcher", "slurm", *GRID, "--output-root", str(tmp_path / "s")]
+    )
 
 
 @pytest.mark.skipif(

@@ -5,13 +5,11 @@ import os
 import pickle
 import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
-from conftest import ENV, ROOT, TINY, TORCHRUN, Evil, one_error_line, run_script, snapshot
+from conftest import ROOT, TINY, TORCHRUN, Evil, one_error_line, run_script, snapshot, start_train
 from safetensors.torch import save_file
 
 import runfolder
@@ -191,23 +189,12 @@ def test_a_label_file_giving_one_key_two_labels_is_refused():
 
 
 # ---- 4. preemption: a stop signal checkpoints the step reached; --resume auto; a restart is exact
-def start(flags: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "train.py", *flags],
-        cwd=ROOT,
-        env=ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGUSR1])
 def test_a_stop_signal_checkpoints_the_step_reached_and_the_restart_is_exact(tmp_path, stop_signal):
     flags = [*TINY, "--max-steps", "100", "--save-every", "1000", "--eval-every", "5", "--log-every", "5"]
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    assert start([*flags, "--output-dir", str(whole)]).wait(timeout=300) == 0  # one thread, as the cut run below
-    proc = start([*flags, "--output-dir", str(cut), "--resume", "auto"])
+    assert start_train([*flags, "--output-dir", str(whole)]).wait(timeout=300) == 0  # one thread, as the cut run below
+    proc = start_train([*flags, "--output-dir", str(cut), "--resume", "auto"])
     deadline = time.time() + 300  # a guard against a run that never starts, not a speed check
     while not (cut / "metrics.jsonl").exists():  # training has begun
         assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() is not None else ""
@@ -218,7 +205,9 @@ def test_a_stop_signal_checkpoints_the_step_reached_and_the_restart_is_exact(tmp
     step = int(err.split("stopped by ")[1].split(" at step ")[1].split(":")[0])
     assert 0 < step < 100 and f"{stop_signal.name} at step {step}: checkpoint" in err
     assert runfolder.latest_checkpoint(cut).name == f"step_{step:06d}" and not (cut / runfolder.LOCK_NAME).exists()
-    assert start([*flags, "--output-dir", str(cut), "--resume", "auto"]).wait(timeout=300) == 0  # the same command
+    assert (
+        start_train([*flags, "--output-dir", str(cut), "--resume", "auto"]).wait(timeout=300) == 0
+    )  # the same command
     assert (cut / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
     assert runfolder.read_metrics(cut / "metrics.jsonl") == runfolder.read_metrics(whole / "metrics.jsonl")
 
@@ -241,7 +230,7 @@ def test_resume_auto_starts_continues_and_leaves_a_finished_run_alone(tmp_path, 
 
 def test_a_stop_signal_during_start_up_exits_at_once(tmp_path):
     out = tmp_path / "run"
-    proc = start([*TINY, "--output-dir", str(out)])
+    proc = start_train([*TINY, "--output-dir", str(out)])
     deadline = time.time() + 300  # a guard against a run that never starts, not a speed check
     while not (out / runfolder.LOCK_NAME).exists():
         assert proc.poll() is None and time.time() < deadline
@@ -289,7 +278,7 @@ def test_an_error_on_rank_1_alone_ends_both_processes_with_its_line(tmp_path, wh
 
 
 # ---- eval.py and sweep.py: the same contract
-def eval_cli(argv: list[str]) -> tuple[int, list[str]]:
+def eval_script(argv: list[str]) -> tuple[int, list[str]]:
     proc = run_script("eval.py", *argv)
     return proc.returncode, [line for line in proc.stderr.splitlines() if line.strip()]
 
@@ -307,7 +296,7 @@ def test_eval_refuses_flags_of_another_use_and_unwritable_outputs(killed_copy, t
     ]
     before = snapshot(run)
     for argv, words in cases:
-        code, lines = eval_cli(argv)
+        code, lines = eval_script(argv)
         assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], (argv, lines)
     assert snapshot(run) == before and not (tmp_path / "a_folder.png").exists()
 
