@@ -776,6 +776,10 @@ def run_cli(main: Callable[[], int | None]) -> int:
         agreed = isinstance(e, AgreedError) or getattr(e, "agreed", False)  # every process raised it
         if rank == 0 or (STOP["training"] and not agreed):
             print(f"error: {error_line(e)}", file=sys.stderr)
+        elif not STOP["training"]:
+            # Every process refuses the same input; rank 0 prints it. torchrun stops the others as soon as one exits,
+            # so the silent ones leave a moment later: rank 0's line is then never cut off.
+            time.sleep(2)
         return 2
     finally:
         STOP["training"] = False
