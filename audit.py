@@ -87,7 +87,7 @@ class TrainingDynamics:
         self.count = torch.zeros(len(labels), dtype=torch.int64, device=device)
         self.early_prob_sum = torch.zeros(len(labels), num_classes, device=device)
         self.early_count = torch.zeros(len(labels), dtype=torch.int64, device=device)
-        self.probe_prob_sum: torch.Tensor | None = None  # the LinearProbe's early sums and window (keep_probe)
+        self.probe_prob_sum: torch.Tensor | None = None  # the LinearProbe's early sums (keep_probe)
         self.last_pred = torch.full((len(labels),), -1, dtype=torch.int32, device=device)
         epochs = math.ceil(total_images / max(len(labels), 1)) + 1 if self.auto else 0  # of the whole run
         self.misses = torch.zeros(epochs, dtype=torch.int64, device=device)
@@ -95,13 +95,8 @@ class TrainingDynamics:
         self.epoch = 0
 
     def keep_probe(self) -> None:
-        """Keep the early sums of a LinearProbe's softmax too (train.py fits one on the training batches), over its
-        own window: the head's, closed earlier when the probe's own misses start being fitted (window_closes)."""
+        """Keep the early sums of a LinearProbe's softmax too (train.py fits one on the training batches)."""
         self.probe_prob_sum = torch.zeros_like(self.early_prob_sum)
-        self.probe_count = torch.zeros_like(self.early_count)
-        self.probe_last_pred = torch.full_like(self.last_pred, -1)
-        self.probe_misses, self.probe_hits = torch.zeros_like(self.misses), torch.zeros_like(self.hits)
-        self.probe_end = self.end.clone()
 
     @property
     def window_end(self) -> float:
@@ -147,9 +142,6 @@ class TrainingDynamics:
         if self.auto and epoch > self.epoch and math.isinf(self._window_end) and epoch < len(self.misses):
             closes = self.window_closes(self.hits[:epoch], self.misses[:epoch]) & self.end.isinf()
             self.end.copy_(torch.where(closes, float(epoch), self.end))
-            if self.probe_prob_sum is not None:
-                closes = self.window_closes(self.probe_hits[:epoch], self.probe_misses[:epoch]) & self.probe_end.isinf()
-                self.probe_end.copy_(torch.where(closes, float(epoch), self.probe_end))
         self.epoch = epoch
         return t * global_batch < self._window_end * len(self.label)
 
@@ -165,35 +157,15 @@ class TrainingDynamics:
         chosen, count this epoch's hits and misses (every process passes the gathered batch; no host sync)."""
         inside = self.epoch < self.end  # on the device: the window may have closed since the host last read it
         self.early_prob_sum.index_add_(0, rows, logits.float().softmax(1) * inside)
-        self.early_count.index_add_(0, rows, torch.ones_like(rows) * inside)
-        counts = self.auto and self.from_batches and self.epoch < len(self.misses)
-        if counts:
-            self.count_fits(logits.argmax(1), rows, inside, self.last_pred, self.misses, self.hits)
         if probe_logits is not None and self.probe_prob_sum is not None:
-            inside = inside & (self.epoch < self.probe_end)
             self.probe_prob_sum.index_add_(0, rows, probe_logits.float().softmax(1) * inside)
-            self.probe_count.index_add_(0, rows, torch.ones_like(rows) * inside)
-            if counts:
-                self.count_fits(
-                    probe_logits.argmax(1), rows, inside, self.probe_last_pred, self.probe_misses, self.probe_hits
-                )
-
-    def count_fits(
-        self,
-        pred: torch.Tensor,
-        rows: torch.Tensor,
-        inside: torch.Tensor,
-        last_pred: torch.Tensor,
-        misses: torch.Tensor,
-        hits: torch.Tensor,
-    ) -> None:
-        """Count this epoch's misses (rows whose previous prediction missed their given label) and hits (of those,
-        predicted as it now) for window_closes, and keep the predictions."""
-        given, last = self.label[rows], last_pred[rows]
-        missed = (last >= 0) & (last != given) & inside
-        misses[self.epoch] += missed.sum()
-        hits[self.epoch] += (missed & (pred == given)).sum()
-        last_pred[rows] = torch.where(inside, pred.to(torch.int32), last)
+        self.early_count.index_add_(0, rows, torch.ones_like(rows) * inside)
+        if self.auto and self.from_batches and self.epoch < len(self.misses):
+            pred, given, last = logits.argmax(1), self.label[rows], self.last_pred[rows]
+            missed = (last >= 0) & (last != given) & inside
+            self.misses[self.epoch] += missed.sum()
+            self.hits[self.epoch] += (missed & (pred == given)).sum()
+            self.last_pred[rows] = torch.where(inside, pred.to(torch.int32), last)
 
     @torch.no_grad()
     def update(self, logits: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, early: bool) -> None:
@@ -213,18 +185,7 @@ class TrainingDynamics:
             "early_prob_sum": self.early_prob_sum,
             "early_count": self.early_count,
             "last_pred": self.last_pred,
-            **(
-                {
-                    "probe_prob_sum": self.probe_prob_sum,
-                    "probe_count": self.probe_count,
-                    "probe_last_pred": self.probe_last_pred,
-                    "probe_misses": self.probe_misses,
-                    "probe_hits": self.probe_hits,
-                    "probe_window_end": self.probe_end,
-                }
-                if self.probe_prob_sum is not None
-                else {}
-            ),
+            **({"probe_prob_sum": self.probe_prob_sum} if self.probe_prob_sum is not None else {}),
             "misses": self.misses,
             "hits": self.hits,
             "window_end": self.end,
@@ -234,8 +195,6 @@ class TrainingDynamics:
         for name, value in state.items():
             if name == "window_end":
                 self.window_end = float(value)
-            elif name == "probe_window_end":
-                self.probe_end.fill_(float(value))
             else:
                 getattr(self, name).copy_(value)
 
@@ -261,7 +220,7 @@ class TrainingDynamics:
         tensors = {
             k: v.cpu().contiguous()
             for k, v in (self.state_dict() | {"label": self.label}).items()
-            if k in ("margin_sum", "count", "early_prob_sum", "early_count", "probe_prob_sum", "probe_count", "label")
+            if k in ("margin_sum", "count", "early_prob_sum", "early_count", "probe_prob_sum", "label")
         }
         meta = {"rows": "split"} if keys is None else {"rows": "stream_subset", "keys": json.dumps(keys)}
         self.refresh()
@@ -374,11 +333,7 @@ def read_dynamics_file(path: Path, num_classes: int) -> tuple[dict[str, torch.Te
             "margin_sum": torch.zeros(n),
             "early_prob_sum": torch.zeros(n, num_classes),
         }
-        | (  # runs before the probe: none
-            {"probe_prob_sum": torch.zeros(n, num_classes), "probe_count": torch.zeros(n, dtype=torch.int64)}
-            if "probe_prob_sum" in dyn or "probe_count" in dyn
-            else {}
-        ),
+        | ({"probe_prob_sum": torch.zeros(n, num_classes)} if "probe_prob_sum" in dyn else {}),  # older runs: none
     )
     stream = meta.get("rows") == "stream_subset"
     runfolder.check_fields(f"{path} metadata", meta, DYNAMICS_META | ({"keys": runfolder.text} if stream else {}))
@@ -392,7 +347,6 @@ def read_dynamics_file(path: Path, num_classes: int) -> tuple[dict[str, torch.Te
                 ("early_count", (dyn["early_count"] < 0).any()),
                 ("early_prob_sum", (dyn["early_prob_sum"] < 0).any()),
                 ("probe_prob_sum", "probe_prob_sum" in dyn and (dyn["probe_prob_sum"] < 0).any()),
-                ("probe_count", "probe_count" in dyn and (dyn["probe_count"] < 0).any()),
                 (
                     "audit_epochs",
                     not runfolder.number(0)(runfolder.parse_json(meta["audit_epochs"], f"{path} audit_epochs")),
@@ -555,8 +509,9 @@ def dynamics_columns(dyn: dict[str, torch.Tensor], scored: torch.Tensor, view: s
     """The audit's columns per row: p_bar = mean early softmax of the view ('head': the network's, 'probe': the
     LinearProbe's), q = audit_posterior over the scored rows, predicted = argmax q, label_quality = q[given],
     aum = mean margin (unscored rows: p_bar)."""
-    prefix = "early" if view == "head" else "probe"
-    p_bar = dyn[f"{prefix}_prob_sum"] / dyn[f"{prefix}_count"].clamp(min=1)[:, None].float()
+    p_bar = (
+        dyn["early_prob_sum" if view == "head" else "probe_prob_sum"] / dyn["early_count"].clamp(min=1)[:, None].float()
+    )
     given = dyn["label"].long()
     q = p_bar.clone()
     q[scored] = audit_posterior(p_bar[scored], given[scored])

@@ -1067,8 +1067,8 @@ def load_checkpoint(accelerator: Accelerator, trainee: Trainee, ckpt: Path) -> N
         ckpt / "state.safetensors",
         read_tensors(ckpt / "state.safetensors")[0],
         own_tensors(trainee),
-        unbounded=("dynamics.window_end", "dynamics.probe_window_end"),
-    )  # the audit's windows: inf while open
+        unbounded=("dynamics.window_end",),
+    )  # the audit's window: inf while it is open
     saved_world = read_config(ckpt / "config.json")["world_size"]
     same_world = saved_world == accelerator.num_processes
     rng = read_rng_state(ckpt / f"rng_{accelerator.process_index}.safetensors") if same_world else None

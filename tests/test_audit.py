@@ -212,7 +212,7 @@ def test_the_probe_changes_no_training_result(tmp_path: Path, monkeypatch: pytes
     with_probe, without = (load_file(str(tmp_path / run / "dynamics.safetensors")) for run in ("probe", "none"))
     assert "probe_prob_sum" not in without and torch.equal(with_probe["early_prob_sum"], without["early_prob_sum"])
     # one softmax row per early-window visit, as the head's
-    assert torch.allclose(with_probe["probe_prob_sum"].sum(1), with_probe["probe_count"].float())
+    assert torch.allclose(with_probe["probe_prob_sum"].sum(1), with_probe["early_count"].float())
 
 
 def test_the_probe_fits_the_features_of_the_last_linear_layer() -> None:
@@ -241,7 +241,6 @@ def views_dyn(head: torch.Tensor, probe: torch.Tensor, given: torch.Tensor) -> d
         "early_prob_sum": head,
         "probe_prob_sum": probe,
         "early_count": torch.ones(n, dtype=torch.int64),
-        "probe_count": torch.ones(n, dtype=torch.int64),
         "label": given,
         "margin_sum": torch.zeros(n),
         "count": torch.ones(n, dtype=torch.int64),
@@ -265,7 +264,7 @@ def test_the_warning_fires_when_the_two_views_disagree() -> None:
     other = torch.where(torch.rand(n, generator=gen) < 0.5, true, (true + 5) % c)  # half of it about other classes
     warning = audit.views_warning(views_dyn(head, fit(other), given), scored, given)
     assert warning and warning.startswith("warning: ") and "\n" not in warning
-    no_probe = {k: v for k, v in views_dyn(head, probe, given).items() if not k.startswith("probe")}
+    no_probe = {k: v for k, v in views_dyn(head, probe, given).items() if k != "probe_prob_sum"}
     assert audit.views_warning(no_probe, scored, given) is None  # a run that kept no probe: nothing to compare
     # the audit reads the probe for the losses that distort the head's softmax, the head for the others
     assert audit.audit_view(views_dyn(head, probe, given), "gce") == "probe"
