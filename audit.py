@@ -494,15 +494,7 @@ def held_out_overlap(p_bar: torch.Tensor, labels: torch.Tensor) -> float:
     return overlap(by_even, q_odd.argmax(dim=1) != labels[~even])
 
 
-# The losses whose own early softmax is a poor fit of the given labels, so the audit reads the LinearProbe's (GCE's
-# bounded loss, ELR's regulariser: BENCHMARKS.md's audit grid); the others keep the network's head, which wins there.
-PROBE_METHODS = ("gce", "elr")
-VIEWS_AGREE = 0.7  # the least overlap of the head's and the probe's flags that passes without a warning
-
-
-def audit_view(dyn: dict[str, torch.Tensor], method: str) -> str:
-    """Which early softmax the audit reads: 'probe' (the LinearProbe's) for PROBE_METHODS when the run kept it, else 'head'."""
-    return "probe" if "probe_prob_sum" in dyn and method in PROBE_METHODS else "head"
+VIEWS_AGREE = 0.8  # the least overlap of the head's and the probe's flags at which the audit trusts the head
 
 
 def dynamics_columns(dyn: dict[str, torch.Tensor], scored: torch.Tensor, view: str = "head") -> dict[str, torch.Tensor]:
@@ -522,19 +514,27 @@ def dynamics_columns(dyn: dict[str, torch.Tensor], scored: torch.Tensor, view: s
     }
 
 
-def views_warning(dyn: dict[str, torch.Tensor], scored: torch.Tensor, labels: torch.Tensor) -> str | None:
-    """One line when the head's and the probe's flags (two views of the same run) overlap less than VIEWS_AGREE;
-    None when they agree or the run kept no probe. Uses only the run and its given labels."""
+def audit_view(
+    dyn: dict[str, torch.Tensor], scored: torch.Tensor, labels: torch.Tensor
+) -> tuple[dict[str, torch.Tensor], str, str | None]:
+    """(columns, view, warning) from two views of the same run: the network's head and the LinearProbe (a plain
+    cross-entropy fit of its features, whatever the training loss). While their flags overlap at least VIEWS_AGREE
+    the head's columns stand; else the probe's (a loss such as GCE or ELR distorts the head's softmax, not the
+    features) with a one-line warning. Uses only the run and its given labels; a run without a probe: the head's."""
+    head = dynamics_columns(dyn, scored, "head")
     if "probe_prob_sum" not in dyn:
-        return None
-    head, probe = (dynamics_columns(dyn, scored, v)["predicted_label"] != labels for v in ("head", "probe"))
-    agree = overlap(head & scored, probe & scored)
+        return head, "head", None
+    probe = dynamics_columns(dyn, scored, "probe")
+    flags = [(c["predicted_label"] != labels) & scored for c in (head, probe)]
+    agree = overlap(*flags)
     if agree >= VIEWS_AGREE:
-        return None
+        return head, "head", None
     return (
-        f"warning: the network's head flags {int((head & scored).sum())} labels and the linear probe on its features "
-        f"{int((probe & scored).sum())}, overlapping {agree:.2f} (under {VIEWS_AGREE}): the audit's two views disagree, "
-        "so its list may be mostly wrong; check a sample by hand before acting on it"
+        probe,
+        "probe",
+        f"warning: the network's head flags {int(flags[0].sum())} labels and a linear probe on its features "
+        f"{int(flags[1].sum())}, overlapping {agree:.2f} (under {VIEWS_AGREE}): the audit's two views disagree, so "
+        "this list (the probe's) may be mostly wrong; check a sample by hand before acting on it",
     )
 
 
@@ -667,9 +667,8 @@ def audit_labels(run_dir: Path, cfg: dict[str, Any], train_ds: Any, logits: torc
                 f"{run_dir}: the training labels differ from the run's: pass the run's --dataset and noise files"
             )
         scored = dyn["early_count"] > 0
-        view = audit_view(dyn, cfg["method"])
-        columns |= dynamics_columns(dyn, scored, view)
-        warning = views_warning(dyn, scored, labels)
+        chosen, view, warning = audit_view(dyn, scored, labels)
+        columns |= chosen
         how = "the early training dynamics" + (
             " of the linear probe on the network's features" if view == "probe" else ""
         )

@@ -260,15 +260,17 @@ def test_the_warning_fires_when_the_two_views_disagree() -> None:
         @ pairflip_transition(c, rate)
     )
     head, probe, scored = fit(true), fit(true), torch.ones(n, dtype=torch.bool)
-    assert audit.views_warning(views_dyn(head, probe, given), scored, given) is None  # two views that agree
-    other = torch.where(torch.rand(n, generator=gen) < 0.5, true, (true + 5) % c)  # half of it about other classes
-    warning = audit.views_warning(views_dyn(head, fit(other), given), scored, given)
-    assert warning and warning.startswith("warning: ") and "\n" not in warning
-    no_probe = {k: v for k, v in views_dyn(head, probe, given).items() if k != "probe_prob_sum"}
-    assert audit.views_warning(no_probe, scored, given) is None  # a run that kept no probe: nothing to compare
-    # the audit reads the probe for the losses that distort the head's softmax, the head for the others
-    assert audit.audit_view(views_dyn(head, probe, given), "gce") == "probe"
-    assert audit.audit_view(views_dyn(head, probe, given), "cce") == "head" == audit.audit_view(no_probe, "elr")
+    columns, view, warning = audit.audit_view(views_dyn(head, probe, given), scored, given)
+    assert view == "head" and warning is None  # two views that agree: the head's, as before the probe
+    assert torch.equal(
+        columns["predicted_label"], audit.dynamics_columns(views_dyn(head, probe, given), scored)["predicted_label"]
+    )
+    other = torch.where(torch.rand(n, generator=gen) < 0.5, true, (true + 5) % c)  # a head half about other classes
+    columns, view, warning = audit.audit_view(views_dyn(fit(other), probe, given), scored, given)
+    assert view == "probe" and warning and warning.startswith("warning: ") and "\n" not in warning
+    assert f1(columns["predicted_label"] != given, flip) > 0.8  # the probe's list, which finds the flips
+    no_probe = {k: v for k, v in views_dyn(fit(other), probe, given).items() if k != "probe_prob_sum"}
+    assert audit.audit_view(no_probe, scored, given)[1:] == ("head", None)  # a run that kept no probe
 
 
 def test_a_short_window_stops_adding_the_training_batches(tmp_path: Path) -> None:
