@@ -17,7 +17,9 @@ ranked CSV and relabel/drop label files (python eval.py --audit RUN_DIR). docs/a
   label_quality_i = q_i[y_i] (y = the given label),
   predicted_label_i = argmax_k q_i[k], is_label_issue_i = predicted_label_i != y_i: the threshold needs no
   clean labels. aum_i = mean over all evaluations of z_i[y_i] - max_{k != y_i} z_i[k] (the area under
-  the margin, Pleiss et al. 2020) is a column. With --score final, or a run without dynamics.safetensors,
+  the margin, Pleiss et al. 2020) is a column. A second view, LinearProbe (a linear cross-entropy head on the
+  network's features, fitted on the same batches), is summed alongside; when its flags and the head's overlap
+  less than VIEWS_AGREE, the probe's columns stand and the audit prints a one-line warning (audit_view). With --score final, or a run without dynamics.safetensors,
   the final model's softmax p replaces q (final_* columns always hold it); a model that memorised the
   noise agrees with it there. corrected_label and eps are ProSelfLC's target class and eps_i at t = T
   from the final model.
@@ -235,14 +237,10 @@ class TrainingDynamics:
 
 
 class LinearProbe:
-    """A linear softmax head on the network's penultimate features (the input of its last Linear layer, by a forward
-    pre-hook, detached), fitted to the given labels with plain cross-entropy by its own momentum SGD: the audit's
-    view of the run that no training loss distorts (GCE's bounded loss, ELR's regulariser), and that changes no
-    training result (no autograd, no random numbers: it starts at zero).
-
-    Every process fits the gathered batch, so all hold the same probe. The step is LR / (1 + mean squared feature
-    norm of the batch) times the gradient, so its size does not depend on the features' scale.
-    """
+    """A linear softmax head on the input of the network's last Linear layer (a forward pre-hook, detached), fitted
+    with plain cross-entropy on the given labels by its own momentum SGD (step LR / (1 + the batch's mean squared
+    feature norm), scale-free), on the gathered batch on every process: a view no training loss distorts, and no
+    training result changes (no autograd, no random numbers: it starts at zero)."""
 
     LR = 5.0
     MOMENTUM = 0.9
@@ -452,46 +450,29 @@ def clean_posterior(probs: torch.Tensor, transition: torch.Tensor) -> torch.Tens
     return q
 
 
-def audit_fit(p_bar: torch.Tensor, labels: torch.Tensor, rounds: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q, T): q = clean_posterior(p_bar, T), T from the confident joint, then re-estimated from the counts of
+def audit_posterior(p_bar: torch.Tensor, labels: torch.Tensor, rounds: int = 10) -> torch.Tensor:
+    """q = clean_posterior(p_bar, T): T from the confident joint, then re-estimated from the counts of
     (given, argmax q) until argmax q stops changing (hard EM, at most `rounds` times). A round that would flag
     half or more of some given label's examples is refused (each label is mostly right: noise below 1/2 per
     label, as T being invertible towards q needs), and the last accepted q stands."""
     num_classes = p_bar.shape[1]
     given = torch.bincount(labels, minlength=num_classes)
-    t = noise_transition(confident_joint(p_bar, labels))
-    q = clean_posterior(p_bar, t)
+    q = clean_posterior(p_bar, noise_transition(confident_joint(p_bar, labels)))
     for _ in range(rounds):
-        t_new = noise_transition(pair_counts(labels, q.argmax(dim=1), num_classes))
-        new = clean_posterior(p_bar, t_new)
+        new = clean_posterior(p_bar, noise_transition(pair_counts(labels, q.argmax(dim=1), num_classes)))
         flagged = torch.bincount(labels[new.argmax(dim=1) != labels], minlength=num_classes)
         if (2 * flagged >= given.clamp(min=1)).any():
-            return q, t
+            return q
         if torch.equal(new.argmax(dim=1), q.argmax(dim=1)):
-            return new, t_new
-        q, t = new, t_new
-    return q, t
-
-
-def audit_posterior(p_bar: torch.Tensor, labels: torch.Tensor, rounds: int = 10) -> torch.Tensor:
-    """q of audit_fit: the clean-label posterior per row."""
-    return audit_fit(p_bar, labels, rounds)[0]
+            return new
+        q = new
+    return q
 
 
 def overlap(a: torch.Tensor, b: torch.Tensor) -> float:
     """|a & b| / |a | b| of two bool flags (1 when neither flags anything): how far two views agree."""
     union = int((a | b).sum())
     return int((a & b).sum()) / union if union else 1.0
-
-
-def held_out_overlap(p_bar: torch.Tensor, labels: torch.Tensor) -> float:
-    """overlap, on the odd rows, of the flags by the transition fitted on the even rows (kept out of the odd rows'
-    choices) and by the one fitted on the odd rows themselves: low when the estimate is its sample's scatter."""
-    even = torch.arange(len(labels)) % 2 == 0
-    _, t_even = audit_fit(p_bar[even], labels[even])
-    q_odd, _ = audit_fit(p_bar[~even], labels[~even])
-    by_even = clean_posterior(p_bar[~even], t_even).argmax(dim=1) != labels[~even]
-    return overlap(by_even, q_odd.argmax(dim=1) != labels[~even])
 
 
 VIEWS_AGREE = 0.8  # the least overlap of the head's and the probe's flags at which the audit trusts the head
