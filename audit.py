@@ -17,7 +17,9 @@ ranked CSV and relabel/drop label files (python eval.py --audit RUN_DIR). docs/a
   label_quality_i = q_i[y_i] (y = the given label),
   predicted_label_i = argmax_k q_i[k], is_label_issue_i = predicted_label_i != y_i: the threshold needs no
   clean labels. aum_i = mean over all evaluations of z_i[y_i] - max_{k != y_i} z_i[k] (the area under
-  the margin, Pleiss et al. 2020) is a column. With --score final, or a run without dynamics.safetensors,
+  the margin, Pleiss et al. 2020) is a column. A second view, LinearProbe (a linear cross-entropy head on the
+  network's features, fitted on the same batches), is summed alongside; when its flags and the head's overlap
+  less than VIEWS_AGREE, the probe's columns stand and the audit prints a one-line warning (audit_view). With --score final, or a run without dynamics.safetensors,
   the final model's softmax p replaces q (final_* columns always hold it); a model that memorised the
   noise agrees with it there. corrected_label and eps are ProSelfLC's target class and eps_i at t = T
   from the final model.
@@ -87,11 +89,16 @@ class TrainingDynamics:
         self.count = torch.zeros(len(labels), dtype=torch.int64, device=device)
         self.early_prob_sum = torch.zeros(len(labels), num_classes, device=device)
         self.early_count = torch.zeros(len(labels), dtype=torch.int64, device=device)
+        self.probe_prob_sum: torch.Tensor | None = None  # the LinearProbe's early sums (keep_probe)
         self.last_pred = torch.full((len(labels),), -1, dtype=torch.int32, device=device)
         epochs = math.ceil(total_images / max(len(labels), 1)) + 1 if self.auto else 0  # of the whole run
         self.misses = torch.zeros(epochs, dtype=torch.int64, device=device)
         self.hits = torch.zeros_like(self.misses)
         self.epoch = 0
+
+    def keep_probe(self) -> None:
+        """Keep the early sums of a LinearProbe's softmax too (train.py fits one on the training batches)."""
+        self.probe_prob_sum = torch.zeros_like(self.early_prob_sum)
 
     @property
     def window_end(self) -> float:
@@ -147,11 +154,13 @@ class TrainingDynamics:
         )
 
     @torch.no_grad()
-    def observe(self, logits: torch.Tensor, rows: torch.Tensor) -> None:
-        """Add softmax(logits) at `rows` to the early sums and, while the window is chosen, count this epoch's hits
-        and misses (every process passes the gathered batch; no host sync)."""
+    def observe(self, logits: torch.Tensor, rows: torch.Tensor, probe_logits: torch.Tensor | None = None) -> None:
+        """Add softmax(logits) (and the LinearProbe's softmax) at `rows` to the early sums and, while the window is
+        chosen, count this epoch's hits and misses (every process passes the gathered batch; no host sync)."""
         inside = self.epoch < self.end  # on the device: the window may have closed since the host last read it
         self.early_prob_sum.index_add_(0, rows, logits.float().softmax(1) * inside)
+        if probe_logits is not None and self.probe_prob_sum is not None:
+            self.probe_prob_sum.index_add_(0, rows, probe_logits.float().softmax(1) * inside)
         self.early_count.index_add_(0, rows, torch.ones_like(rows) * inside)
         if self.auto and self.from_batches and self.epoch < len(self.misses):
             pred, given, last = logits.argmax(1), self.label[rows], self.last_pred[rows]
@@ -178,6 +187,7 @@ class TrainingDynamics:
             "early_prob_sum": self.early_prob_sum,
             "early_count": self.early_count,
             "last_pred": self.last_pred,
+            **({"probe_prob_sum": self.probe_prob_sum} if self.probe_prob_sum is not None else {}),
             "misses": self.misses,
             "hits": self.hits,
             "window_end": self.end,
@@ -212,7 +222,7 @@ class TrainingDynamics:
         tensors = {
             k: v.cpu().contiguous()
             for k, v in (self.state_dict() | {"label": self.label}).items()
-            if k in ("margin_sum", "count", "early_prob_sum", "early_count", "label")
+            if k in ("margin_sum", "count", "early_prob_sum", "early_count", "probe_prob_sum", "label")
         }
         meta = {"rows": "split"} if keys is None else {"rows": "stream_subset", "keys": json.dumps(keys)}
         self.refresh()
@@ -224,6 +234,45 @@ class TrainingDynamics:
             "window_text": self.window_text(),
         }
         runfolder.save_tensors_atomic(tensors, path, meta)
+
+
+class LinearProbe:
+    """A linear softmax head on the input of the network's last Linear layer (a forward pre-hook, detached), fitted
+    with plain cross-entropy on the given labels by its own momentum SGD (step LR / (1 + the batch's mean squared
+    feature norm), scale-free), on the gathered batch on every process: a view no training loss distorts, and no
+    training result changes (no autograd, no random numbers: it starts at zero)."""
+
+    LR = 5.0
+    MOMENTUM = 0.9
+
+    def __init__(self, model: torch.nn.Module, num_classes: int, device: torch.device):
+        head = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+        dim = head.in_features + 1  # the bias as a constant feature
+        self.weight = torch.zeros(num_classes, dim, device=device)
+        self.velocity = torch.zeros_like(self.weight)
+        self.features: torch.Tensor | None = None
+        head.register_forward_pre_hook(self.keep)
+
+    def keep(self, module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        """The forward pre-hook: the features of the last forward pass, detached."""
+        self.features = args[0].detach()
+
+    @torch.no_grad()
+    def fit(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The probe's logits of this batch, before one SGD step of cross-entropy on (features, labels)."""
+        x = torch.cat([features.float().flatten(1), features.new_ones(len(features), 1, dtype=torch.float32)], 1)
+        logits = x @ self.weight.T
+        grad = (logits.softmax(1) - F.one_hot(labels, self.weight.shape[0]).float()).T @ x / len(x)
+        self.velocity.mul_(self.MOMENTUM).add_(grad)
+        self.weight.sub_(self.velocity * (self.LR / (1 + x.square().sum(1).mean())))
+        return logits
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"weight": self.weight, "velocity": self.velocity}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for name, value in state.items():
+            getattr(self, name).copy_(value)
 
 
 def corrected_targets(
@@ -281,7 +330,8 @@ def read_dynamics_file(path: Path, num_classes: int) -> tuple[dict[str, torch.Te
             "early_count": torch.zeros(n, dtype=torch.int64),
             "margin_sum": torch.zeros(n),
             "early_prob_sum": torch.zeros(n, num_classes),
-        },
+        }
+        | ({"probe_prob_sum": torch.zeros(n, num_classes)} if "probe_prob_sum" in dyn else {}),  # older runs: none
     )
     stream = meta.get("rows") == "stream_subset"
     runfolder.check_fields(f"{path} metadata", meta, DYNAMICS_META | ({"keys": runfolder.text} if stream else {}))
@@ -294,6 +344,7 @@ def read_dynamics_file(path: Path, num_classes: int) -> tuple[dict[str, torch.Te
                 ("count", (dyn["count"] < 0).any() or not dyn["count"].any()),
                 ("early_count", (dyn["early_count"] < 0).any()),
                 ("early_prob_sum", (dyn["early_prob_sum"] < 0).any()),
+                ("probe_prob_sum", "probe_prob_sum" in dyn and (dyn["probe_prob_sum"] < 0).any()),
                 (
                     "audit_epochs",
                     not runfolder.number(0)(runfolder.parse_json(meta["audit_epochs"], f"{path} audit_epochs")),
@@ -418,10 +469,22 @@ def audit_posterior(p_bar: torch.Tensor, labels: torch.Tensor, rounds: int = 10)
     return q
 
 
-def dynamics_columns(dyn: dict[str, torch.Tensor], scored: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The audit's columns per row: p_bar = mean early softmax, q = audit_posterior over the scored rows,
-    predicted = argmax q, label_quality = q[given], aum = mean margin (unscored rows: p_bar)."""
-    p_bar = dyn["early_prob_sum"] / dyn["early_count"].clamp(min=1)[:, None].float()
+def overlap(a: torch.Tensor, b: torch.Tensor) -> float:
+    """|a & b| / |a | b| of two bool flags (1 when neither flags anything): how far two views agree."""
+    union = int((a | b).sum())
+    return int((a & b).sum()) / union if union else 1.0
+
+
+VIEWS_AGREE = 0.8  # the least overlap of the head's and the probe's flags at which the audit trusts the head
+
+
+def dynamics_columns(dyn: dict[str, torch.Tensor], scored: torch.Tensor, view: str = "head") -> dict[str, torch.Tensor]:
+    """The audit's columns per row: p_bar = mean early softmax of the view ('head': the network's, 'probe': the
+    LinearProbe's), q = audit_posterior over the scored rows, predicted = argmax q, label_quality = q[given],
+    aum = mean margin (unscored rows: p_bar)."""
+    p_bar = (
+        dyn["early_prob_sum" if view == "head" else "probe_prob_sum"] / dyn["early_count"].clamp(min=1)[:, None].float()
+    )
     given = dyn["label"].long()
     q = p_bar.clone()
     q[scored] = audit_posterior(p_bar[scored], given[scored])
@@ -430,6 +493,30 @@ def dynamics_columns(dyn: dict[str, torch.Tensor], scored: torch.Tensor) -> dict
         "label_quality": q.gather(1, given[:, None]).squeeze(1),
         "aum": dyn["margin_sum"] / dyn["count"].clamp(min=1).float(),
     }
+
+
+def audit_view(
+    dyn: dict[str, torch.Tensor], scored: torch.Tensor, labels: torch.Tensor
+) -> tuple[dict[str, torch.Tensor], str, str | None]:
+    """(columns, view, warning) from two views of the same run: the network's head and the LinearProbe (a plain
+    cross-entropy fit of its features, whatever the training loss). While their flags overlap at least VIEWS_AGREE
+    the head's columns stand; else the probe's (a loss such as GCE or ELR distorts the head's softmax, not the
+    features) with a one-line warning. Uses only the run and its given labels; a run without a probe: the head's."""
+    head = dynamics_columns(dyn, scored, "head")
+    if "probe_prob_sum" not in dyn:
+        return head, "head", None
+    probe = dynamics_columns(dyn, scored, "probe")
+    flags = [(c["predicted_label"] != labels) & scored for c in (head, probe)]
+    agree = overlap(*flags)
+    if agree >= VIEWS_AGREE:
+        return head, "head", None
+    return (
+        probe,
+        "probe",
+        f"warning: the network's head flags {int(flags[0].sum())} labels and a linear probe on its features "
+        f"{int(flags[1].sum())}, overlapping {agree:.2f} (under {VIEWS_AGREE}): the audit's two views disagree, so "
+        "this list (the probe's) may be mostly wrong; check a sample by hand before acting on it",
+    )
 
 
 def audit_rows(
@@ -544,6 +631,7 @@ class Audit(NamedTuple):
     is_issue: torch.Tensor
     how: str
     window: str | None
+    warning: str | None = None
 
 
 def audit_labels(run_dir: Path, cfg: dict[str, Any], train_ds: Any, logits: torch.Tensor, score: str) -> Audit:
@@ -553,15 +641,18 @@ def audit_labels(run_dir: Path, cfg: dict[str, Any], train_ds: Any, logits: torc
     columns = final_model_columns(logits, labels)
     columns["eps"], columns["corrected_label"] = corrected_targets(logits, labels, cfg)
     dyn, meta = (read_dynamics(run_dir, train_ds, logits.shape[1]) if score == "dynamics" else None) or (None, {})
-    window = None
+    window = warning = None
     if dyn is not None:
         if not torch.equal(dyn["label"][dyn["count"] > 0], labels[dyn["count"] > 0]):
             raise ValueError(
                 f"{run_dir}: the training labels differ from the run's: pass the run's --dataset and noise files"
             )
         scored = dyn["early_count"] > 0
-        columns |= dynamics_columns(dyn, scored)
-        how = "the early training dynamics"
+        chosen, view, warning = audit_view(dyn, scored, labels)
+        columns |= chosen
+        how = "the early training dynamics" + (
+            " of the linear probe on the network's features" if view == "probe" else ""
+        )
         window = meta.get("window_text") or f"epochs [0, {meta.get('audit_epochs', '?')})"
     else:
         if score == "dynamics" and int(os.environ.get("RANK", "0")) == 0:
@@ -577,7 +668,7 @@ def audit_labels(run_dir: Path, cfg: dict[str, Any], train_ds: Any, logits: torc
         scored, how = torch.ones_like(labels, dtype=torch.bool), "the final model"
     ranked, is_issue = audit_rows(columns, labels, scored)
     columns["is_label_issue"] = is_issue
-    return Audit(columns, scored, ranked, is_issue, how, window)
+    return Audit(columns, scored, ranked, is_issue, how, window, warning)
 
 
 def write_audit(
@@ -602,6 +693,8 @@ def write_audit(
     )
     if audit.window:
         print(f"early window: {audit.window}")
+    if audit.warning:
+        print(audit.warning)
     names = getattr(train_ds.features["label"], "names", None)
     print(f"most flagged (given -> predicted): {top_confusions(labels, columns['predicted_label'], is_issue, names)}")
     for rank, i in enumerate([i for i in ranked if is_issue[i]][:top], 1):

@@ -15,8 +15,10 @@ Sections:
   DataLoader collation it replaced; eval.py's evaluation (data.predict) vs a bare forward loop.
 - audit (not in the default run; needs requirements-bench.txt; about an hour on 2 cores): precision,
   recall and F1 of eval.py --audit with the window the run chooses, for CCE, ProSelfLC, GCE and ELR runs at
-  300 and 1,500 steps, on digits with symmetric 0.2/0.4/0.6, pair-flip 0.4 and two partial pair sets at
-  0.2 and 0.4 (AUDIT_NOISES), against the best of seven cleanlab 5-fold classifiers per noise.
+  300 and 1,500 steps, on digits with symmetric 0.2/0.4/0.6, pair-flip 0.4, two partial pair sets at
+  0.2 and 0.4 and a three-class cycle at 0.4 (AUDIT_NOISES), against the best of seven cleanlab 5-fold
+  classifiers per noise; whether the audit's one-line warning fired; and the audit's cost: a run that keeps
+  its statistics and linear probe vs the same run with --train-eval-size 0 (audit off).
 - photo: generated 500x375 JPEGs on the decode-per-batch path: the paper's transform per core vs a bare
   PIL decode + resize, PIL's JPEG draft mode, 1 -> 2 DataLoader workers, peak memory on 2,000 vs 20,000 files.
 - gpu: images/s of the whole ResNet-44 bf16 training step with the on-device pipeline, eager and
@@ -489,6 +491,7 @@ AUDIT_NOISES = (  # (name, train.py noise flags): the grid of bench_audit
     ("pairs A 0.4", ("--noise", "asymmetric", "--noise-pairs", "3:5,5:3,7:1,1:7,8:9,9:8", "--noise-rate", "0.4")),
     ("pairs B 0.2", ("--noise", "asymmetric", "--noise-pairs", "4:9,2:7,6:0,3:8", "--noise-rate", "0.2")),
     ("pairs B 0.4", ("--noise", "asymmetric", "--noise-pairs", "4:9,2:7,6:0,3:8", "--noise-rate", "0.4")),
+    ("cycle 0.4", ("--noise", "asymmetric", "--noise-pairs", "4:9,9:7,7:4", "--noise-rate", "0.4")),  # 4 -> 9 -> 7 -> 4
 )
 AUDIT_METHODS = ("cce", "proselflc", "gce", "elr")
 
@@ -525,8 +528,9 @@ def audit_digits_run(
     return time.perf_counter() - start
 
 
-def audit_scores(run: Path, score: str = "dynamics") -> tuple[float, float, str]:
-    """(precision, recall, early window) that `eval.py --audit --score SCORE` prints against the real flips."""
+def audit_scores(run: Path, score: str = "dynamics") -> tuple[float, float, str, bool]:
+    """(precision, recall, early window, whether it warned) that `eval.py --audit --score SCORE` prints against the
+    real flips."""
     import re
 
     proc = subprocess.run(
@@ -550,7 +554,8 @@ def audit_scores(run: Path, score: str = "dynamics") -> tuple[float, float, str]
     )
     found = re.search(r"precision=([0-9.]+) recall=([0-9.]+)", proc.stdout)
     window = re.search(r"early window: epochs \[0, ([0-9.]+)\)", proc.stdout)
-    return float(found.group(1)), float(found.group(2)), window.group(1) if window else "-"
+    warned = any(line.startswith("warning: ") for line in proc.stdout.splitlines())
+    return float(found.group(1)), float(found.group(2)), window.group(1) if window else "-", warned
 
 
 def cleanlab_scores(noise_flags: tuple[str, ...]) -> dict[str, tuple[float, float]]:
@@ -589,8 +594,8 @@ def f1(precision: float, recall: float) -> float:
     return 2 * precision * recall / (precision + recall) if precision + recall else 0.0
 
 
-def audit_cell(tmp: str, noise: tuple[str, tuple[str, ...]], method: str, steps: int) -> tuple[float, float, str]:
-    """Train one run of the grid and audit it: (precision, recall, window end)."""
+def audit_cell(tmp: str, noise: tuple[str, tuple[str, ...]], method: str, steps: int) -> tuple[float, float, str, bool]:
+    """Train one run of the grid and audit it: (precision, recall, window end, whether the audit warned)."""
     run = Path(tmp) / f"{noise[0].replace(' ', '-')}-{method}-{steps}"
     audit_digits_run(run, noise[1], method, steps)
     return audit_scores(run)
@@ -623,7 +628,7 @@ def bench_audit(quick: bool) -> list[dict]:
             )
             for method in AUDIT_METHODS:
                 for steps in budgets:
-                    p, r, window = cells[(name, method, steps)].result()
+                    p, r, window, warned = cells[(name, method, steps)].result()
                     rows.append(
                         {
                             "name": f"eval.py --audit, {method} T={steps}, {name}",
@@ -631,10 +636,36 @@ def bench_audit(quick: bool) -> list[dict]:
                             "unit": "F1",
                             "ratio": f1(p, r) - f1(bp, br),
                             "note": f"precision {p:.3f}, recall {r:.3f}, window "
-                            f"[0, {window}) epochs; ratio = F1 - best cleanlab F1",
+                            f"[0, {window}) epochs{', warned' if warned else ''}; ratio = F1 - best cleanlab F1",
                         }
                     )
             print(f"  {name} done", flush=True)
+    return rows + audit_cost(quick)
+
+
+def audit_cost(quick: bool) -> list[dict]:
+    """The audit's extra work (its statistics, the linear probe, the training-split evaluations) as a fraction of a
+    digits run: the run as the grid trains it vs the same run with --train-eval-size 0, interleaved, medians."""
+    steps, repeats = (300, 1) if quick else (1500, 3)
+    rows = []
+    for method in ("cce", "elr"):  # elr: its window never closes at 1,500 steps, so the probe fits every step
+        times: dict[bool, list[float]] = {True: [], False: []}
+        with tempfile.TemporaryDirectory() as tmp:
+            for _ in range(repeats):
+                for audit in (True, False):
+                    extra = () if audit else ("--train-eval-size", "0")
+                    times[audit].append(audit_digits_run(Path(tmp) / "run", AUDIT_NOISES[7][1], method, steps, extra))
+        on, off = statistics.median(times[True]), statistics.median(times[False])
+        rows.append(
+            {
+                "name": f"label audit's cost, {method} T={steps}, pairs B 0.4, digits, CPU",
+                "value": (on - off) / off,
+                "unit": "of the run",
+                "ratio": None,
+                "note": f"run with the audit {on:.1f} s, without (--train-eval-size 0) {off:.1f} s, medians of "
+                f"{repeats}; goal: under 0.10",
+            }
+        )
     return rows
 
 

@@ -103,6 +103,7 @@ class Run:
     test_batches: Any = None
     train_eval_batches: Any = None
     dynamics: audit.TrainingDynamics | None = None
+    probe: audit.LinearProbe | None = None  # the audit's cross-entropy view of the features (training batches only)
     eval_keys: list[str] | None = None
     model: Any = None
     optimizer: Any = None
@@ -115,6 +116,7 @@ class Run:
 def trainee(run: Run) -> runfolder.Trainee:
     """What a checkpoint of the run holds: model, optimizer, the loss's and the audit's tensors, config, counters."""
     own = {"loss": run.loss_module} | ({"dynamics": run.dynamics} if run.dynamics is not None else {})
+    own |= {"probe": run.probe} if run.probe is not None else {}
     return runfolder.Trainee(run.model, run.optimizer, own, run.config, run.state)
 
 
@@ -162,6 +164,10 @@ def build_model_and_loss(run: Run) -> None:
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    if run.dynamics is not None and run.dynamics.from_batches:  # hooked before prepare: no model code changes
+        run.probe = audit.LinearProbe(model, info.num_classes, accelerator.device)
+        if run.probe is not None:
+            run.dynamics.keep_probe()
     num_examples = None
     if args.method == "elr":  # ELR's rows: the map-style split's rows, or a stream's --key-column ids
         num_examples = data.stream_num_rows(run.train_ds, args.key_column) if args.streaming else len(run.train_ds)
@@ -235,7 +241,9 @@ def train_step(run: Run, batch: dict, t: int, sums: torch.Tensor, bad_step: torc
             logits = run.model(xs)
             loss = run.loss_fn(logits, ys, step=t, index=rows)
             if run.dynamics is not None and run.dynamics.observes_step(t, args.batch_size):
-                run.dynamics.observe(*accelerator.gather((logits.detach(), rows)))
+                observed = (logits.detach(), rows) + ((run.probe.features, ys) if run.probe is not None else ())
+                z, idx, *seen = accelerator.gather(observed)
+                run.dynamics.observe(z, idx, run.probe.fit(*seen) if run.probe is not None else None)
             accelerator.backward(loss)
             run.optimizer.step()
             run.optimizer.zero_grad(set_to_none=True)

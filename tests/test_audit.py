@@ -201,6 +201,78 @@ def test_resume_restores_the_statistics_exactly(tmp_path: Path) -> None:
     assert int(b["count"][0]) == 4  # two evaluations before the checkpoint, two after
 
 
+def test_the_probe_changes_no_training_result(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    flags = ["--cpu", "--deterministic", *SYNTHETIC_160, "--max-steps", "30", "--eval-every", "10"]
+    flags += ["--noise", "symmetric", "--noise-rate", "0.4"]
+    assert train.cli([*flags, "--output-dir", str(tmp_path / "probe")]) == 0
+    monkeypatch.setattr(audit, "LinearProbe", lambda *args, **kwargs: None)  # the same run without a probe
+    assert train.cli([*flags, "--output-dir", str(tmp_path / "none")]) == 0
+    model = [(tmp_path / run / "model.safetensors").read_bytes() for run in ("probe", "none")]
+    assert model[0] == model[1]
+    with_probe, without = (load_file(str(tmp_path / run / "dynamics.safetensors")) for run in ("probe", "none"))
+    assert "probe_prob_sum" not in without and torch.equal(with_probe["early_prob_sum"], without["early_prob_sum"])
+    # one softmax row per early-window visit, as the head's
+    assert torch.allclose(with_probe["probe_prob_sum"].sum(1), with_probe["early_count"].float())
+
+
+def test_the_probe_fits_the_features_of_the_last_linear_layer() -> None:
+    gen = torch.Generator().manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    probe = audit.LinearProbe(model, 3, torch.device("cpu"))
+    x, y = torch.randn(600, 4, generator=gen), torch.randint(3, (600,), generator=gen)
+    model(x)
+    assert torch.equal(probe.features, torch.relu(model[0](x)).detach())  # the last Linear layer's input
+    features = torch.randn(600, 8, generator=gen) + 3 * torch.nn.functional.one_hot(y, 8).float()
+    first = probe.fit(features, y)
+    assert torch.equal(first, torch.zeros(600, 3))  # it starts at zero: no random numbers drawn
+    for _ in range(30):
+        last = probe.fit(features, y)
+    assert (last.argmax(1) == y).float().mean() > 0.95
+    state = {k: v.clone() for k, v in probe.state_dict().items()}
+    other = audit.LinearProbe(model, 3, torch.device("cpu"))
+    other.load_state_dict(state)
+    assert torch.equal(other.fit(features, y), probe.fit(features, y))
+
+
+def views_dyn(head: torch.Tensor, probe: torch.Tensor, given: torch.Tensor) -> dict[str, torch.Tensor]:
+    """dynamics.safetensors' tensors of one early visit per row, the head's and the probe's softmax given."""
+    n = len(given)
+    return {
+        "early_prob_sum": head,
+        "probe_prob_sum": probe,
+        "early_count": torch.ones(n, dtype=torch.int64),
+        "label": given,
+        "margin_sum": torch.zeros(n),
+        "count": torch.ones(n, dtype=torch.int64),
+    }
+
+
+def test_the_warning_fires_when_the_two_views_disagree() -> None:
+    gen = torch.Generator().manual_seed(0)
+    n, c, rate = 4000, 10, 0.3
+    true = torch.randint(c, (n,), generator=gen)
+    flip = torch.rand(n, generator=gen) < rate
+    given = torch.where(flip, (true + 1) % c, true)
+    fit = lambda cls: (
+        torch.softmax(  # noqa: E731 - a fit of the noisy labels around class `cls`
+            4 * torch.nn.functional.one_hot(cls, c).float() + torch.randn(n, c, generator=gen), dim=1
+        )
+        @ pairflip_transition(c, rate)
+    )
+    head, probe, scored = fit(true), fit(true), torch.ones(n, dtype=torch.bool)
+    columns, view, warning = audit.audit_view(views_dyn(head, probe, given), scored, given)
+    assert view == "head" and warning is None  # two views that agree: the head's, as before the probe
+    assert torch.equal(
+        columns["predicted_label"], audit.dynamics_columns(views_dyn(head, probe, given), scored)["predicted_label"]
+    )
+    other = torch.where(torch.rand(n, generator=gen) < 0.5, true, (true + 5) % c)  # a head half about other classes
+    columns, view, warning = audit.audit_view(views_dyn(fit(other), probe, given), scored, given)
+    assert view == "probe" and warning and warning.startswith("warning: ") and "\n" not in warning
+    assert f1(columns["predicted_label"] != given, flip) > 0.8  # the probe's list, which finds the flips
+    no_probe = {k: v for k, v in views_dyn(fit(other), probe, given).items() if k != "probe_prob_sum"}
+    assert audit.audit_view(no_probe, scored, given)[1:] == ("head", None)  # a run that kept no probe
+
+
 def test_a_short_window_stops_adding_the_training_batches(tmp_path: Path) -> None:
     out = tmp_path / "window"
     assert (
