@@ -85,9 +85,6 @@ def evaluate(run: Run, early: bool) -> dict:
     }
 
 
-# ----------------------------------------------------------------------------- the run's pieces
-
-
 FRESH_STATE = {"step": 0, "best_acc": -1.0, "best_step": 0, "loss_sum": 0.0, "eps_sum": 0.0, "n_sum": 0}
 
 
@@ -115,8 +112,8 @@ class Run:
 
 def trainee(run: Run) -> runfolder.Trainee:
     """What a checkpoint of the run holds: model, optimizer, the loss's and the audit's tensors, config, counters."""
-    own = {"loss": run.loss_module} | ({"dynamics": run.dynamics} if run.dynamics is not None else {})
-    own |= {"probe": run.probe} if run.probe is not None else {}
+    own = {"loss": run.loss_module, "dynamics": run.dynamics, "probe": run.probe}
+    own = {prefix: state for prefix, state in own.items() if state is not None}
     return runfolder.Trainee(run.model, run.optimizer, own, run.config, run.state)
 
 
@@ -166,8 +163,7 @@ def build_model_and_loss(run: Run) -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     if run.dynamics is not None and run.dynamics.from_batches:  # hooked before prepare: no model code changes
         run.probe = audit.LinearProbe(model, info.num_classes, accelerator.device)
-        if run.probe is not None:
-            run.dynamics.keep_probe()
+        run.dynamics.keep_probe()
     num_examples = None
     if args.method == "elr":  # ELR's rows: the map-style split's rows, or a stream's --key-column ids
         num_examples = data.stream_num_rows(run.train_ds, args.key_column) if args.streaming else len(run.train_ds)
@@ -175,9 +171,6 @@ def build_model_and_loss(run: Run) -> None:
     # the model is compiled by prepare (the accelerator's dynamo plugin); the loss is compiled here
     run.loss_fn = torch.compile(run.loss_module, mode=args.compile_mode) if args.compile else run.loss_module
     run.model, run.optimizer = accelerator.prepare(model, optimizer)  # evaluation batches are this process's own
-
-
-# ----------------------------------------------------------------------------- the loop
 
 
 def stop_if_diverged(run: Run, bad_step: torch.Tensor, step: int) -> None:
