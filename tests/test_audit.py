@@ -206,6 +206,7 @@ def test_the_probe_changes_no_training_result(tmp_path: Path, monkeypatch: pytes
     flags += ["--noise", "symmetric", "--noise-rate", "0.4"]
     assert train.cli([*flags, "--output-dir", str(tmp_path / "probe")]) == 0
     monkeypatch.setattr(audit, "LinearProbe", lambda *args, **kwargs: None)  # the same run without a probe
+    monkeypatch.setattr(audit.TrainingDynamics, "keep_probe", lambda self: None)
     assert train.cli([*flags, "--output-dir", str(tmp_path / "none")]) == 0
     model = [(tmp_path / run / "model.safetensors").read_bytes() for run in ("probe", "none")]
     assert model[0] == model[1]
