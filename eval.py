@@ -48,7 +48,6 @@ import losses
 import report
 import runfolder
 
-EPS_METHODS = losses.FIXED_EPS  # methods whose fixed eps the paper tunes
 ECE_BINS = 15
 
 
