@@ -271,7 +271,46 @@ def test_the_warning_fires_when_the_two_views_disagree() -> None:
     assert view == "probe" and warning and warning.startswith("warning: ") and "\n" not in warning
     assert f1(columns["predicted_label"] != given, flip) > 0.8  # the probe's list, which finds the flips
     no_probe = {k: v for k, v in views_dyn(fit(other), probe, given).items() if k != "probe_prob_sum"}
-    assert audit.audit_view(no_probe, scored, given)[1:] == ("head", None)  # a run that kept no probe
+    _, view, warning = audit.audit_view(no_probe, scored, given)  # a run that kept no probe: the head's list, and
+    assert view == "head" and "views" not in warning and "near the limit" in warning  # the only check left warns
+
+
+def test_a_head_that_puts_a_label_elsewhere_is_not_trusted() -> None:
+    given = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2])
+    assert audit.fits_labels(given, torch.tensor([0, 0, 1, 1, 1, 0, 2, 2, 2]), 3) is None
+    assert audit.fits_labels(given, torch.tensor([0, 0, 1, 2, 2, 1, 2, 2, 2]), 3) == 1  # label 1 mostly predicted 2
+    assert audit.fits_labels(given[:6], given[:6], 3) is None  # a class nobody is given breaks nothing
+    gen = torch.Generator().manual_seed(0)
+    n, c = 4000, 10
+    true = torch.randint(c, (n,), generator=gen)
+    flip = torch.rand(n, generator=gen) < 0.45  # many flags, so one broken class leaves the views' overlap high
+    given = torch.where(flip, (true + torch.randint(1, c, (n,), generator=gen)) % c, true)
+    fit = lambda cls: torch.softmax(6 * torch.nn.functional.one_hot(cls, c).float(), dim=1)  # noqa: E731
+    head = fit(torch.where((true == 3) & (torch.rand(n, generator=gen) < 0.7), torch.full_like(true, 4), true))
+    scored = torch.ones(n, dtype=torch.bool)
+    columns, view, warning = audit.audit_view(views_dyn(head, fit(true), given), scored, given)
+    assert view == "probe" and "head puts most examples given label 3 in another class" in warning
+    assert f1(columns["predicted_label"] != given, flip) > 0.95
+
+
+@pytest.mark.parametrize(
+    ("transition", "warns"), [("pairflip 0.4", True), ("pairflip 0.2", False), ("symmetric 0.6", False)]
+)
+def test_the_warning_fires_when_the_noise_transition_is_nearly_singular(transition: str, warns: bool) -> None:
+    gen = torch.Generator().manual_seed(0)
+    n, c = 6000, 10
+    kind, rate = transition.split()[0], float(transition.split()[1])
+    t = pairflip_transition(c, float(rate)) if kind == "pairflip" else (1 - rate) * torch.eye(c) + rate / c
+    true = torch.randint(c, (n,), generator=gen)
+    given = torch.multinomial(t[true], 1, generator=gen).squeeze(1)
+    fit = torch.softmax(4 * torch.nn.functional.one_hot(true, c).float() + torch.randn(n, c, generator=gen), 1) @ t
+    scored = torch.ones(n, dtype=torch.bool)
+    columns, view, warning = audit.audit_view(views_dyn(fit, fit, given), scored, given)
+    assert view == "head" and (warning is not None) == warns, warning
+    if warns:
+        assert warning.startswith("warning: the estimated noise is near the limit") and "\n" not in warning
+    rates = audit.noise_rates(given, columns["predicted_label"] != given, c)
+    assert torch.allclose(rates, torch.bincount(given[given != true], minlength=c) / torch.bincount(given), atol=0.05)
 
 
 def test_a_short_window_stops_adding_the_training_batches(tmp_path: Path) -> None:
@@ -438,6 +477,11 @@ def test_audit_finds_the_flips_the_final_model_has_memorised(long_run: Path, tmp
     assert precision >= 0.9 and recall >= 0.9, proc.stdout  # 40% of the labels are flips; the run chose the window
     window = re.search(r"early window: epochs \[0, ([0-9.]+)\) \(chosen by the run\)", proc.stdout)
     assert window and 15 < float(window.group(1)) < 60, proc.stdout  # past the learning, before the lr drop at 48
+    # the noise estimate: the flagged share against the real rate printed below it; no warning on symmetric noise
+    estimate = re.search(r"estimated noise rate: ([0-9.]+) of 400 labels; per given label: (.*)", proc.stdout)
+    real = re.search(r"noisy, rate ([0-9.]+)\)", proc.stdout)
+    assert estimate and real and abs(float(estimate.group(1)) - float(real.group(1))) < 0.05, proc.stdout
+    assert len(estimate.group(2).split(", ")) == 5 and "warning" not in proc.stdout
     rows = read_rows(long_run / "label_issues.csv")
     assert len(rows) == 400 and [int(r["rank"]) for r in rows] == list(range(1, 401))
     quality = [float(r["label_quality"]) for r in rows]
