@@ -292,9 +292,7 @@ def status_rows(root: Path) -> list[dict[str, Any]]:
         total = None
         if (out / "config.json").is_file():
             total = runfolder.read_json(out / "config.json").get("total_steps")
-        requeues = sum(
-            1 for before, e in zip(events, events[1:]) if before["what"] == "exit 143" and e["what"] == "start"
-        )
+        requeues = max(sum(e["what"] == "start" for e in events) - 1, 0)  # every start after the first
         rows.append(
             {
                 "name": name,

@@ -113,7 +113,7 @@ def test_a_preempted_array_task_requeues_and_ends_as_if_never_stopped(tmp_path, 
     )
     assert status.returncode == 0, status.stderr
     assert "6 runs: 6 finished; 1 requeued at least once" in status.stdout
-    assert re.search(rf"{PREEMPTED} +finished +300/300 +1 ", status.stdout)
+    assert re.search(rf"{PREEMPTED} +finished +300/300 +{whats.count('start') - 1} ", status.stdout)  # 1, or more
     assert "| ProSelfLC |" in status.stdout and "T=300 test acc" in status.stdout  # the table of the finished runs
 
 
@@ -201,9 +201,21 @@ def test_status_of_a_failed_run_and_of_no_sweep(tmp_path, capsys):
         "2026-01-01T00:00:02 exit 2 job=5_0 restart=0 host=vm\n"
     )
     (logs / "run-b.events").write_text("2026-01-01T00:00:00 submitted job=5_1 host=vm\n")
+    (logs / "run-c.log").write_text("# job 5_2 restart 1 on vm: python train.py\nerror: out of memory\n")
+    (logs / "run-c.events").write_text(  # a second USR1 as the requeued task started: every start is counted
+        "2026-01-01T00:00:00 submitted job=5_2 host=vm\n"
+        "2026-01-01T00:00:01 start job=5_2 restart=0 host=vm\n"
+        "2026-01-01T00:00:02 preempted job=5_2 restart=0 host=vm\n"
+        "2026-01-01T00:00:03 exit 143 job=5_2 restart=0 host=vm\n"
+        "2026-01-01T00:00:04 start job=5_2 restart=1 host=vm\n"
+        "2026-01-01T00:00:05 exit 138 job=5_2 restart=1 host=vm\n"
+        "2026-01-01T00:00:06 start job=5_2 restart=2 host=vm\n"
+        "2026-01-01T00:00:07 exit 1 job=5_2 restart=2 host=vm\n"
+    )
     assert cluster.show_status(tmp_path) == 1
     out = capsys.readouterr().out
-    assert "2 runs: 1 pending, 1 failed" in out
+    assert "3 runs: 1 pending, 2 failed; 1 requeued at least once" in out
+    assert re.search(r"run-c +failed +0/\? +2 +.*error: out of memory", out), out
     assert re.search(r"run-a +failed .*error: --eps 2: give a value in \[0, 1\]", out)
     assert re.search(r"run-b +pending .*job 5_1", out)
 
