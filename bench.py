@@ -637,6 +637,7 @@ def bench_audit(quick: bool) -> list[dict]:
                             "ratio": f1(p, r) - f1(bp, br),
                             "note": f"precision {p:.3f}, recall {r:.3f}, window "
                             f"[0, {window}) epochs{', warned' if warned else ''}; ratio = F1 - best cleanlab F1",
+                            "warned": warned,
                         }
                     )
             print(f"  {name} done", flush=True)
@@ -645,16 +646,16 @@ def bench_audit(quick: bool) -> list[dict]:
 
 def audit_outcome(rows: list[dict]) -> dict:
     """The grid in one row: the cells at or above cleanlab's best or warned (the goal), and those below 0.80 unwarned."""
-    cells = [r for r in rows if r["ratio"] is not None]
-    ok = [r for r in cells if r["ratio"] >= 0 or ", warned" in r["note"]]
+    cells = [r for r in rows if "warned" in r]
+    ok = [r for r in cells if r["ratio"] >= 0 or r["warned"]]
     missed = [f"{r['name'].removeprefix('eval.py --audit, ')} ({r['ratio']:+.3f})" for r in cells if r not in ok]
-    low = [r for r in cells if r["value"] < 0.8 and ", warned" not in r["note"]]
+    low = [r for r in cells if r["value"] < 0.8 and not r["warned"]]
     return {
         "name": "label audit: cells at or above the best cleanlab F1 or warned",
         "value": len(ok),
         "unit": f"of {len(cells)} cells",
         "ratio": None,
-        "note": f"warned {sum(', warned' in r['note'] for r in cells)}; below 0.80 without a warning {len(low)}; "
+        "note": f"warned {sum(r['warned'] for r in cells)}; below 0.80 without a warning {len(low)}; "
         f"missed: {'; '.join(missed) or 'none'}",
     }
 
