@@ -49,6 +49,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+import audit
 import config
 import data
 import eval as ev
@@ -605,8 +606,6 @@ def cleanlab_same_network(tmp: str, noise: tuple[str, tuple[str, ...]], steps: i
     """(precision, recall) of cleanlab.filter.find_label_issues on 5-fold out-of-sample softmax of the grid's own
     network: 5 cce trainings of `steps` steps, each with one fold's labels dropped (label -1 in a --noise file), the
     fold scored by that run's final model (the K extra trainings the audit saves)."""
-    import csv
-
     from cleanlab.filter import find_label_issues
     from sklearn.model_selection import StratifiedKFold
 
@@ -619,8 +618,7 @@ def cleanlab_same_network(tmp: str, noise: tuple[str, tuple[str, ...]], steps: i
         run = Path(tmp) / f"{noise[0].replace(' ', '-')}-fold{k}"
         held = torch.zeros(len(y), dtype=torch.bool).index_fill_(0, torch.from_numpy(folds[k][1]), True)
         run.mkdir(parents=True)
-        with open(run / "labels.csv", "w", newline="") as f:
-            csv.writer(f).writerows([("key", "label"), *zip(keys, torch.where(held, -1, y).tolist())])
+        audit.write_label_file(run / "labels.csv", keys, y, held, None)  # the held-out fold's labels -1: dropped
         flags = ("--noise", "file", "--noise-file", str(run / "labels.csv"), "--train-eval-size", "0")
         audit_digits_run(run / "run", flags, "cce", steps)
         model = runfolder.load_final_model(run / "run", runfolder.read_run_config(run / "run"), info)

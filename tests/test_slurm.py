@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ENV, ROOT, one_error_line
+from conftest import ENV, ROOT, one_error_line, start_train
 
 import cluster
 import runfolder
@@ -67,14 +67,7 @@ def test_a_preempted_array_task_requeues_and_ends_as_if_never_stopped(tmp_path, 
     # the same run, never stopped, beside the array
     reference = tmp_path / "reference"
     args = [str(reference) if a == str(out) else a for a in jobs[task].args]
-    direct = subprocess.Popen(
-        [sys.executable, "train.py", *args],
-        cwd=ROOT,
-        env=ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    direct = start_train(args)
     try:
         deadline = time.time() + 150
         while runfolder.latest_checkpoint(out) is None and time.time() < deadline:
